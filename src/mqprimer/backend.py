@@ -1,0 +1,273 @@
+"""The driver SPI: what a backend implements, and the rules it follows.
+
+A backend translates mqprimer's few operations into one client library's calls and
+nothing else. The portable layer (:mod:`mqprimer.client`) does everything that is the
+same everywhere: envelopes, attempt counting, retry policy, emulated retry and dead
+letters, TTL checks, size limits, capability checks, error mapping, reconnect and
+failover.
+
+Rules for drivers (the conformance suite in :mod:`mqprimer.testing` checks them):
+
+1. ``capabilities`` says what the backend does. The portable layer only passes options
+   the record declares; a driver never receives ``priority`` unless ``priority`` is
+   native, ``delay`` unless ``delay`` is native, and so on.
+2. Drivers raise their client library's own exceptions. They list the ones that mean
+   "the connection is gone" in ``connection_errors`` and the ones that mean "credentials
+   or access refused" in ``auth_errors``; the portable layer maps them to
+   :class:`~mqprimer.errors.ConnectionFailed` / :class:`~mqprimer.errors.AuthenticationError`,
+   reconnects and fails over. Drivers do not retry, reconnect, sleep, or wrap errors.
+3. Drivers never log payloads or passwords (``str(url)`` hides the password).
+4. ``publish`` returns only when the broker has the message if
+   ``capabilities.confirmed_send`` is true.
+5. Payloads are opaque ``bytes``. A driver never decodes them, except to read what the
+   broker itself cannot carry (never needed so far).
+6. ``Subscription.close()`` gives every unsettled delivery back to the broker.
+7. ``retry`` and ``dead_letter`` on a subscription are called only when the matching
+   capability is :attr:`Support.NATIVE`; when it is :attr:`Support.EMULATED` the portable
+   layer publishes the new payload (to ``retry_target`` or ``dead_target``) and then acks.
+8. A backend is used from one thread at a time; the portable layer serialises access.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Sequence
+
+from .errors import UnsupportedError
+from .url import URL
+
+
+class Support(str, enum.Enum):
+    """How a backend provides a feature."""
+
+    NATIVE = "native"  # the broker does it
+    EMULATED = "emulated"  # mqprimer does it on top of the broker (documented per backend)
+    UNSUPPORTED = "unsupported"  # refused with UnsupportedError
+
+    def __bool__(self) -> bool:
+        return self is not Support.UNSUPPORTED
+
+
+NATIVE, EMULATED, UNSUPPORTED = Support.NATIVE, Support.EMULATED, Support.UNSUPPORTED
+
+
+class Status(str, enum.Enum):
+    """Where a message is, for :meth:`mqprimer.Connection.status`."""
+
+    READY = "ready"  # waiting for a consumer
+    DELAYED = "delayed"  # waiting for its delay to pass
+    RESERVED = "reserved"  # delivered, not settled yet
+    DONE = "done"  # acked
+    DEAD = "dead"  # in the dead-letter destination
+    UNKNOWN = "unknown"  # never seen, or gone (some brokers forget acked messages)
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A publish-subscribe destination: every subscription gets every message.
+
+    Names are dot-separated words (``logs.error``). Consumers may use AMQP-style
+    patterns: ``*`` matches one word, ``#`` zero or more words.
+    """
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"topic:{self.name}"
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A point-to-point destination (a plain ``str`` means the same)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Destination = Queue | Topic
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend (or broker flavour) can do. The docs' matrix is generated from these."""
+
+    name: str
+    queue: Support = NATIVE
+    topic: Support = UNSUPPORTED
+    patterns: Support = UNSUPPORTED  # wildcard topic subscriptions
+    priority: Support = UNSUPPORTED  # 0 (lowest, default) .. 9 (most urgent)
+    delay: Support = UNSUPPORTED
+    ttl: Support = EMULATED  # at least the portable expiry check on receive
+    retry: Support = EMULATED
+    dead_letter: Support = EMULATED
+    status: Support = UNSUPPORTED
+    confirmed_send: bool = True
+    persistent: bool = False
+    guarantee: str = "at-least-once"  # or "at-most-once"
+    max_message_size: int | None = None
+    size_limit_hint: str = ""  # how to raise the broker's own limit
+    notes: str = ""
+
+    def require(self, feature: str, what: str | None = None) -> None:
+        """Raise :class:`UnsupportedError` unless ``feature`` is native or emulated."""
+        if not getattr(self, feature):
+            raise UnsupportedError(
+                f"the {self.name} backend does not support {what or feature}; "
+                "see `mqprimer backends` for what each backend supports"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Support) else value
+        return out
+
+
+FEATURES = ("queue", "topic", "patterns", "priority", "delay", "ttl", "retry", "dead_letter", "status")
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message as a driver received it."""
+
+    payload: bytes
+    tag: Any = None  # whatever the driver needs to settle it
+    extra_attempts: int = 0  # deliveries the broker counted that the envelope does not show
+    broker_redelivered: bool = False
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One message for :meth:`Backend.publish_many`."""
+
+    destination: Destination
+    payload: bytes
+    message_id: str
+    priority: int | None = None
+    delay: float | None = None
+    ttl: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Subscription(ABC):
+    """A live subscription to one destination. Created by :meth:`Backend.subscribe`."""
+
+    destination: Destination
+    #: where an emulated retry is republished (the subscription's own queue)
+    retry_target: Destination
+    #: the queue that holds this subscription's dead letters
+    dead_target: Queue
+
+    @abstractmethod
+    def receive(self, timeout: float | None) -> Delivery | None:
+        """Return the next delivery, or ``None`` after ``timeout`` seconds (0 = poll)."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """Remove the message for good."""
+
+    @abstractmethod
+    def requeue(self, delivery: Delivery) -> None:
+        """Give the message back to the broker as it is, for redelivery now."""
+
+    def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        """Native retry: redeliver ``payload`` (attempt + 1) after ``delay`` seconds."""
+        raise UnsupportedError("native retry is not implemented by this backend")
+
+    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        """Native dead letter: move the message (as ``payload``) to the dead letters."""
+        raise UnsupportedError("native dead letters are not implemented by this backend")
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving; every unsettled delivery goes back to the broker."""
+
+
+class DeadLetterStore(ABC):
+    """Native dead-letter management (e.g. beanstalkd's buried jobs).
+
+    Backends without one get the portable implementation, which consumes
+    ``<queue>.dead`` like any queue.
+    """
+
+    @abstractmethod
+    def list(self, limit: int) -> list[bytes]:
+        """Payloads of up to ``limit`` dead letters, oldest first, without removing them."""
+
+    @abstractmethod
+    def replay(self, limit: int | None) -> int:
+        """Send up to ``limit`` dead letters back to their queue; return how many."""
+
+    @abstractmethod
+    def purge(self) -> int:
+        """Delete every dead letter; return how many."""
+
+
+class Backend(ABC):
+    """One connection to one broker endpoint."""
+
+    #: the capability record (an instance may refine it in ``open``, e.g. per broker flavour)
+    capabilities: Capabilities
+    connection_errors: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+    auth_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: URL query parameters the backend understands; any other one is refused
+    url_params: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, url: URL) -> None:
+        self.url = url
+
+    @abstractmethod
+    def open(self) -> None:
+        """Connect and authenticate; raise the library's error if that fails."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Disconnect. Must not raise if already closed or broken."""
+
+    @abstractmethod
+    def publish(
+        self,
+        destination: Destination,
+        payload: bytes,
+        *,
+        message_id: str,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        """Hand one message to the broker (confirmed if ``confirmed_send``)."""
+
+    def publish_many(self, items: Sequence[Outgoing]) -> None:
+        """Publish several messages; return when all are confirmed. Override to batch."""
+        for item in items:
+            self.publish(
+                item.destination,
+                item.payload,
+                message_id=item.message_id,
+                priority=item.priority,
+                delay=item.delay,
+                ttl=item.ttl,
+            )
+
+    @abstractmethod
+    def subscribe(
+        self, destination: Destination, *, prefetch: int, subscription: str | None = None
+    ) -> Subscription:
+        """Start receiving from ``destination``.
+
+        ``subscription`` names a durable topic subscription (it keeps messages while no
+        consumer is attached); ``None`` means a private one that ends with the consumer.
+        """
+
+    def status(self, message_id: str) -> Status:
+        """Where message ``message_id`` is (only if ``capabilities.status``)."""
+        raise UnsupportedError(f"the {self.capabilities.name} backend cannot report message status")
+
+    def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
+        """A native dead-letter store for ``queue``, or ``None`` for the portable one."""
+        return None

@@ -1,0 +1,220 @@
+"""``memory://[name]``: an in-process broker with every capability; the reference backend.
+
+Connections in one process that use the same name share one broker. Nothing survives
+the process; delivery is at-least-once within it (unsettled messages go back on close).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..backend import NATIVE, Backend, Capabilities, Delivery, Destination, Queue, Status, Subscription, Topic
+from ..topics import matches
+
+CAPABILITIES = Capabilities(
+    name="memory",
+    topic=NATIVE,
+    patterns=NATIVE,
+    priority=NATIVE,
+    delay=NATIVE,
+    ttl=NATIVE,
+    retry=NATIVE,
+    dead_letter=NATIVE,
+    status=NATIVE,
+    confirmed_send=True,
+    persistent=False,
+    guarantee="at-least-once",
+    notes="in-process only; lost when the process exits",
+)
+_STATUS_KEEP = 100_000  # settled ids remembered for status()
+
+
+@dataclass(order=True)
+class _Item:
+    sort: tuple[int, int]
+    mid: str = field(compare=False)
+    payload: bytes = field(compare=False)
+    expires: float | None = field(compare=False, default=None)
+    priority: int = field(compare=False, default=0)
+
+
+class _Q:
+    __slots__ = ("ready", "delayed", "inflight")
+
+    def __init__(self) -> None:
+        self.ready: list[_Item] = []
+        self.delayed: list[tuple[float, int, _Item]] = []
+        self.inflight: dict[int, tuple[_Item, str]] = {}
+
+
+class _Broker:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.queues: dict[str, _Q] = {}
+        self.subs: dict[str, str] = {}  # subscription queue -> pattern
+        self.status: OrderedDict[str, Status] = OrderedDict()
+        self.seq = itertools.count()
+
+    def q(self, name: str) -> _Q:
+        q = self.queues.get(name)
+        if q is None:
+            q = self.queues[name] = _Q()
+        return q
+
+    def put(self, name: str, mid: str, payload: bytes, priority: int, delay: float, ttl: float | None) -> None:
+        now = time.monotonic()
+        item = _Item((-priority, next(self.seq)), mid, payload, now + delay + ttl if ttl else None, priority)
+        q = self.q(name)
+        if delay > 0:
+            heapq.heappush(q.delayed, (now + delay, item.sort[1], item))
+            self.set_status(mid, Status.DELAYED)
+        else:
+            heapq.heappush(q.ready, item)
+            self.set_status(mid, Status.READY)
+
+    def set_status(self, mid: str, st: Status) -> None:
+        s = self.status
+        s[mid] = st
+        if st in (Status.DONE, Status.DEAD):
+            s.move_to_end(mid)
+            if len(s) > _STATUS_KEEP:
+                s.popitem(last=False)
+
+
+_brokers: dict[str, _Broker] = {}
+_brokers_lock = threading.Lock()
+
+
+def _broker(name: str) -> _Broker:
+    with _brokers_lock:
+        b = _brokers.get(name)
+        if b is None:
+            b = _brokers[name] = _Broker()
+        return b
+
+
+class MemoryBackend(Backend):
+    capabilities = CAPABILITIES
+    connection_errors = ()
+
+    def open(self) -> None:
+        self.broker = _broker(self.url.host or "default")
+
+    def close(self) -> None:
+        pass
+
+    def publish(
+        self, destination: Destination, payload: bytes, *, message_id: str,
+        priority: int | None = None, delay: float | None = None, ttl: float | None = None,
+    ) -> None:
+        b = self.broker
+        with b.cond:
+            if isinstance(destination, Topic):
+                targets = [q for q, pat in b.subs.items() if matches(pat, destination.name)]
+            else:
+                targets = [destination.name]
+            for t in targets:
+                b.put(t, message_id, payload, priority or 0, delay or 0.0, ttl)
+            b.cond.notify_all()
+
+    def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
+        b = self.broker
+        if isinstance(destination, Topic):
+            name = subscription or f"_sub.{uuid.uuid4().hex[:12]}"
+            with b.cond:
+                b.subs[name] = destination.name
+                b.q(name)
+            return _MemorySub(b, destination, name, durable=subscription is not None)
+        return _MemorySub(b, destination, destination.name, durable=True)
+
+    def status(self, message_id: str) -> Status:
+        with self.broker.cond:
+            return self.broker.status.get(message_id, Status.UNKNOWN)
+
+
+class _MemorySub(Subscription):
+    def __init__(self, broker: _Broker, destination: Destination, qname: str, durable: bool) -> None:
+        self.b = broker
+        self.destination = destination
+        self.qname = qname
+        self.durable = durable
+        self.retry_target = Queue(qname)
+        self.dead_target = Queue(f"{qname}.dead")
+        self.tags: set[int] = set()
+
+    def receive(self, timeout: float | None) -> Delivery | None:
+        b = self.b
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with b.cond:
+            q = b.q(self.qname)
+            while True:
+                now = time.monotonic()
+                while q.delayed and q.delayed[0][0] <= now:
+                    heapq.heappush(q.ready, heapq.heappop(q.delayed)[2])
+                while q.ready:
+                    item = heapq.heappop(q.ready)
+                    if item.expires is not None and item.expires <= now:
+                        b.set_status(item.mid, Status.UNKNOWN)
+                        continue
+                    tag = item.sort[1]
+                    q.inflight[tag] = (item, self.qname)
+                    self.tags.add(tag)
+                    b.set_status(item.mid, Status.RESERVED)
+                    return Delivery(item.payload, tag)
+                wait = None if deadline is None else deadline - now
+                if q.delayed:
+                    until = q.delayed[0][0] - now
+                    wait = until if wait is None else min(wait, until)
+                if wait is not None and wait <= 0:
+                    return None
+                b.cond.wait(wait)
+
+    def _take(self, d: Delivery) -> _Item:
+        item, _ = self.b.q(self.qname).inflight.pop(d.tag)
+        self.tags.discard(d.tag)
+        return item
+
+    def ack(self, d: Delivery) -> None:
+        with self.b.cond:
+            self.b.set_status(self._take(d).mid, Status.DONE)
+
+    def requeue(self, d: Delivery) -> None:
+        with self.b.cond:
+            item = self._take(d)
+            heapq.heappush(self.b.q(self.qname).ready, item)
+            self.b.set_status(item.mid, Status.READY)
+            self.b.cond.notify_all()
+
+    def retry(self, d: Delivery, payload: bytes, delay: float) -> None:
+        with self.b.cond:
+            item = self._take(d)
+            ttl = None if item.expires is None else max(item.expires - time.monotonic() - delay, 0.001)
+            self.b.put(self.qname, item.mid, payload, item.priority, delay, ttl)
+            self.b.cond.notify_all()
+
+    def dead_letter(self, d: Delivery, payload: bytes, reason: str) -> None:
+        with self.b.cond:
+            item = self._take(d)
+            self.b.put(self.dead_target.name, item.mid, payload, 0, 0.0, None)
+            self.b.set_status(item.mid, Status.DEAD)
+            self.b.cond.notify_all()
+
+    def close(self) -> None:
+        b = self.b
+        with b.cond:
+            q = b.q(self.qname)
+            for tag in list(self.tags):
+                item, _ = q.inflight.pop(tag)
+                heapq.heappush(q.ready, item)
+                b.set_status(item.mid, Status.READY)
+            self.tags.clear()
+            if not self.durable:
+                b.subs.pop(self.qname, None)
+                b.queues.pop(self.qname, None)
+            b.cond.notify_all()

@@ -1,0 +1,361 @@
+"""The portable API: connect, Connection, Producer, Consumer.
+
+Everything that is the same on every broker lives here once: envelopes, capability
+checks, size limits, attempt counting, emulated retry and dead letters, TTL checks,
+failover across URLs and reconnect with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ._endpoint import Endpoint
+from .backend import Capabilities, Destination, Outgoing, Queue, Status, Subscription, Topic
+from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, Envelope, encode
+from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
+from .retry import RetryPolicy
+from .url import URL
+
+log = logging.getLogger("mqprimer")
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_TOPIC_PATTERN = re.compile(r"^([A-Za-z0-9_\-]+|\*|#)(\.([A-Za-z0-9_\-]+|\*|#))*$")
+_SOURCE = f"urn:mqprimer:{socket.gethostname()}"
+
+
+def default_url() -> str:
+    """``MQPRIMER_URL``, else a sqlite file under ``$XDG_DATA_HOME/mqprimer/`` (``~/.local/share``)."""
+    env = os.environ.get("MQPRIMER_URL")
+    if env:
+        return env
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mqprimer"
+    return f"sqlite:///{base / 'default.db'}"
+
+
+def as_destination(dest: "str | Destination", *, pattern: bool = False) -> Destination:
+    if isinstance(dest, str):
+        dest = Queue(dest)
+    if isinstance(dest, Queue):
+        if not _QUEUE_NAME.match(dest.name):
+            raise ValueError(
+                f"invalid queue name {dest.name!r}: use 1-200 characters from A-Z a-z 0-9 _ . : -"
+            )
+        return dest
+    if isinstance(dest, Topic):
+        rx = _TOPIC_PATTERN if pattern else _TOPIC_NAME
+        if not rx.match(dest.name):
+            what = "topic pattern (words, '*' or '#', dot-separated)" if pattern else "topic name (dot-separated words; no wildcards when sending)"
+            raise ValueError(f"invalid {what}: {dest.name!r}")
+        return dest
+    raise TypeError(f"destination must be a str (queue) or mqprimer.Topic, not {type(dest).__name__}")
+
+
+def is_pattern(dest: Destination) -> bool:
+    return isinstance(dest, Topic) and any(w in ("*", "#") for w in dest.name.split("."))
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Connection:
+    """Connections to one or more broker URLs (failover in list order)."""
+
+    def __init__(
+        self,
+        urls: Sequence[URL],
+        *,
+        max_message_size: int = DEFAULT_MAX_SIZE,
+        reconnect_timeout: float = 30.0,
+        source: str = _SOURCE,
+    ) -> None:
+        if not urls:
+            raise ConfigurationError("connect() needs at least one URL")
+        self.urls = tuple(urls)
+        self.endpoints = [Endpoint(u) for u in urls]
+        self.max_message_size = max_message_size
+        self.reconnect_timeout = reconnect_timeout
+        self.source = source
+        self._active = 0
+        self._closed = False
+        self._children: list[Producer | Consumer] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _open(self) -> None:
+        errors: list[BaseException] = []
+        for ep in self.endpoints:
+            try:
+                ep.ensure()
+            except (ConnectionFailed, OSError) as exc:
+                errors.append(exc)
+        if len(errors) == len(self.endpoints):
+            auth = [e for e in errors if isinstance(e, AuthenticationError)]
+            if auth:
+                raise auth[0]
+            if len(errors) == 1:
+                raise errors[0]
+            raise ConnectionFailed("no broker reachable: " + "; ".join(str(e) for e in errors))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for child in list(self._children):
+            child.close()
+        for ep in self.endpoints:
+            ep.reset()
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise StateError("the connection is closed")
+
+    # -- public --------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the (first) backend of this connection can do."""
+        return self.endpoints[0].capabilities
+
+    def producer(self) -> "Producer":
+        self._check()
+        p = Producer(self)
+        self._children.append(p)
+        return p
+
+    def consumer(
+        self,
+        destination: "str | Destination",
+        *,
+        prefetch: int = 10,
+        subscription: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> "Consumer":
+        """Receive from a queue (``str``) or a topic / topic pattern (:class:`Topic`).
+
+        ``subscription`` names a durable topic subscription; ``retry`` is the policy used
+        by :meth:`Message.fail`.
+        """
+        self._check()
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        dest = as_destination(destination, pattern=True)
+        if subscription is not None and (not isinstance(dest, Topic) or not _QUEUE_NAME.match(subscription)):
+            raise ValueError("subscription= names a topic subscription: a Topic destination and a queue-like name")
+        c = Consumer(self, dest, prefetch, subscription, retry or RetryPolicy())
+        self._children.append(c)
+        return c
+
+    def status(self, message_id: str) -> Status:
+        """Where a message is (backends with ``status`` capability)."""
+        self._check()
+        self.capabilities.require("status", "message status")
+        result = Status.UNKNOWN
+        for ep in self.endpoints:
+            try:
+                result = ep.call("status", lambda b: b.status(message_id))
+            except ConnectionFailed:
+                if len(self.endpoints) == 1:
+                    raise
+                continue
+            if result is not Status.UNKNOWN:
+                return result
+        return result
+
+    def dead_letters(self, queue: str) -> "DeadLetters":
+        """List, replay and purge the dead letters of ``queue``."""
+        from .deadletters import DeadLetters
+
+        self._check()
+        as_destination(queue)
+        return DeadLetters(self, queue)
+
+    # -- internals used by Producer and Consumer -------------------------------------
+    def size_limit(self, ep: Endpoint) -> tuple[int, str]:
+        caps = ep.capabilities
+        if caps.max_message_size is not None and caps.max_message_size < self.max_message_size:
+            hint = f" ({caps.size_limit_hint})" if caps.size_limit_hint else ""
+            return caps.max_message_size, f"the {caps.name} broker's limit{hint}"
+        return self.max_message_size, "mqprimer's max_message_size"
+
+    def publish(self, items: Sequence[Outgoing]) -> None:
+        """Publish with failover across endpoints and reconnect with backoff."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        n = len(self.endpoints)
+        while True:
+            last: BaseException | None = None
+            for i in range(n):
+                idx = (self._active + i) % n
+                ep = self.endpoints[idx]
+                try:
+                    _check_send_caps(ep.capabilities, items)
+                    _check_size(self, ep, items)
+                    if len(items) == 1:
+                        it = items[0]
+                        ep.call("publish", lambda b: b.publish(
+                            it.destination, it.payload, message_id=it.message_id,
+                            priority=it.priority, delay=it.delay, ttl=it.ttl))
+                    else:
+                        ep.call("publish", lambda b: b.publish_many(items))
+                except AuthenticationError as exc:
+                    last = exc
+                    if n == 1:
+                        raise
+                    continue
+                except ConnectionFailed as exc:
+                    last = exc
+                    if idx == self._active and n > 1:
+                        log.warning("failing over from %s: %s", ep.url, exc)
+                    continue
+                if idx != self._active:
+                    self._active = idx
+                return
+            if time.monotonic() >= deadline or isinstance(last, AuthenticationError):
+                assert last is not None
+                raise last
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _check_send_caps(caps: Capabilities, items: Sequence[Outgoing]) -> None:
+    for it in items:
+        if isinstance(it.destination, Topic):
+            caps.require("topic", "publish-subscribe (Topic destinations)")
+        else:
+            caps.require("queue", "queues")
+        if it.priority is not None:
+            caps.require("priority", "message priority")
+        if it.delay:
+            caps.require("delay", "delayed delivery")
+
+
+def _check_size(conn: Connection, ep: Endpoint, items: Sequence[Outgoing]) -> None:
+    limit, what = conn.size_limit(ep)
+    for it in items:
+        if len(it.payload) > limit:
+            raise MessageTooLarge(
+                f"message {it.message_id} is {len(it.payload):,} bytes encoded, over {what} of "
+                f"{limit:,} bytes; send a reference (a path or URL) instead of the data"
+            )
+
+
+class Producer:
+    """Sends messages. ``send`` returns once the broker has the message (where it confirms)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._closed = False
+
+    def build(
+        self,
+        destination: "str | Destination",
+        body: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        type: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        id: str | None = None,
+    ) -> Outgoing:
+        """Validate and encode one message without sending it."""
+        dest = as_destination(destination)
+        if headers:
+            for k, v in headers.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise TypeError("headers must map str to str")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9):
+            raise ValueError(f"priority must be an int from 0 (lowest) to 9 (most urgent), got {priority!r}")
+        if delay is not None and delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, got {delay}")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
+        mid = id or str(uuid.uuid4())
+        expires = None
+        if ttl is not None:
+            expires = int((time.time() + (delay or 0) + ttl) * 1000)
+        env = Envelope(
+            id=mid, source=self._conn.source, type=type or DEFAULT_TYPE, body=body,
+            time=_now_iso(), headers=dict(headers) if headers else {}, expires=expires,
+        )
+        payload = encode(env, max_size=self._conn.max_message_size)
+        return Outgoing(dest, payload, mid, priority, delay or None, ttl)
+
+    def send(
+        self,
+        destination: "str | Destination",
+        body: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        type: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        id: str | None = None,
+    ) -> str:
+        """Send one message; return its id. Options the backend cannot honour raise UnsupportedError."""
+        self._check()
+        out = self.build(destination, body, headers=headers, type=type, priority=priority, delay=delay, ttl=ttl, id=id)
+        self._conn.publish([out])
+        return out.message_id
+
+    def send_many(self, messages: Iterable[Outgoing | tuple[Any, Any]]) -> list[str]:
+        """Send a batch (``Outgoing`` from :meth:`build`, or ``(destination, body)`` pairs).
+
+        Returns when the broker has confirmed every message of the batch.
+        """
+        self._check()
+        items = [m if isinstance(m, Outgoing) else self.build(m[0], m[1]) for m in messages]
+        if items:
+            self._conn.publish(items)
+        return [m.message_id for m in items]
+
+    def _check(self) -> None:
+        if self._closed:
+            raise StateError("the producer is closed")
+        self._conn._check()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Sub:
+    """A consumer's subscription on one endpoint, rebuilt after reconnects."""
+
+    __slots__ = ("ep", "sub", "generation", "next_try", "backoff", "down_since", "destination", "lock")
+
+    def __init__(self, ep: Endpoint, destination: Destination) -> None:
+        self.ep = ep
+        self.sub: Subscription | None = None
+        self.generation = 0
+        self.next_try = 0.0
+        self.backoff = 0.05
+        self.down_since: float | None = None
+        self.destination = destination
+        self.lock = threading.RLock()
+
+
+from .consumer import Consumer  # noqa: E402  (Consumer needs the names above)
+
+__all__ = ["Connection", "Consumer", "Producer", "as_destination", "default_url", "is_pattern"]

@@ -1,0 +1,286 @@
+"""Consumer: receives from one destination on every endpoint of a connection.
+
+It decodes envelopes (dead-lettering what is not one), drops expired messages, counts
+attempts, performs emulated retry and dead letters (publish the new copy, confirmed,
+then ack the original), and resubscribes after a lost connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from .backend import NATIVE, Delivery, Destination, Queue, Subscription, Topic
+from .envelope import Envelope, decode, encode
+from .errors import ConnectionFailed, EnvelopeError, MessageTooLarge, StateError, UnsupportedError
+from .message import Message, _State
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Connection, _Sub
+
+log = logging.getLogger("mqprimer")
+_SLICE = 0.25  # longest a blocking receive holds a subscription, so close() is prompt
+
+
+class Consumer:
+    """Receives messages; iterate it, or call :meth:`receive`. Close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        conn: "Connection",
+        destination: Destination,
+        prefetch: int,
+        subscription: str | None,
+        retry_policy: RetryPolicy,
+    ) -> None:
+        from .client import _Sub, is_pattern
+
+        self._conn = conn
+        self.destination = destination
+        self.prefetch = prefetch
+        self.subscription = subscription
+        self.retry_policy = retry_policy
+        self._closed = False
+        self._pending: set[Message] = set()
+        self._rr = 0
+        caps = conn.capabilities
+        if isinstance(destination, Topic):
+            caps.require("topic", "publish-subscribe (Topic destinations)")
+            if is_pattern(destination):
+                caps.require("patterns", "wildcard topic patterns ('*', '#')")
+        self._subs: list[_Sub] = [_Sub(ep, destination) for ep in conn.endpoints]
+        errors: list[ConnectionFailed] = []
+        for s in self._subs:
+            try:
+                self._subscribe(s)
+            except ConnectionFailed as exc:
+                errors.append(exc)
+                s.down_since = s.next_try = time.monotonic()
+        if len(errors) == len(self._subs):
+            raise errors[0]
+
+    # -- receiving ------------------------------------------------------------------
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """The next message, or ``None`` after ``timeout`` seconds (``None`` waits for ever)."""
+        if self._closed:
+            raise StateError("the consumer is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed:
+            now = time.monotonic()
+            self._revive(now)
+            live = [s for s in self._subs if s.sub is not None]
+            remaining = _SLICE if deadline is None else max(deadline - now, 0.0)
+            if not live:
+                self._check_down(now)
+                nxt = min(s.next_try for s in self._subs)
+                time.sleep(max(0.0, min(nxt - now, remaining, _SLICE)))
+            else:
+                self._rr = (self._rr + 1) % len(live)
+                order = live[self._rr:] + live[: self._rr]
+                first = min(remaining, _SLICE) if len(live) == 1 else min(remaining, 0.02)
+                for i, s in enumerate(order):
+                    msg = self._receive_from(s, first if i == 0 else 0.0)
+                    if msg is not None:
+                        return msg
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+        return None
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._closed:
+            try:
+                msg = self.receive(timeout=_SLICE)
+            except StateError:
+                return
+            if msg is not None:
+                yield msg
+
+    def _receive_from(self, s: "_Sub", timeout: float) -> Message | None:
+        with s.lock:
+            sub = s.sub
+            if sub is None:
+                return None
+            try:
+                delivery = sub.receive(timeout)
+            except Exception as exc:
+                self._fail(s, exc, "receive")
+                return None
+            if delivery is None:
+                return None
+            return self._wrap(s, sub, delivery)
+
+    def _wrap(self, s: "_Sub", sub: Subscription, d: Delivery) -> Message | None:
+        try:
+            env = decode(d.payload, max(self._conn.max_message_size, len(d.payload) if d.payload else 0))
+        except EnvelopeError as exc:
+            self._dead_raw(s, sub, d, f"invalid envelope: {exc}")
+            return None
+        if env.expires is not None and env.expires <= time.time() * 1000:
+            log.info("message %s expired before delivery; dropped", env.id)
+            self._call(s, "ack", lambda: sub.ack(d))
+            return None
+        if d.extra_attempts:
+            env.attempt += d.extra_attempts
+        msg = Message(self, s, d, env, s.generation)
+        self._pending.add(msg)
+        return msg
+
+    # -- settling -------------------------------------------------------------------
+    def _settle_ack(self, m: Message) -> None:
+        self._settle(m, "ack", lambda sub: sub.ack(m._delivery))
+
+    def _settle_retry(self, m: Message, delay: float, error: str | None) -> None:
+        caps = m._sub.ep.capabilities
+        if delay and not caps.delay:
+            m._mark(_State.PENDING)
+            raise UnsupportedError(f"the {caps.name} backend cannot delay a retry; use retry() without a delay")
+        env = dataclasses.replace(m.envelope, attempt=m.attempt + 1, error=error or m.envelope.error)
+        payload = encode(env, max_size=1 << 62)
+        if caps.retry is NATIVE:
+            self._settle(m, "retry", lambda sub: sub.retry(m._delivery, payload, delay))
+        else:
+            self._settle(m, "retry", lambda sub: self._republish(m._sub, sub.retry_target, payload, env.id, delay, m._delivery))
+
+    def _settle_dead(self, m: Message, reason: str) -> None:
+        env = dataclasses.replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
+        self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
+
+    def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None]) -> None:
+        s = m._sub
+        with s.lock:
+            if s.sub is None or m._generation != s.generation:
+                m._mark(_State.LOST)
+                self._pending.discard(m)
+                raise ConnectionFailed(
+                    f"cannot {what} message {m.id}: the connection it arrived on was lost; "
+                    "the broker will deliver it again"
+                )
+            sub = s.sub
+            try:
+                fn(sub)
+            except (UnsupportedError, MessageTooLarge):
+                m._mark(_State.PENDING)
+                raise
+            except Exception as exc:
+                m._mark(_State.LOST)
+                self._pending.discard(m)
+                self._fail(s, exc, what, reraise=True)
+        self._pending.discard(m)
+
+    def _republish(self, s: "_Sub", target: Destination, payload: bytes, mid: str, delay: float, d: Delivery) -> None:
+        s.ep.call("republish", lambda b: b.publish(target, payload, message_id=mid, delay=delay or None))
+        assert s.sub is not None
+        s.sub.ack(d)
+
+    def _bury(self, s: "_Sub", sub: Subscription, d: Delivery, env: Envelope) -> None:
+        caps = s.ep.capabilities
+        payload = encode(env, max_size=1 << 62)
+        if caps.dead_letter is NATIVE:
+            sub.dead_letter(d, payload, env.reason or "")
+        elif caps.dead_letter:
+            self._republish(s, sub.dead_target, payload, env.id, 0.0, d)
+        else:
+            log.warning("message %s dropped: %s has no dead letters (reason: %s)", env.id, caps.name, env.reason)
+            sub.ack(d)
+
+    def _dead_raw(self, s: "_Sub", sub: Subscription, d: Delivery, reason: str) -> None:
+        """Dead-letter a payload that is not an envelope, wrapped so that it can be inspected."""
+        log.warning("dead-lettering a message on %s: %s", _name(self.destination), reason)
+        env = Envelope(
+            id=str(uuid.uuid4()), source=self._conn.source, type="mqprimer.invalid",
+            body=bytes(d.payload[: self._conn.max_message_size // 2]), reason=reason, origin=_name(self.destination),
+        )
+        self._call(s, "dead-letter", lambda: self._bury(s, sub, d, env))
+
+    def _call(self, s: "_Sub", what: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self._fail(s, exc, what)
+
+    # -- connection loss ------------------------------------------------------------
+    def _subscribe(self, s: "_Sub") -> None:
+        with s.lock:
+            s.sub = s.ep.call(
+                "subscribe",
+                lambda b: b.subscribe(self.destination, prefetch=self.prefetch, subscription=self.subscription),
+            )
+            s.generation += 1
+            s.backoff = 0.05
+            s.down_since = None
+
+    def _fail(self, s: "_Sub", exc: BaseException, what: str, reraise: bool = False) -> None:
+        err = s.ep.translate(exc, what)
+        if not isinstance(err, ConnectionFailed):
+            raise err from None
+        log.warning("%s on %s lost: %s; reconnecting", what, s.ep.url, err)
+        sub, s.sub = s.sub, None
+        if sub is not None:
+            try:
+                sub.close()
+            except Exception:
+                pass
+        s.ep.reset()
+        now = time.monotonic()
+        s.down_since = s.down_since or now
+        s.next_try = now
+        if reraise:
+            raise err from None
+
+    def _revive(self, now: float) -> None:
+        for s in self._subs:
+            if s.sub is None and now >= s.next_try:
+                try:
+                    self._subscribe(s)
+                    log.info("resubscribed to %s on %s", _name(self.destination), s.ep.url)
+                except ConnectionFailed:
+                    s.next_try = now + s.backoff
+                    s.backoff = min(s.backoff * 2, 2.0)
+
+    def _check_down(self, now: float) -> None:
+        since = min((s.down_since or now) for s in self._subs)
+        if now - since > self._conn.reconnect_timeout:
+            raise ConnectionFailed(
+                f"no broker reachable for {self._conn.reconnect_timeout:.0f}s while consuming "
+                f"{_name(self.destination)} from {', '.join(str(s.ep.url) for s in self._subs)}"
+            )
+
+    # -- closing --------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop; every unsettled message goes back to the broker."""
+        if self._closed:
+            return
+        self._closed = True
+        for m in list(self._pending):
+            m._mark(_State.RETURNED)
+        self._pending.clear()
+        for s in self._subs:
+            with s.lock:
+                sub, s.sub = s.sub, None
+                if sub is not None:
+                    try:
+                        sub.close()
+                    except Exception as exc:
+                        log.debug("closing subscription on %s: %s", s.ep.url, s.ep.scrub(str(exc)))
+        try:
+            self._conn._children.remove(self)
+        except ValueError:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _name(dest: Destination) -> str:
+    return dest.name if isinstance(dest, (Queue, Topic)) else str(dest)

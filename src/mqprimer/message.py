@@ -1,0 +1,127 @@
+"""A received message and its three outcomes: ack, retry, dead_letter."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from .errors import StateError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backend import Delivery, Destination
+    from .client import Consumer, _Sub
+    from .envelope import Envelope
+
+
+class _State(enum.Enum):
+    PENDING = "pending"
+    ACKED = "acked"
+    RETRIED = "retried"
+    DEAD = "dead-lettered"
+    RETURNED = "returned to the broker"
+    LOST = "lost with its connection"
+
+
+class Message:
+    """One delivery. Settle it exactly once: :meth:`ack`, :meth:`retry` or :meth:`dead_letter`.
+
+    A message not settled when its consumer closes goes back to the broker.
+    """
+
+    __slots__ = ("_consumer", "_sub", "_delivery", "_generation", "envelope", "_state")
+
+    def __init__(
+        self, consumer: "Consumer", sub: "_Sub", delivery: "Delivery", envelope: "Envelope", generation: int
+    ) -> None:
+        self._consumer = consumer
+        self._sub = sub
+        self._delivery = delivery
+        self._generation = generation
+        self.envelope = envelope
+        self._state = _State.PENDING
+
+    # -- content ------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def body(self) -> Any:
+        return self.envelope.body
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.envelope.headers
+
+    @property
+    def type(self) -> str:
+        return self.envelope.type
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, +1 for each retry."""
+        return self.envelope.attempt
+
+    @property
+    def destination(self) -> "Destination":
+        return self._sub.destination
+
+    @property
+    def time(self) -> str | None:
+        return self.envelope.time
+
+    @property
+    def source(self) -> str:
+        return self.envelope.source
+
+    @property
+    def reason(self) -> str | None:
+        """Why it was dead-lettered (on messages read from a dead-letter queue)."""
+        return self.envelope.reason
+
+    @property
+    def error(self) -> str | None:
+        """The last handler error recorded by a retry."""
+        return self.envelope.error
+
+    @property
+    def settled(self) -> bool:
+        return self._state is not _State.PENDING
+
+    # -- outcomes -----------------------------------------------------------------
+    def ack(self) -> None:
+        """Done: remove the message for good."""
+        self._begin(_State.ACKED)
+        self._consumer._settle_ack(self)
+
+    def retry(self, delay: float | None = None, *, error: str | None = None) -> None:
+        """Deliver again (attempt + 1) after ``delay`` seconds; never blocks the consumer."""
+        if delay is not None and delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
+        self._begin(_State.RETRIED)
+        self._consumer._settle_retry(self, delay or 0.0, error)
+
+    def dead_letter(self, reason: str) -> None:
+        """Move to the dead-letter destination now, keeping ``reason``."""
+        self._begin(_State.DEAD)
+        self._consumer._settle_dead(self, str(reason))
+
+    def fail(self, error: BaseException | str) -> None:
+        """Handler failure: retry by the consumer's :class:`RetryPolicy`, then dead-letter."""
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        policy = self._consumer.retry_policy
+        if policy.should_retry(self.attempt):
+            self.retry(policy.delay_for(self.attempt), error=reason)
+        else:
+            self.dead_letter(f"gave up after {self.attempt} attempt(s): {reason}")
+
+    def _begin(self, new: _State) -> None:
+        if self._state is not _State.PENDING:
+            raise StateError(f"message {self.id} is already settled ({self._state.value})")
+        self._state = new
+
+    def _mark(self, state: _State) -> None:
+        self._state = state
+
+    def __repr__(self) -> str:
+        return f"<Message id={self.id} type={self.type} attempt={self.attempt} {self._state.value}>"

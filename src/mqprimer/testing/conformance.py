@@ -1,0 +1,357 @@
+"""The conformance suite: one set of tests every backend URL must pass.
+
+Fixtures come from :mod:`mqprimer.testing.plugin` (``mq_url``, ``conn``, ``dest``).
+A declared capability is exercised; an undeclared one must raise ``UnsupportedError``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import mqprimer
+from mqprimer import MessageTooLarge, RetryPolicy, StateError, Status, Topic, UnsupportedError
+from mqprimer.backend import Queue
+
+from .helpers import collect, unreachable_url, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+ODD_HEADERS = {"tenant": "acme", "ключ": "значение", "emoji 🐇": "🥕 carrots", "empty": "", "quote\"'": "a\nb\tc"}
+
+
+def _one(consumer: mqprimer.Consumer, timeout: float = 10.0) -> mqprimer.Message:
+    m = consumer.receive(timeout=timeout)
+    assert m is not None, f"no message within {timeout}s"
+    return m
+
+
+def _raw_publish(conn: mqprimer.Connection, queue: str, payload: bytes) -> None:
+    """Put bytes that are not our envelope on a queue, through the driver itself."""
+    conn.endpoints[0].call("raw publish", lambda b: b.publish(Queue(queue), payload, message_id="foreign"))
+
+
+# -- round trips --------------------------------------------------------------------
+def test_json_round_trip_with_headers(conn: mqprimer.Connection, dest: str) -> None:
+    body = {"path": "a.jpg", "size": [1, 2.5, None, True], "text": "naïve ☃ \u0000 end"}
+    mid = conn.producer().send(dest, body, headers=ODD_HEADERS, type="photo.uploaded")
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        assert (m.id, m.body, m.headers, m.type, m.attempt) == (mid, body, ODD_HEADERS, "photo.uploaded", 1)
+        assert m.destination == Queue(dest)
+        m.ack()
+
+
+def test_bytes_round_trip_non_utf8(conn: mqprimer.Connection, dest: str) -> None:
+    body = bytes(range(256)) + b"\xff\xfe\x00\xc3\x28"
+    conn.producer().send(dest, body, headers={"k": "v"})
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        assert m.body == body and isinstance(m.body, bytes) and m.headers == {"k": "v"}
+        m.ack()
+
+
+def test_thousand_messages_no_loss_no_duplicates(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    sent = {p.send(dest, {"i": i}) for i in range(1000)}
+    with conn.consumer(dest, prefetch=100) as c:
+        got = collect(c, 1000, timeout=60)
+        assert c.receive(timeout=0.5) is None, "more than 1000 messages arrived"
+    ids = [m.id for m in got]
+    assert len(set(ids)) == 1000 and set(ids) == sent
+
+
+def test_competing_consumers_share_a_queue(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    sent = {p.send(dest, i) for i in range(40)}
+    with mqprimer.connect(mq_url) as other, conn.consumer(dest, prefetch=1) as a, other.consumer(dest, prefetch=1) as b:
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while len(seen) < 40 and time.monotonic() < deadline:
+            for name, c in (("a", a), ("b", b)):
+                m = c.receive(timeout=0.2)
+                if m is not None:
+                    assert m.id not in seen, "a message went to two competing consumers"
+                    seen[m.id] = name
+                    m.ack()
+    assert set(seen) == sent
+    assert set(seen.values()) == {"a", "b"}, "one consumer got every message"
+
+
+# -- topics ------------------------------------------------------------------------
+def test_topic_fans_out_to_every_subscriber(mq_url: str, conn: mqprimer.Connection, topic_root: str) -> None:
+    topic = Topic(f"{topic_root}.events")
+    if not conn.capabilities.topic:
+        with pytest.raises(UnsupportedError):
+            conn.consumer(topic)
+        with pytest.raises(UnsupportedError):
+            conn.producer().send(topic, {})
+        return
+    with mqprimer.connect(mq_url) as other, conn.consumer(topic) as s1, other.consumer(topic) as s2:
+        p = conn.producer()
+        sent = [p.send(topic, {"n": i}) for i in range(10)]
+        for s in (s1, s2):
+            assert [m.id for m in collect(s, 10)] == sent
+            assert s.receive(timeout=0.3) is None
+
+
+def test_topic_patterns_match_only_what_they_should(conn: mqprimer.Connection, topic_root: str) -> None:
+    caps = conn.capabilities
+    r = topic_root
+    if not caps.topic:
+        pytest.skip("backend declares no topics (checked by the fan-out test)")
+    if not caps.patterns:
+        with pytest.raises(UnsupportedError):
+            conn.consumer(Topic(f"{r}.*"))
+        return
+    expect = {
+        f"{r}.*": {f"{r}.a"},
+        f"{r}.#": {f"{r}.a", f"{r}.a.b", f"{r}"},
+        f"{r}.a.*": {f"{r}.a.b"},
+        f"{r}.*.b": {f"{r}.a.b"},
+        f"{r}.#.b": {f"{r}.a.b"},
+    }
+    subs = {pat: conn.consumer(Topic(pat)) for pat in expect}
+    try:
+        p = conn.producer()
+        for name in (f"{r}.a", f"{r}.a.b", r, f"{r}x.a", f"other.{r}.a"):
+            p.send(Topic(name), {"topic": name})
+        for pat, want in expect.items():
+            got = {m.body["topic"] for m in collect(subs[pat], len(want))}
+            assert got == want, pat
+            assert subs[pat].receive(timeout=0.3) is None, f"{pat} matched too much"
+    finally:
+        for s in subs.values():
+            s.close()
+
+
+# -- outcomes ------------------------------------------------------------------------
+def test_ack_removes(conn: mqprimer.Connection, dest: str) -> None:
+    conn.producer().send(dest, "x")
+    with conn.consumer(dest) as c:
+        _one(c).ack()
+    with conn.consumer(dest) as c:
+        assert c.receive(timeout=1.0) is None
+
+
+def test_unsettled_messages_go_back_on_close(conn: mqprimer.Connection, dest: str) -> None:
+    mid = conn.producer().send(dest, "x")
+    with conn.consumer(dest) as c:
+        m = _one(c)
+    with pytest.raises(StateError):
+        m.ack()
+    with conn.consumer(dest) as c:
+        again = _one(c)
+        assert again.id == mid
+        again.ack()
+
+
+def test_double_settle_raises(conn: mqprimer.Connection, dest: str) -> None:
+    conn.producer().send(dest, "x")
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        m.ack()
+        for settle in (m.ack, m.retry, lambda: m.dead_letter("again")):
+            with pytest.raises(StateError):
+                settle()
+
+
+def test_retry_redelivers_with_next_attempt(conn: mqprimer.Connection, dest: str) -> None:
+    mid = conn.producer().send(dest, {"k": 1}, headers={"h": "1"})
+    with conn.consumer(dest) as c:
+        _one(c).retry()
+        m = _one(c)
+        assert (m.id, m.attempt, m.body, m.headers) == (mid, 2, {"k": 1}, {"h": "1"})
+        m.retry()
+        m = _one(c)
+        assert m.attempt == 3
+        m.ack()
+
+
+def test_retry_delay_is_honoured(conn: mqprimer.Connection, dest: str) -> None:
+    conn.producer().send(dest, "x")
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        if not conn.capabilities.delay:
+            with pytest.raises(UnsupportedError):
+                m.retry(delay=1.0)
+            m.ack()
+            return
+        start = time.monotonic()
+        m.retry(delay=1.5)
+        again = _one(c, timeout=15)
+        assert time.monotonic() - start >= 1.5 - 0.02, "retried message came back before its delay"
+        assert again.attempt == 2
+        again.ack()
+
+
+def test_dead_letter_lands_with_reason_and_replays(conn: mqprimer.Connection, dest: str) -> None:
+    mid = conn.producer().send(dest, {"bad": True})
+    with conn.consumer(dest) as c:
+        _one(c).dead_letter("bad image")
+        assert c.receive(timeout=0.5) is None
+    dead = conn.dead_letters(dest)
+    listed = wait_until(lambda: dead.list(), timeout=10, what="a listed dead letter")
+    assert [(e.id, e.reason, e.origin) for e in listed] == [(mid, "bad image", dest)]
+    assert [e.id for e in dead.list()] == [mid], "listing must not consume dead letters"
+    assert dead.replay() == 1
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        assert (m.id, m.body, m.attempt) == (mid, {"bad": True}, 1)
+        m.ack()
+    assert dead.list() == []
+
+
+def test_dead_letters_purge(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    for i in range(3):
+        p.send(dest, i)
+    with conn.consumer(dest) as c:
+        for m in collect(c, 3, ack=False):
+            m.dead_letter("purge me")
+    dead = conn.dead_letters(dest)
+    wait_until(lambda: len(dead.list()) == 3, what="three dead letters")
+    assert dead.purge() == 3
+    assert dead.list() == []
+
+
+def test_retry_exhaustion_dead_letters_after_exactly_max_attempts(conn: mqprimer.Connection, dest: str) -> None:
+    mid = conn.producer().send(dest, "poison")
+    attempts = []
+    policy = RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)
+    with conn.consumer(dest, retry=policy) as c:
+        while True:
+            m = c.receive(timeout=3)
+            if m is None:
+                break
+            attempts.append(m.attempt)
+            m.fail(ValueError("cannot parse"))
+    assert attempts == [1, 2, 3]
+    dead = wait_until(lambda: conn.dead_letters(dest).list(), what="the poison message in dead letters")
+    assert dead[0].id == mid and dead[0].attempt == 3
+    assert "ValueError: cannot parse" in (dead[0].reason or "") and "3 attempt" in (dead[0].reason or "")
+
+
+# -- message options -------------------------------------------------------------------
+def test_priority_order(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    if not conn.capabilities.priority:
+        with pytest.raises(UnsupportedError):
+            p.send(dest, "x", priority=5)
+        return
+    for prio in (1, 9, 0, 5):
+        p.send(dest, prio, priority=prio)
+    with conn.consumer(dest, prefetch=10) as c:
+        assert [m.body for m in collect(c, 4)] == [9, 5, 1, 0]
+
+
+def test_delay_is_never_early(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    if not conn.capabilities.delay:
+        with pytest.raises(UnsupportedError):
+            p.send(dest, "x", delay=1.0)
+        return
+    start = time.monotonic()
+    p.send(dest, "late", delay=1.5)
+    p.send(dest, "now")
+    with conn.consumer(dest) as c:
+        assert _one(c).body == "now"
+        m = _one(c, timeout=15)
+        assert m.body == "late" and time.monotonic() - start >= 1.5 - 0.02
+        m.ack()
+
+
+def test_expired_messages_are_never_delivered(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    p.send(dest, "short", ttl=0.3)
+    p.send(dest, "long", ttl=60)
+    deadline = time.monotonic() + 0.35
+    wait_until(lambda: time.monotonic() > deadline, what="the short TTL to pass")
+    with conn.consumer(dest) as c:
+        assert [m.body for m in collect(c, 1)] == ["long"]
+        assert c.receive(timeout=0.5) is None
+
+
+def test_status_by_id(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    if not conn.capabilities.status:
+        with pytest.raises(UnsupportedError):
+            conn.status("anything")
+        return
+    mid = p.send(dest, "x")
+    assert conn.status(mid) is Status.READY
+    if conn.capabilities.delay:
+        assert conn.status(p.send(dest, "later", delay=30)) is Status.DELAYED
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        assert m.id == mid and conn.status(mid) is Status.RESERVED
+        m.ack()
+    assert conn.status(mid) in (Status.DONE, Status.UNKNOWN)
+    assert conn.status("no-such-message") is Status.UNKNOWN
+
+
+# -- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json at all", b'{"specversion": "0.3", "id": "x", "source": "s", "type": "t"}', b"\xff\xfe\x00garbage",
+     b"[" * 5000 + b"]" * 5000],
+    ids=["text", "wrong-spec", "non-utf8", "deep"],
+)
+def test_foreign_message_is_dead_lettered_consumer_keeps_running(
+    conn: mqprimer.Connection, dest: str, payload: bytes
+) -> None:
+    _raw_publish(conn, dest, payload)
+    mid = conn.producer().send(dest, "good")
+    with conn.consumer(dest) as c:
+        m = _one(c)
+        assert m.id == mid
+        m.ack()
+    if conn.capabilities.dead_letter:
+        dead = wait_until(lambda: conn.dead_letters(dest).list(), what="the foreign message in dead letters")
+        assert len(dead) == 1 and "invalid envelope" in (dead[0].reason or "")
+        assert dead[0].body == payload[: len(dead[0].body)]
+
+
+def test_oversize_is_refused_before_sending(conn: mqprimer.Connection, dest: str) -> None:
+    limit = min(conn.capabilities.max_message_size or conn.max_message_size, conn.max_message_size)
+    with pytest.raises(MessageTooLarge, match="bytes"):
+        conn.producer().send(dest, "x" * (limit + 1))
+    with conn.consumer(dest) as c:
+        assert c.receive(timeout=0.5) is None
+
+
+def test_closed_producer_and_consumer_raise(conn: mqprimer.Connection, dest: str) -> None:
+    p = conn.producer()
+    p.close()
+    with pytest.raises(StateError):
+        p.send(dest, "x")
+    c = conn.consumer(dest)
+    c.close()
+    with pytest.raises(StateError):
+        c.receive(timeout=0.1)
+
+
+def test_topic_refused_on_queue_only_backend(conn: mqprimer.Connection, topic_root: str) -> None:
+    if conn.capabilities.topic:
+        return
+    with pytest.raises(UnsupportedError, match=conn.capabilities.name):
+        conn.consumer(Topic(topic_root))
+
+
+# -- availability ---------------------------------------------------------------------------
+def test_broker_down_at_connect_is_a_clear_fast_error(mq_url: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(mqprimer.ConnectionFailed) as info:
+        mqprimer.connect(unreachable_url(mq_url))
+    assert time.monotonic() - start < 15
+    assert "***" in str(info.value) or ":" not in (mqprimer.URL.parse(mq_url).password or "")
+
+
+def test_failover_across_a_url_list(mq_url: str, dest: str) -> None:
+    with mqprimer.connect([unreachable_url(mq_url), mq_url]) as conn:
+        mid = conn.producer().send(dest, "via the second URL")
+        with conn.consumer(dest) as c:
+            m = _one(c)
+            assert m.id == mid
+            m.ack()
