@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: throughput and latency, printed as one table per run.
+
+Every benchmark runs mqprimer and the raw client library on the same broker in one
+process run, so the ratio is meaningful even on a noisy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+
+@dataclass
+class Result:
+    name: str
+    n: int
+    seconds: float
+    p50_us: float | None = None
+    p99_us: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds if self.seconds else float("inf")
+
+
+def timed(name: str, n: int, fn: Callable[[], None]) -> Result:
+    """Run ``fn`` once (it does ``n`` operations) and time it."""
+    start = time.perf_counter()
+    fn()
+    return Result(name, n, time.perf_counter() - start)
+
+
+def latencies(name: str, n: int, op: Callable[[], None]) -> Result:
+    """Call ``op`` ``n`` times, timing each call: throughput plus p50/p99 latency."""
+    samples = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        op()
+        samples.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    samples.sort()
+    return Result(name, n, total, samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6)
+
+
+def report(title: str, rows: list[Result], pairs: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+    """Print a table; ``pairs`` are (mqprimer row, raw row) names whose ratio is shown."""
+    print(f"\n## {title}")
+    print(f"{'case':44} {'msgs':>8} {'msg/s':>10} {'p50 µs':>9} {'p99 µs':>9}")
+    by = {r.name: r for r in rows}
+    for r in rows:
+        p50 = f"{r.p50_us:9.1f}" if r.p50_us is not None else f"{'':9}"
+        p99 = f"{r.p99_us:9.1f}" if r.p99_us is not None else f"{'':9}"
+        print(f"{r.name:44} {r.n:8d} {r.rate:10.0f} {p50} {p99}")
+    for ours, raw in pairs:
+        if ours in by and raw in by:
+            print(f"ratio {ours} / {raw}: {by[ours].rate / by[raw].rate:.2f}x")
+    if "--json" in sys.argv:
+        print(json.dumps([asdict(r) | {"rate": r.rate} for r in rows]))
+
+
+def median_of(runs: list[float]) -> float:
+    return statistics.median(runs)
