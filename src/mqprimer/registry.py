@@ -79,11 +79,11 @@ def _load(spec: BackendSpec) -> type[Backend]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or ""
-        if missing.startswith("mqprimer") and spec.extra is not None and missing == module_name:
+        if missing == module_name:
             raise BackendNotInstalled(
                 f"the {spec.scheme}:// backend is not available in this version of mqprimer"
             ) from None
-        if spec.extra is None:
+        if spec.extra is None or missing.startswith("mqprimer"):
             raise
         raise BackendNotInstalled(
             f"the {spec.scheme}:// backend needs the {spec.library} client library, which is not "
