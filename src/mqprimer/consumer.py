@@ -7,14 +7,13 @@ then ack the original), and resubscribes after a lost connection.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .backend import NATIVE, Delivery, Destination, Queue, Subscription, Topic
-from .envelope import Envelope, decode, encode
+from .envelope import Envelope, decode, encode, make, replace
 from .errors import ConnectionFailed, EnvelopeError, MessageTooLarge, StateError, UnsupportedError
 from .message import Message, _State
 from .retry import RetryPolicy
@@ -53,6 +52,7 @@ class Consumer:
             if is_pattern(destination):
                 caps.require("patterns", "wildcard topic patterns ('*', '#')")
         self._subs: list[_Sub] = [_Sub(ep, destination) for ep in conn.endpoints]
+        self._single = self._subs[0] if len(self._subs) == 1 else None
         errors: list[ConnectionFailed] = []
         for s in self._subs:
             try:
@@ -68,6 +68,11 @@ class Consumer:
         """The next message, or ``None`` after ``timeout`` seconds (``None`` waits for ever)."""
         if self._closed:
             raise StateError("the consumer is closed")
+        if self._single is not None and self._single.sub is not None:
+            # fast path: one live subscription and a message already waiting
+            msg = self._receive_from(self._single, 0.0)
+            if msg is not None or timeout == 0:
+                return msg
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
             now = time.monotonic()
@@ -138,15 +143,15 @@ class Consumer:
         if delay and not caps.delay:
             m._mark(_State.PENDING)
             raise UnsupportedError(f"the {caps.name} backend cannot delay a retry; use retry() without a delay")
-        env = dataclasses.replace(m.envelope, attempt=m.attempt + 1, error=error or m.envelope.error)
-        payload = encode(env, max_size=1 << 62)
+        env = replace(m.envelope, attempt=m.attempt + 1, error=error or m.envelope.error)
+        payload = encode(env, max_size=1 << 62, original=m._delivery.payload)
         if caps.retry is NATIVE:
             self._settle(m, "retry", lambda sub: sub.retry(m._delivery, payload, delay))
         else:
             self._settle(m, "retry", lambda sub: self._republish(m._sub, sub.retry_target, payload, env.id, delay, m._delivery))
 
     def _settle_dead(self, m: Message, reason: str) -> None:
-        env = dataclasses.replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
+        env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
         self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
 
     def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None]) -> None:
@@ -178,7 +183,7 @@ class Consumer:
 
     def _bury(self, s: "_Sub", sub: Subscription, d: Delivery, env: Envelope) -> None:
         caps = s.ep.capabilities
-        payload = encode(env, max_size=1 << 62)
+        payload = encode(env, max_size=1 << 62, original=d.payload if env.type != "mqprimer.invalid" else None)
         if caps.dead_letter is NATIVE:
             sub.dead_letter(d, payload, env.reason or "")
         elif caps.dead_letter:
@@ -190,7 +195,7 @@ class Consumer:
     def _dead_raw(self, s: "_Sub", sub: Subscription, d: Delivery, reason: str) -> None:
         """Dead-letter a payload that is not an envelope, wrapped so that it can be inspected."""
         log.warning("dead-lettering a message on %s: %s", _name(self.destination), reason)
-        env = Envelope(
+        env = make(
             id=str(uuid.uuid4()), source=self._conn.source, type="mqprimer.invalid",
             body=bytes(d.payload[: self._conn.max_message_size // 2]), reason=reason, origin=_name(self.destination),
         )

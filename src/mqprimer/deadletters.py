@@ -7,11 +7,10 @@ messages in ``<queue>.dead`` and this module consumes that queue.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from .backend import DeadLetterStore, Outgoing, Queue
-from .envelope import Envelope, EnvelopeError, decode, encode
+from .envelope import Envelope, EnvelopeError, decode, encode, make, replace
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Connection
@@ -54,9 +53,10 @@ class DeadLetters:
             for msg in _drain(consumer, None):
                 if ids is not None and msg.id not in ids:
                     continue  # left unsettled: back in the dead-letter queue on close
-                env = dataclasses.replace(msg.envelope, attempt=1, reason=None, origin=None)
+                env = replace(msg.envelope, attempt=1, reason=None, origin=None)
                 producer._check()
-                self._conn.publish([Outgoing(Queue(self.queue), encode(env, 1 << 62), env.id)])
+                payload = encode(env, 1 << 62, original=msg._delivery.payload)
+                self._conn.publish([Outgoing(Queue(self.queue), payload, env.id)])
                 msg.ack()
                 n += 1
                 if limit is not None and n >= limit:
@@ -95,4 +95,4 @@ def _decode_any(payload: bytes) -> Envelope:
     try:
         return decode(payload, max(len(payload), 1))
     except EnvelopeError as exc:
-        return Envelope(id="?", source="?", type="mqprimer.invalid", body=payload, reason=f"invalid envelope: {exc}")
+        return make(id="?", source="?", type="mqprimer.invalid", body=payload, reason=f"invalid envelope: {exc}")

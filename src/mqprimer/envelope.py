@@ -13,20 +13,23 @@ Required attributes ``specversion``, ``id``, ``source``, ``type``; ``time`` and
 ``mqerror``    string  the last handler error (type and message)
 =============  ======  =====================================================
 
+(CloudEvents extension values must be strings, integers, booleans and the like, not
+objects: hence headers as a JSON string.)
+
 :func:`decode` is total: any input that is not a valid envelope raises
-:class:`~mqprimer.errors.EnvelopeError` and nothing else. orjson is the codec
-because the envelope sits on every hot path (~0.8 µs per encode+decode here vs
-~5.6 µs for the stdlib).
+:class:`~mqprimer.errors.EnvelopeError` and nothing else. The codec is msgspec with a
+typed schema: it validates in C while decoding, ~2.5x faster than orjson plus Python
+checks and ~7x faster than the stdlib here (benchmarks/bench_core.py). Attributes the
+schema does not know (a foreign producer's extensions) are skipped on the hot path;
+:func:`extensions` reads them from the original bytes on demand, and they are kept
+when mqprimer re-encodes the message for a retry or a dead letter.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import orjson
+import msgspec
 
 from .errors import EnvelopeError, MessageTooLarge
 
@@ -36,66 +39,114 @@ DEFAULT_TYPE = "mqprimer.message"
 DEFAULT_MAX_SIZE = 1024 * 1024
 JSON_TYPE = "application/json"
 BYTES_TYPE = "application/octet-stream"
+UNSET = msgspec.UNSET
 
-_OWN = frozenset(
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+_KNOWN = frozenset(
     {"specversion", "id", "source", "type", "time", "datacontenttype", "data", "data_base64",
      "mqattempt", "mqheaders", "mqexpires", "mqreason", "mqorigin", "mqerror"}
 )
 
 
-@dataclass(slots=True)
-class Envelope:
-    """A decoded message. ``body`` is a JSON value or ``bytes``."""
+class Envelope(msgspec.Struct, omit_defaults=True, rename={
+    "attempt": "mqattempt", "headers_json": "mqheaders", "expires": "mqexpires",
+    "reason": "mqreason", "origin": "mqorigin", "error": "mqerror",
+}):
+    """One message as it travels. Build with :func:`make`; read ``body`` and ``headers``."""
 
-    id: str
-    source: str
-    type: str
-    body: Any
+    specversion: Literal["1.0"]  # required, and written even though it never varies
+    id: _NonEmpty
+    source: _NonEmpty
+    type: _NonEmpty
     time: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    attempt: int = 1
+    datacontenttype: str | None = None
+    data: Any = UNSET
+    data_base64: bytes | msgspec.UnsetType = UNSET
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+    headers_json: str | None = None
     expires: int | None = None  # epoch ms
     reason: str | None = None
     origin: str | None = None
     error: str | None = None
-    datacontenttype: str | None = None
-    extensions: dict[str, Any] = field(default_factory=dict)  # foreign attributes, kept as-is
+
+    def __post_init__(self) -> None:
+        if self.data is not UNSET and self.data_base64 is not UNSET:
+            raise ValueError("envelope has both 'data' and 'data_base64'")
+        if self.headers_json is not None:
+            _headers_decoder.decode(self.headers_json)
+
+    @property
+    def body(self) -> Any:
+        """A JSON value, or ``bytes`` (``data_base64``)."""
+        if self.data_base64 is not UNSET:
+            return self.data_base64
+        return None if self.data is UNSET else self.data
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.headers_json is None else _headers_decoder.decode(self.headers_json)
 
 
-def encode(env: Envelope, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
-    """Serialise ``env``; raise :class:`MessageTooLarge` if the result exceeds ``max_size``."""
-    doc: dict[str, Any] = {
-        "specversion": SPECVERSION,
-        "id": env.id,
-        "source": env.source,
-        "type": env.type,
-    }
-    if env.time is not None:
-        doc["time"] = env.time
-    body = env.body
+
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+_decoder = msgspec.json.Decoder(Envelope)
+_encoder = msgspec.json.Encoder()
+_plain_encoder = msgspec.json.Encoder()
+
+
+def make(
+    *,
+    id: str,
+    source: str,
+    type: str,
+    body: Any,
+    time: str | None = None,
+    headers: dict[str, str] | None = None,
+    attempt: int = 1,
+    expires: int | None = None,
+    reason: str | None = None,
+    origin: str | None = None,
+    error: str | None = None,
+) -> Envelope:
+    """A new envelope; ``bytes`` bodies go to ``data_base64``, everything else to ``data``."""
+    hj = _plain_encoder.encode(headers).decode("utf-8") if headers else None
     if isinstance(body, (bytes, bytearray, memoryview)):
-        doc["datacontenttype"] = env.datacontenttype or BYTES_TYPE
-        doc["data_base64"] = base64.b64encode(body).decode("ascii")
-    else:
-        doc["datacontenttype"] = env.datacontenttype or JSON_TYPE
-        doc["data"] = body
-    if env.extensions:
-        for k, v in env.extensions.items():
-            doc.setdefault(k, v)
-    doc["mqattempt"] = env.attempt
-    if env.headers:
-        doc["mqheaders"] = orjson.dumps(env.headers).decode("utf-8")
-    if env.expires is not None:
-        doc["mqexpires"] = env.expires
-    if env.reason is not None:
-        doc["mqreason"] = env.reason
-    if env.origin is not None:
-        doc["mqorigin"] = env.origin
-    if env.error is not None:
-        doc["mqerror"] = env.error
+        return Envelope(SPECVERSION, id, source, type, time=time, datacontenttype=BYTES_TYPE, data_base64=bytes(body),
+                        attempt=attempt, headers_json=hj, expires=expires, reason=reason, origin=origin, error=error)
+    return Envelope(SPECVERSION, id, source, type, time=time, datacontenttype=JSON_TYPE, data=body, attempt=attempt,
+                    headers_json=hj, expires=expires, reason=reason, origin=origin, error=error)
+
+
+def replace(env: Envelope, **changes: Any) -> Envelope:
+    """A copy of ``env`` with ``changes``."""
+    return msgspec.structs.replace(env, **changes)
+
+
+def extensions(payload: bytes) -> dict[str, Any]:
+    """The CloudEvents attributes of an encoded envelope that mqprimer's schema does not know."""
     try:
-        out = orjson.dumps(doc)
-    except TypeError as exc:
+        doc = msgspec.json.decode(payload)
+    except Exception:
+        return {}
+    return {k: v for k, v in doc.items() if k not in _KNOWN} if isinstance(doc, dict) else {}
+
+
+def encode(env: Envelope, max_size: int = DEFAULT_MAX_SIZE, original: bytes | None = None) -> bytes:
+    """Serialise ``env``; raise :class:`MessageTooLarge` if the result exceeds ``max_size``.
+
+    ``original``: the bytes ``env`` was decoded from, whose foreign extension attributes
+    (e.g. ``traceparent``) are carried over; used when re-encoding for retry or dead letter.
+    """
+    try:
+        extra = extensions(original) if original is not None else None
+        if not extra:
+            out = _encoder.encode(env)
+        else:
+            doc = msgspec.to_builtins(env)
+            for k, v in extra.items():
+                doc.setdefault(k, v)
+            out = _plain_encoder.encode(doc)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"message body is not JSON-serialisable: {exc}") from None
     if len(out) > max_size:
         raise MessageTooLarge(
@@ -107,95 +158,24 @@ def encode(env: Envelope, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
 
 def decode(payload: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
     """Parse and validate one envelope. Every failure is an :class:`EnvelopeError`."""
-    try:
-        return _decode(payload, max_size)
-    except EnvelopeError:
-        raise
-    except Exception as exc:  # the decoder is total: nothing else may escape
-        raise EnvelopeError(f"not a valid envelope: {type(exc).__name__}") from None
-
-
-def _decode(payload: Any, max_size: int) -> Envelope:
     if not isinstance(payload, (bytes, bytearray, memoryview, str)):
         raise EnvelopeError(f"envelope must be bytes, not {type(payload).__name__}")
     if len(payload) > max_size:
         raise EnvelopeError(f"envelope of {len(payload):,} bytes is over the limit of {max_size:,}")
     try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise EnvelopeError(f"not JSON (or not UTF-8, or nested too deeply): {_short(exc)}") from None
-    if not isinstance(doc, dict):
-        raise EnvelopeError(f"envelope must be a JSON object, not {type(doc).__name__}")
-    spec = doc.get("specversion")
-    if spec != SPECVERSION:
-        raise EnvelopeError(f"unsupported CloudEvents specversion {_clip(spec)!r}; expected '1.0'")
-    mid = _req_str(doc, "id")
-    source = _req_str(doc, "source")
-    etype = _req_str(doc, "type")
-    ctype = _opt(doc, "datacontenttype", str)
-    has_data, has_b64 = "data" in doc, "data_base64" in doc
-    if has_data and has_b64:
-        raise EnvelopeError("envelope has both 'data' and 'data_base64'")
-    if has_b64:
-        b64 = doc["data_base64"]
-        if not isinstance(b64, str):
-            raise EnvelopeError("'data_base64' must be a string")
-        try:
-            body: Any = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise EnvelopeError("'data_base64' is not valid base64") from None
-    else:
-        body = doc.get("data")
-    attempt = doc.get("mqattempt", 1)
-    if type(attempt) is not int or attempt < 1:
-        raise EnvelopeError("'mqattempt' must be an integer >= 1")
-    headers: dict[str, str] = {}
-    raw_headers = doc.get("mqheaders")
-    if raw_headers is not None:
-        if not isinstance(raw_headers, str):
-            raise EnvelopeError("'mqheaders' must be a JSON string")
-        headers = orjson.loads(raw_headers)
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise EnvelopeError("'mqheaders' must encode an object of strings")
-    expires = doc.get("mqexpires")
-    if expires is not None and type(expires) is not int:
-        raise EnvelopeError("'mqexpires' must be an integer (epoch milliseconds)")
-    extensions = {} if _OWN.issuperset(doc) else {k: v for k, v in doc.items() if k not in _OWN}
-    return Envelope(
-        id=mid,
-        source=source,
-        type=etype,
-        body=body,
-        time=_opt(doc, "time", str),
-        headers=headers,
-        attempt=attempt,
-        expires=expires,
-        reason=_opt(doc, "mqreason", str),
-        origin=_opt(doc, "mqorigin", str),
-        error=_opt(doc, "mqerror", str),
-        datacontenttype=ctype,
-        extensions=extensions,
-    )
-
-
-def _req_str(doc: dict[str, Any], key: str) -> str:
-    value = doc.get(key)
-    if not isinstance(value, str) or not value:
-        raise EnvelopeError(f"required CloudEvents attribute {key!r} is missing or not a non-empty string")
-    return value
-
-
-def _opt(doc: dict[str, Any], key: str, kind: type) -> Any:
-    value = doc.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise EnvelopeError(f"attribute {key!r} must be a {kind.__name__}")
-    return value
-
-
-def _clip(value: Any) -> Any:
-    return value[:20] if isinstance(value, str) else type(value).__name__
+        return _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise EnvelopeError(f"not a valid CloudEvents 1.0 envelope: {_short(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise EnvelopeError(f"not JSON: {_short(exc)}") from None
+    except UnicodeDecodeError:
+        raise EnvelopeError("not UTF-8") from None
+    except RecursionError:
+        raise EnvelopeError("JSON nested too deeply") from None
+    except Exception as exc:  # the decoder is total: nothing else may escape
+        raise EnvelopeError(f"not a valid envelope: {type(exc).__name__}") from None
 
 
 def _short(exc: Exception) -> str:
-    # orjson's messages quote no input, but keep them short anyway.
-    return str(exc).split(":")[0][:80]
+    # msgspec's messages name the field and the expected type; they quote no payload data.
+    return str(exc)[:120]

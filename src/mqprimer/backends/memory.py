@@ -11,7 +11,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..backend import NATIVE, Backend, Capabilities, Delivery, Destination, Queue, Status, Subscription, Topic
@@ -58,7 +58,8 @@ class _Broker:
         self.cond = threading.Condition()
         self.queues: dict[str, _Q] = {}
         self.subs: dict[str, str] = {}  # subscription queue -> pattern
-        self.status: OrderedDict[str, Status] = OrderedDict()
+        self.status: dict[str, Status] = {}
+        self.settled: deque[str] = deque()  # settled ids, oldest first, for bounded forgetting
         self.seq = itertools.count()
 
     def q(self, name: str) -> _Q:
@@ -79,12 +80,13 @@ class _Broker:
             self.set_status(mid, Status.READY)
 
     def set_status(self, mid: str, st: Status) -> None:
-        s = self.status
-        s[mid] = st
-        if st in (Status.DONE, Status.DEAD):
-            s.move_to_end(mid)
-            if len(s) > _STATUS_KEEP:
-                s.popitem(last=False)
+        self.status[mid] = st
+        if st is Status.DONE or st is Status.DEAD:
+            self.settled.append(mid)
+            if len(self.settled) > _STATUS_KEEP:
+                old = self.settled.popleft()
+                if self.status.get(old) in (Status.DONE, Status.DEAD):
+                    del self.status[old]
 
 
 _brokers: dict[str, _Broker] = {}
