@@ -1,0 +1,189 @@
+"""The sqlite backend's subscription: reserve rows in batches, settle them one by one.
+
+Each subscription has its own sqlite connection (the portable layer may settle from a
+handler thread while a producer on the same Connection publishes) and a random owner
+token. Reserving sets ``owner`` and pushes ``available_at`` to now + visibility timeout,
+so a reservation lapses by itself when its process dies; every settle checks the owner
+token, so a process whose reservation lapsed cannot settle a message someone else holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+import time
+import uuid
+
+from ..backend import Delivery, Destination, Queue, Subscription, Topic
+from .sqlite import HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
+
+_MIN_NAP, _MAX_NAP = 0.005, 0.05  # adaptive poll interval: sqlite has no notifications
+_PRIVATE_LEASE_MIN = 60.0  # a private subscription lives this long without a receive() call
+
+_AVAILABLE = "queue = ? AND available_at <= ? AND (expires_at IS NULL OR expires_at > ?)"
+_PROBE = f"SELECT 1 FROM mq_messages WHERE {_AVAILABLE} LIMIT 1"
+_RESERVE = (
+    "UPDATE mq_messages SET owner = ?, available_at = ?, deliveries = deliveries + 1 WHERE seq IN "
+    f"(SELECT seq FROM mq_messages WHERE {_AVAILABLE} ORDER BY priority DESC, seq LIMIT ?) "
+    "RETURNING seq, payload, priority, deliveries"
+)
+_GIVE_BACK = (
+    "UPDATE mq_messages SET owner = NULL, available_at = ?, deliveries = max(deliveries - 1, 0) "
+    "WHERE seq = ? AND owner = ?"
+)
+
+
+class ReservationLost(Exception):
+    """The visibility timeout ran out before the message was settled; it may be delivered again."""
+
+
+class SqliteSubscription(Subscription):
+    def __init__(self, opts: Options, destination: Destination, prefetch: int, subscription: str | None) -> None:
+        self.opts = opts
+        self.destination = destination
+        self.prefetch = prefetch
+        self.token = uuid.uuid4().hex
+        self.private = isinstance(destination, Topic) and subscription is None
+        if isinstance(destination, Topic):
+            self.queue = subscription or f"_sub.{self.token[:16]}"
+        else:
+            self.queue = destination.name
+        self.retry_target = Queue(self.queue)
+        self.dead_target = Queue(f"{self.queue}.dead")
+        self.buffer: collections.deque[tuple[int, bytes, int, float]] = collections.deque()
+        self.unsettled: set[int] = set()
+        self.lease = max(_PRIVATE_LEASE_MIN, 4 * opts.visibility_timeout)
+        self.renew_at = 0.0
+        self.housekeep_at = time.time() + HOUSEKEEP_EVERY
+        self.db: sqlite3.Connection | None = connect_db(opts)
+        if isinstance(destination, Topic):
+            try:
+                self._register(time.time())
+            except BaseException:
+                self._close_db()
+                raise
+
+    def _register(self, now: float) -> None:
+        db = self._db()
+        lease = now + self.lease if self.private else None
+        db.execute(
+            "INSERT INTO mq_subscriptions (name, pattern, lease_until) VALUES (?, ?, ?) ON CONFLICT (name) "
+            "DO UPDATE SET pattern = excluded.pattern, lease_until = excluded.lease_until",
+            (self.queue, self.destination.name, lease),
+        )
+        self.renew_at = now + self.lease / 4
+
+    def _db(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise sqlite3.ProgrammingError("the sqlite subscription is closed")
+        return self.db
+
+    # -- receiving ------------------------------------------------------------------------
+    def receive(self, timeout: float | None) -> Delivery | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        nap = _MIN_NAP
+        while True:
+            delivery = self._next_buffered()
+            if delivery is not None:
+                return delivery
+            if self._reserve():
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            time.sleep(nap if left is None else min(nap, left))
+            nap = min(nap * 2, _MAX_NAP)
+
+    def _next_buffered(self) -> Delivery | None:
+        vt = self.opts.visibility_timeout
+        while self.buffer:
+            seq, payload, prior, reserved_at = self.buffer.popleft()
+            now = time.time()
+            if now - reserved_at > vt / 2:
+                # buffered too long: extend the reservation, or drop it if it already lapsed
+                cur = self._db().execute(
+                    "UPDATE mq_messages SET available_at = ? WHERE seq = ? AND owner = ?", (now + vt, seq, self.token)
+                )
+                if cur.rowcount != 1:
+                    continue
+            self.unsettled.add(seq)
+            return Delivery(payload, seq, extra_attempts=prior, broker_redelivered=prior > 0)
+        return None
+
+    def _reserve(self) -> bool:
+        """Reserve a batch into the buffer; False if nothing is available."""
+        db = self._db()
+        now = time.time()
+        self._chores(now)
+        if db.execute(_PROBE, (self.queue, now, now)).fetchone() is None:
+            return False
+        n = max(1, self.prefetch - len(self.unsettled))
+        rows = db.execute(
+            _RESERVE, (self.token, now + self.opts.visibility_timeout, self.queue, now, now, n)
+        ).fetchall()
+        # RETURNING has no defined order
+        rows.sort(key=lambda r: (-r[2], r[0]))
+        self.buffer.extend((seq, payload, deliveries - 1, now) for seq, payload, _, deliveries in rows)
+        return bool(rows)
+
+    def _chores(self, now: float) -> None:
+        if self.private and now >= self.renew_at:
+            self._register(now)  # renews the lease; recreates the subscription if it was reaped
+        if now >= self.housekeep_at:
+            self.housekeep_at = now + HOUSEKEEP_EVERY
+            housekeep(self._db(), self.opts)
+
+    # -- settling -------------------------------------------------------------------------
+    def _settled(self, d: Delivery, cur: sqlite3.Cursor, what: str) -> None:
+        self.unsettled.discard(d.tag)
+        if cur.rowcount != 1:
+            raise ReservationLost(
+                f"cannot {what}: the reservation ran out (visibility_timeout={self.opts.visibility_timeout:g}s) "
+                "and the message was given to another consumer or settled already"
+            )
+
+    def ack(self, delivery: Delivery) -> None:
+        # the mq_remember_acked trigger records the id for status(): one statement, one commit
+        cur = self._db().execute("DELETE FROM mq_messages WHERE seq = ? AND owner = ?", (delivery.tag, self.token))
+        self._settled(delivery, cur, "ack")
+
+    def requeue(self, delivery: Delivery) -> None:
+        cur = self._db().execute(_GIVE_BACK, (time.time(), delivery.tag, self.token))
+        self._settled(delivery, cur, "requeue")
+
+    def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        cur = self._db().execute(
+            "UPDATE mq_messages SET payload = ?, owner = NULL, available_at = ?, deliveries = 0 "
+            "WHERE seq = ? AND owner = ?",
+            (payload, time.time() + delay, delivery.tag, self.token),
+        )
+        self._settled(delivery, cur, "retry")
+
+    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        cur = self._db().execute(
+            "UPDATE mq_messages SET queue = ?, payload = ?, owner = NULL, available_at = ?, priority = 0, "
+            "expires_at = NULL, deliveries = 0, dead = 1 WHERE seq = ? AND owner = ?",
+            (self.dead_target.name, payload, time.time(), delivery.tag, self.token),
+        )
+        self._settled(delivery, cur, "dead-letter")
+
+    def close(self) -> None:
+        db = self.db
+        if db is None:
+            return
+        try:
+            seqs = list(self.unsettled) + [b[0] for b in self.buffer]
+            self.unsettled.clear()
+            self.buffer.clear()
+            with Txn(db):
+                now = time.time()
+                db.executemany(_GIVE_BACK, [(now, seq, self.token) for seq in seqs])
+                if self.private:
+                    drop_queue(db, self.queue)
+        finally:
+            self._close_db()
+
+    def _close_db(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            db.close()

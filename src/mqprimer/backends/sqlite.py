@@ -1,0 +1,338 @@
+"""``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``: a persistent queue in one file.
+
+Several producer and worker processes can share one file (WAL journal, ``busy_timeout``).
+Delivery is at-least-once: a consumer reserves rows for ``visibility_timeout`` seconds; a
+message neither settled nor given back by then (its process died) is delivered again,
+with the lost delivery counted in ``message.attempt``.
+
+URL options: ``visibility_timeout`` (seconds, default 30), ``synchronous`` (``normal``,
+the default: survives process crashes, may lose the last commits on an OS crash or power
+loss; ``full``: fsync on every commit, survives those too, much slower), ``busy_timeout``
+(seconds to wait for another process's write lock, default 5), ``status_keep`` (how many
+settled message ids :meth:`status` remembers as DONE, default 100000).
+
+The schema, the ordering rules and the housekeeping are described in docs/backend-sqlite.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..backend import NATIVE, Backend, Capabilities, Destination, Outgoing, Status, Subscription, Topic
+from ..errors import ConfigurationError
+from ..topics import matches
+from ..url import URL
+
+SCHEMA_VERSION = "1"
+CAPABILITIES = Capabilities(
+    name="sqlite",
+    topic=NATIVE,
+    patterns=NATIVE,
+    priority=NATIVE,
+    delay=NATIVE,
+    ttl=NATIVE,
+    retry=NATIVE,
+    dead_letter=NATIVE,
+    status=NATIVE,
+    confirmed_send=True,
+    persistent=True,
+    guarantee="at-least-once",
+    notes=(
+        "one file shared by processes on one host (WAL); a message reserved by a process that dies is "
+        "redelivered after visibility_timeout (default 30 s); synchronous=normal (default) survives process "
+        "crashes but may lose the last commits on an OS crash or power loss, synchronous=full survives those"
+    ),
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mq_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    mid TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    available_at REAL NOT NULL,
+    expires_at REAL,
+    owner TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS mq_messages_next ON mq_messages (queue, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS mq_messages_mid ON mq_messages (mid);
+CREATE INDEX IF NOT EXISTS mq_messages_expires ON mq_messages (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS mq_settled (id INTEGER PRIMARY KEY AUTOINCREMENT, mid TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS mq_settled_mid ON mq_settled (mid);
+CREATE TRIGGER IF NOT EXISTS mq_remember_acked AFTER DELETE ON mq_messages WHEN old.owner IS NOT NULL
+BEGIN INSERT INTO mq_settled (mid) VALUES (old.mid); END;
+CREATE TABLE IF NOT EXISTS mq_subscriptions (
+    name TEXT PRIMARY KEY,
+    pattern TEXT NOT NULL,
+    lease_until REAL
+);
+"""
+_INSERT = (
+    "INSERT INTO mq_messages (queue, mid, payload, priority, available_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+HOUSEKEEP_EVERY = 10.0  # seconds between housekeeping passes of one connection
+# several rows can share an id (a topic message in several subscriptions): report the most active one
+_RANK = {Status.RESERVED: 5, Status.READY: 4, Status.DELAYED: 3, Status.DEAD: 2, Status.DONE: 1, Status.UNKNOWN: 0}
+_SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
+
+
+class Options:
+    """The URL's path and query, validated."""
+
+    __slots__ = ("path", "visibility_timeout", "synchronous", "busy_timeout", "status_keep")
+
+    def __init__(self, url: URL) -> None:
+        if url.hosts:
+            raise ConfigurationError(
+                f"{url}: a sqlite URL has no host; use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        path = url.path[1:] if url.path.startswith("/") else url.path
+        if not path or path.endswith("/") or path == ":memory:":
+            raise ConfigurationError(
+                f"{url}: give a database file, e.g. sqlite:///relative/path.db or sqlite:////absolute/path.db "
+                "(an in-memory sqlite database cannot be shared; use memory:// for that)"
+            )
+        self.path = path
+        self.visibility_timeout = _number(url, "visibility_timeout", 30.0, 0.05)
+        self.busy_timeout = _number(url, "busy_timeout", 5.0, 0.0)
+        self.status_keep = int(_number(url, "status_keep", 100_000, 0))
+        sync = (url.param("synchronous") or "normal").lower()
+        if sync not in _SYNC_MODES:
+            raise ConfigurationError(f"{url}: synchronous must be 'normal' or 'full', got {sync!r}")
+        self.synchronous = _SYNC_MODES[sync]
+
+
+def _number(url: URL, key: str, default: float, minimum: float) -> float:
+    text = url.param(key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:
+        raise ConfigurationError(f"{url}: {key} must be a number >= {minimum:g}, got {text!r}")
+    return value
+
+
+def connect_db(opts: Options) -> sqlite3.Connection:
+    """Open the file (creating directories and schema), in WAL mode, autocommit."""
+    parent = os.path.dirname(opts.path)
+    if parent and not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            why = "a part of it is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+            raise sqlite3.OperationalError(
+                f"unable to open database file {opts.path!r}: cannot create its directory ({why})"
+            ) from None
+    # timeout= is sqlite's busy timeout: waits for other processes' locks, from the first PRAGMA on
+    try:
+        db = sqlite3.connect(
+            opts.path, timeout=opts.busy_timeout, isolation_level=None, check_same_thread=False, cached_statements=64
+        )
+    except sqlite3.OperationalError as exc:
+        raise _open_error(exc, opts.path) from None
+    try:
+        try:
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            raise _open_error(exc, opts.path) from None
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot switch {opts.path} to WAL mode (got {mode})")
+        db.execute(f"PRAGMA synchronous = {opts.synchronous}")
+        version = _schema_version(db)
+        if version is None:
+            db.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA.split(";\n"):  # the trigger's inner ";" is not followed by a newline
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute("INSERT OR IGNORE INTO mq_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+            version = _schema_version(db)
+        if version != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{opts.path} holds mqprimer sqlite schema {version!r}, this version needs {SCHEMA_VERSION!r}"
+            )
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _open_error(exc: sqlite3.OperationalError, path: str) -> sqlite3.OperationalError:
+    """sqlite's "unable to open database file" names neither the file nor the cause."""
+    if "unable to open" not in str(exc):
+        return exc
+    why = "it is a directory" if os.path.isdir(path) else "check that it and its directory are writable"
+    return sqlite3.OperationalError(f"unable to open database file {path!r}: {why}")
+
+
+def _schema_version(db: sqlite3.Connection) -> str | None:
+    try:
+        row = db.execute("SELECT value FROM mq_meta WHERE key = 'schema'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    return None if row is None else str(row[0])
+
+
+class SqliteBackend(Backend):
+    capabilities = CAPABILITIES
+    # OperationalError: cannot open / locked / disk I/O; OSError: cannot create the directory.
+    connection_errors: ClassVar[tuple[type[BaseException], ...]] = (sqlite3.OperationalError, OSError)
+    url_params = frozenset({"visibility_timeout", "synchronous", "busy_timeout", "status_keep"})
+
+    db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.opts = Options(self.url)
+        self.db = connect_db(self.opts)
+        self._next_housekeeping = 0.0
+        self._housekeep()
+
+    def close(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            db.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise sqlite3.ProgrammingError("the sqlite backend is closed")
+        return self.db
+
+    # -- sending --------------------------------------------------------------------------
+    def publish(
+        self,
+        destination: Destination,
+        payload: bytes,
+        *,
+        message_id: str,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        db = self._conn()
+        now = time.time()
+        available = now + (delay or 0.0)
+        expires = available + ttl if ttl else None
+        if isinstance(destination, Topic):
+            with Txn(db):
+                for name in self._targets(db, destination.name, now):
+                    db.execute(_INSERT, (name, message_id, payload, priority or 0, available, expires))
+        else:
+            db.execute(_INSERT, (destination.name, message_id, payload, priority or 0, available, expires))
+        self._maybe_housekeep(now)
+
+    def publish_many(self, items: Sequence[Outgoing]) -> None:
+        db = self._conn()
+        now = time.time()
+        with Txn(db):
+            for it in items:
+                available = now + (it.delay or 0.0)
+                row = (it.message_id, it.payload, it.priority or 0, available, available + it.ttl if it.ttl else None)
+                if isinstance(it.destination, Topic):
+                    for name in self._targets(db, it.destination.name, now):
+                        db.execute(_INSERT, (name, *row))
+                else:
+                    db.execute(_INSERT, (it.destination.name, *row))
+        self._maybe_housekeep(now)
+
+    @staticmethod
+    def _targets(db: sqlite3.Connection, topic: str, now: float) -> list[str]:
+        rows = db.execute(
+            "SELECT name, pattern FROM mq_subscriptions WHERE lease_until IS NULL OR lease_until >= ?", (now,)
+        ).fetchall()
+        return [name for name, pattern in rows if matches(pattern, topic)]
+
+    # -- receiving ------------------------------------------------------------------------
+    def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
+        from ._sqlite_sub import SqliteSubscription
+
+        return SqliteSubscription(self.opts, destination, prefetch, subscription)
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self, message_id: str) -> Status:
+        db = self._conn()
+        now = time.time()
+        best = Status.UNKNOWN
+        with Txn(db, write=False):
+            rows = db.execute(
+                "SELECT available_at, expires_at, owner, dead FROM mq_messages WHERE mid = ?", (message_id,)
+            ).fetchall()
+            done = db.execute("SELECT 1 FROM mq_settled WHERE mid = ? LIMIT 1", (message_id,)).fetchone()
+        for available_at, expires_at, owner, dead in rows:
+            if dead:
+                st = Status.DEAD
+            elif expires_at is not None and expires_at <= now:
+                continue
+            elif available_at > now:
+                st = Status.RESERVED if owner is not None else Status.DELAYED
+            else:
+                st = Status.READY
+            if _RANK[st] > _RANK[best]:
+                best = st
+        if best is Status.UNKNOWN and done is not None:
+            best = Status.DONE
+        return best
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def _maybe_housekeep(self, now: float) -> None:
+        if now >= self._next_housekeeping:
+            self._housekeep()
+
+    def _housekeep(self) -> None:
+        self._next_housekeeping = time.time() + HOUSEKEEP_EVERY
+        housekeep(self._conn(), self.opts)
+
+
+def housekeep(db: sqlite3.Connection, opts: Options) -> None:
+    """Bounded cleanup any process may do: expired rows, old settled ids, abandoned private subscriptions."""
+    now = time.time()
+    expired = "SELECT seq FROM mq_messages WHERE expires_at <= ? AND available_at <= ? AND dead = 0 LIMIT 10000"
+    with Txn(db):
+        # owner = NULL first: deleting an owned row means "acked" to the mq_remember_acked trigger
+        db.execute(f"UPDATE mq_messages SET owner = NULL WHERE owner IS NOT NULL AND seq IN ({expired})", (now, now))
+        db.execute(f"DELETE FROM mq_messages WHERE seq IN ({expired})", (now, now))
+        db.execute("DELETE FROM mq_settled WHERE id <= (SELECT max(id) FROM mq_settled) - ?", (opts.status_keep,))
+        for (name,) in db.execute("SELECT name FROM mq_subscriptions WHERE lease_until < ?", (now,)).fetchall():
+            drop_queue(db, name)
+
+
+def drop_queue(db: sqlite3.Connection, name: str) -> None:
+    """Remove a private subscription and its messages (inside a transaction)."""
+    db.execute("DELETE FROM mq_subscriptions WHERE name = ?", (name,))
+    db.execute("UPDATE mq_messages SET owner = NULL WHERE queue = ? AND owner IS NOT NULL", (name,))
+    db.execute("DELETE FROM mq_messages WHERE queue = ?", (name,))
+
+
+class Txn:
+    """``BEGIN IMMEDIATE`` (write lock taken up front, so the busy timeout applies) ... ``COMMIT``."""
+
+    __slots__ = ("db", "begin")
+
+    def __init__(self, db: sqlite3.Connection, write: bool = True) -> None:
+        self.db = db
+        self.begin = "BEGIN IMMEDIATE" if write else "BEGIN"
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute(self.begin)
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
