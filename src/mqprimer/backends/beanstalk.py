@@ -1,0 +1,412 @@
+"""``beanstalk://host[:port][,host2[:port2]...][?ttr=SECONDS]``: beanstalkd via greenstalk.
+
+Queue-only (a tube per queue). How mqprimer maps onto beanstalkd (docs/backend-beanstalk.md):
+
+- priority: mqprimer ``p`` (0 lowest .. 9 most urgent) is beanstalkd ``1024 + 9 - p``
+  (9 -> 1024, beanstalkd's customary default; 0 and no priority -> 1033).
+- delay: native ``put``/retry delay, rounded *up* to whole seconds (never early).
+- ack = ``delete``. retry = a delayed ``put`` of the rewritten job (attempt + 1) at the
+  job's own priority and TTR, then ``delete`` of the original: ``release`` cannot change
+  the body, and reading beanstalkd's ``reserves`` would cost a ``stats-job`` round trip
+  on every delivery (it halves throughput). A crash between the two gives a duplicate.
+- dead letter = ``bury``: the rewritten job (with reason and origin) is put in tube
+  ``<queue>.dead``, reserved by id and buried there, then the original is deleted. Every
+  job in ``<queue>.dead``, buried or (after a crash mid-way) ready, is a dead letter, so
+  no step can lose a message or leak one back into the queue. A copy too large for the
+  server is not made: the original is buried in place and listed too.
+- TTR (``?ttr=``, default 60 s) is a lease; the TTL (expiry) is the portable check on receive.
+- status: ``stats-job`` on the job id recorded when this process sent the message.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import ClassVar
+
+import greenstalk
+
+from ..backend import (
+    NATIVE,
+    UNSUPPORTED,
+    Backend,
+    Capabilities,
+    DeadLetterStore,
+    Delivery,
+    Destination,
+    Queue,
+    Status,
+    Subscription,
+    Topic,
+)
+from ..errors import ConfigurationError, EnvelopeError, MessageTooLarge, UnsupportedError
+from ..url import URL
+
+DEFAULT_PORT = 11300
+DEFAULT_TTR = 60
+_PRI_BASE = 1024
+_CONNECT_TIMEOUT = 5.0
+_IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error; reserves wait at most 10 s
+_POLL_MAX = 0.02  # longest pause between polls inside a sub-second receive
+_STATUS_KEEP = 50_000
+
+CAPABILITIES = Capabilities(
+    name="beanstalk",
+    topic=UNSUPPORTED,
+    priority=NATIVE,
+    delay=NATIVE,
+    retry=NATIVE,
+    dead_letter=NATIVE,
+    status=NATIVE,
+    confirmed_send=True,
+    persistent=True,
+    guarantee="at-least-once",
+    max_message_size=65_535,
+    size_limit_hint="start beanstalkd with -z BYTES to raise its 65,535-byte default job size",
+    notes="persistent only with a binlog (beanstalkd -b DIR); delays in whole seconds; "
+    "status for messages sent by this process",
+)
+
+Key = tuple[str, int, int]  # (host, port, job id)
+
+
+class _StatusMap:
+    """Message id <-> job id for messages this process sent (bounded, oldest forgotten)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_id: OrderedDict[str, Key] = OrderedDict()
+        self.by_job: dict[Key, str] = {}
+
+    def put(self, mid: str, key: Key) -> None:
+        with self.lock:
+            old = self.by_id.pop(mid, None)
+            if old is not None:
+                self.by_job.pop(old, None)
+            self.by_id[mid] = key
+            self.by_job[key] = mid
+            if len(self.by_id) > _STATUS_KEEP:
+                _, gone = self.by_id.popitem(last=False)
+                self.by_job.pop(gone, None)
+
+    def moved(self, old: Key, new: Key) -> None:
+        with self.lock:
+            mid = self.by_job.pop(old, None)
+            if mid is not None:
+                self.by_id[mid] = new
+                self.by_job[new] = mid
+
+    def get(self, mid: str) -> Key | None:
+        with self.lock:
+            return self.by_id.get(mid)
+
+
+_status_map = _StatusMap()
+
+
+def _pri(priority: int | None) -> int:
+    return _PRI_BASE + 9 - (priority or 0)
+
+
+def _secs(delay: float | None) -> int:
+    return math.ceil(delay) if delay and delay > 0 else 0
+
+
+def _tube(dest: Destination) -> str:
+    if isinstance(dest, Topic):
+        raise UnsupportedError("the beanstalk backend does not support publish-subscribe (Topic destinations)")
+    return dest.name
+
+
+def _connect(host: str, port: int, use: str | None = None, watch: str | None = None) -> "greenstalk.Client[bytes]":
+    sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
+    try:
+        sock.settimeout(_IO_TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return greenstalk.Client(sock, encoding=None, use=use or "default", watch=watch or "default")
+    except BaseException:
+        sock.close()
+        raise
+
+
+class BeanstalkBackend(Backend):
+    capabilities = CAPABILITIES
+    # greenstalk raises ConnectionError('Unexpected EOF') (an OSError) on a lost server, and
+    # asserts on a reply cut mid-line
+    connection_errors = (OSError, AssertionError)
+    url_params: ClassVar[frozenset[str]] = frozenset({"ttr"})
+
+    def __init__(self, url: URL) -> None:
+        super().__init__(url)
+        if len(url.hosts) > 1:  # connect() splits host lists into one endpoint per host
+            raise ConfigurationError(f"{url}: one backend serves one host; use mqprimer.connect() for a host list")
+        self.host = url.host or "127.0.0.1"
+        self.port = url.port or DEFAULT_PORT
+        ttr = url.param("ttr", str(DEFAULT_TTR)) or ""
+        if not ttr.isdigit() or not 1 <= int(ttr) <= 2**32 - 1:
+            raise ConfigurationError(f"{url}: ttr must be a whole number of seconds >= 1, got {ttr!r}")
+        self.ttr = int(ttr)
+        self.client: greenstalk.Client[bytes] | None = None
+        self.used = "default"
+
+    def open(self) -> None:
+        self.client = _connect(self.host, self.port)
+        limit = int(self.client.stats()["max-job-size"])
+        if limit != CAPABILITIES.max_message_size:
+            hint = f"this server was started with -z {limit}; {CAPABILITIES.size_limit_hint}"
+            self.capabilities = replace(CAPABILITIES, max_message_size=limit, size_limit_hint=hint)
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                client.close()
+            except OSError:
+                pass
+
+    def _client(self) -> "greenstalk.Client[bytes]":
+        if self.client is None:
+            raise ConnectionError("not connected")
+        return self.client
+
+    def publish(
+        self, destination: Destination, payload: bytes, *, message_id: str,
+        priority: int | None = None, delay: float | None = None, ttl: float | None = None,
+    ) -> None:
+        # ttl is the envelope's expiry, checked on receive; it is never the TTR (a lease)
+        c = self._client()
+        tube = _tube(destination)
+        if tube != self.used:
+            c.use(tube)
+            self.used = tube
+        job = c.put(payload, _pri(priority), _secs(delay), self.ttr)
+        _status_map.put(message_id, (self.host, self.port, job))
+
+    def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
+        tube = _tube(destination)
+        return _BeanstalkSub(self, tube, _connect(self.host, self.port, use=tube, watch=tube))
+
+    def status(self, message_id: str) -> Status:
+        key = _status_map.get(message_id)
+        if key is None or key[:2] != (self.host, self.port):
+            return Status.UNKNOWN
+        try:
+            st = self._client().stats_job(key[2])
+        except greenstalk.NotFoundError:
+            return Status.UNKNOWN  # deleted: acked, dropped as expired, or purged
+        if st["state"] == "buried" or st["tube"].endswith(".dead"):
+            return Status.DEAD
+        return {"ready": Status.READY, "delayed": Status.DELAYED, "reserved": Status.RESERVED}.get(
+            st["state"], Status.UNKNOWN
+        )
+
+    def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
+        return _BuriedStore(self.host, self.port, queue)
+
+
+class _BeanstalkSub(Subscription):
+    """A tube on its own connection: reserved jobs belong to the connection that reserved them."""
+
+    def __init__(self, backend: BeanstalkBackend, tube: str, client: "greenstalk.Client[bytes]") -> None:
+        self.destination = Queue(tube)
+        self.retry_target = Queue(tube)
+        self.dead_target = Queue(f"{tube}.dead")
+        self.tube = tube
+        self.c = client
+        self.used = tube
+        self.host, self.port, self.ttr = backend.host, backend.port, backend.ttr
+        self.max_size = backend.capabilities.max_message_size or CAPABILITIES.max_message_size or 0
+
+    def receive(self, timeout: float | None) -> Delivery | None:
+        reserve = self.c.reserve
+        try:  # the hot path: one round trip when a job is ready
+            job = reserve(0)
+            return Delivery(job.body, job)
+        except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
+            pass  # DEADLINE_SOON: a job we hold is about to time out; nothing new for now
+        # reserve-with-timeout counts whole seconds, and a reserve left pending would hold up
+        # every delete and bury on this connection until it returns; so whole seconds are
+        # waited in one reserve and a fraction is polled with a short, growing pause
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            left = 10.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if left >= 1:
+                wait = min(int(left), 10)
+            else:
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, _POLL_MAX)
+                wait = 0
+            try:
+                job = reserve(wait)
+                return Delivery(job.body, job)
+            except greenstalk.TimedOutError:
+                pass
+            except greenstalk.DeadlineSoonError:
+                if wait:
+                    time.sleep(min(_POLL_MAX, left))
+
+    def ack(self, delivery: Delivery) -> None:
+        self.c.delete(delivery.tag)
+
+    def _stats(self, job: "greenstalk.Job[bytes]") -> tuple[int, int]:
+        st = self.c.stats_job(job)
+        return int(st["pri"]), int(st["ttr"])
+
+    def requeue(self, delivery: Delivery) -> None:
+        pri, _ = self._stats(delivery.tag)
+        self.c.release(delivery.tag, pri, 0)
+
+    def _put(self, tube: str, payload: bytes, pri: int, delay: int, ttr: int) -> int:
+        if tube != self.used:
+            self.c.use(tube)
+            self.used = tube
+        return self.c.put(payload, pri, delay, ttr)
+
+    def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        job = delivery.tag
+        pri, ttr = self._stats(job)
+        if len(payload) > self.max_size:  # the message stays pending: dead_letter() still works
+            raise MessageTooLarge(
+                f"the retried message is {len(payload):,} bytes with its attempt and error, over the "
+                f"beanstalkd server's job size limit of {self.max_size:,} bytes"
+            )
+        new = self._put(self.tube, payload, pri, _secs(delay), ttr)
+        self.c.delete(job)
+        _status_map.moved((self.host, self.port, job.id), (self.host, self.port, new))
+
+    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        job = delivery.tag
+        pri, ttr = self._stats(job)
+        if len(payload) > self.max_size:
+            self.c.bury(job, pri)  # buried in place, without the reason (see the module doc)
+            return
+        new = self._put(self.dead_target.name, payload, pri, 0, ttr)
+        self.c.bury(self.c.reserve_job(new), pri)
+        self.c.delete(job)
+        _status_map.moved((self.host, self.port, job.id), (self.host, self.port, new))
+
+    def close(self) -> None:
+        try:
+            self.c.close()  # beanstalkd returns this connection's reserved jobs to ready at once
+        except OSError:
+            pass
+
+
+class _BuriedStore(DeadLetterStore):
+    """Dead letters of ``queue``: every job in ``<queue>.dead`` and buried jobs in ``<queue>``.
+
+    beanstalkd shows only the oldest buried job of a tube (``peek-buried``), so listing
+    rotates the buried list once (reserve the head by id, bury it again at the tail) which
+    leaves its order as it was. Each operation uses a connection of its own.
+    """
+
+    def __init__(self, host: str, port: int, queue: str) -> None:
+        self.host, self.port, self.queue = host, port, queue
+        self.tubes = (f"{queue}.dead", queue)
+
+    def _run(self, fn: Callable[["greenstalk.Client[bytes]"], int]) -> int:
+        c = _connect(self.host, self.port, watch=self.tubes[0])
+        try:
+            _bury_ready(c)
+            return fn(c)
+        finally:
+            c.close()
+
+    def list(self, limit: int) -> list[bytes]:
+        out: list[bytes] = []
+
+        def run(c: "greenstalk.Client[bytes]") -> int:
+            for tube in self.tubes:
+                c.use(tube)
+                for job in _rotate(c, tube):
+                    if len(out) < limit:
+                        out.append(job.body)
+            return len(out)
+
+        self._run(run)
+        return out
+
+    def replay(self, limit: int | None) -> int:
+        from ..envelope import decode, encode  # replay resets attempt, reason, origin
+
+        def run(c: "greenstalk.Client[bytes]") -> int:
+            n = 0
+            for tube in self.tubes:
+                while limit is None or n < limit:
+                    c.use(tube)
+                    try:
+                        job = c.peek_buried()
+                    except greenstalk.NotFoundError:
+                        break
+                    st = c.stats_job(job)
+                    job = c.reserve_job(job.id)  # ours now: a crash puts it back to ready in its tube
+                    body = job.body
+                    try:
+                        env = decode(body, max(len(body), 1))
+                        env.attempt, env.reason, env.origin = 1, None, None
+                        body = encode(env, 1 << 62)
+                    except EnvelopeError:
+                        pass  # not ours: replayed as it is
+                    c.use(self.queue)
+                    c.put(body, int(st["pri"]), 0, int(st["ttr"]))
+                    c.delete(job)
+                    n += 1
+            return n
+
+        return self._run(run)
+
+    def purge(self) -> int:
+        def run(c: "greenstalk.Client[bytes]") -> int:
+            n = 0
+            for tube in self.tubes:
+                c.use(tube)
+                while True:
+                    try:
+                        c.delete(c.peek_buried())
+                    except greenstalk.NotFoundError:
+                        break
+                    n += 1
+            return n
+
+        return self._run(run)
+
+
+def _bury_ready(c: "greenstalk.Client[bytes]") -> None:
+    """Bury the ready jobs of the watched dead-letter tube (left ready by a crash mid-way)."""
+    while True:
+        try:
+            job = c.reserve(0)
+        except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
+            return
+        c.bury(job, int(c.stats_job(job)["pri"]))
+
+
+def _rotate(c: "greenstalk.Client[bytes]", tube: str) -> list["greenstalk.Job[bytes]"]:
+    """Every buried job of the used tube, oldest first; the buried list ends in its old order."""
+    try:
+        count = int(c.stats_tube(tube)["current-jobs-buried"])
+    except greenstalk.NotFoundError:
+        return []  # the tube does not exist (yet)
+    jobs: list[greenstalk.Job[bytes]] = []
+    for _ in range(count):
+        try:
+            head = c.peek_buried()
+        except greenstalk.NotFoundError:
+            break
+        if jobs and head.id == jobs[0].id:
+            break  # a full turn (another client removed some meanwhile)
+        pri = int(c.stats_job(head)["pri"])
+        try:
+            c.bury(c.reserve_job(head.id), pri)
+        except greenstalk.NotFoundError:
+            continue  # deleted or kicked by someone else meanwhile
+        jobs.append(head)
+    return jobs
