@@ -1,0 +1,346 @@
+"""``stomp://`` and ``stomp+ssl://``: STOMP 1.2 through stomp.py, on RabbitMQ or ActiveMQ.
+
+``stomp://user:pass@host:61613/[vhost]?flavour=auto|rabbitmq|activemq&heartbeat=4``
+``stomp+ssl://user:pass@host:61614/?cafile=ca.pem&certfile=c.pem&keyfile=c.key&verify=true``
+
+One backend, two brokers that behave differently; the flavour comes from the CONNECTED
+frame's ``server`` header (or ``flavour=``) and picks the capability record and the
+headers below. What mqprimer does about each difference:
+
+- queues are ``/queue/NAME``, topics ``/topic/NAME``. RabbitMQ matches AMQP patterns
+  (``*``, ``#``) itself; on ActiveMQ ``*`` stays ``*``, a final ``#`` becomes ``>``, and a
+  ``#`` elsewhere subscribes to the widest ActiveMQ wildcard that covers it and drops the
+  copies that do not match the exact pattern (they are this subscription's own copies).
+- every SEND carries ``persistent:true`` and a ``receipt``: ``publish`` returns when the
+  broker has the message; ``publish_many`` sends the whole batch, then waits for all.
+- retry and dead letters are emulated the same way on both (publish a copy, then ACK):
+  NACK requeues for ever on RabbitMQ and goes to ``ActiveMQ.DLQ`` on ActiveMQ, so it is
+  never used for either.
+- delay: ActiveMQ's scheduler (``AMQ_SCHEDULED_DELAY``); on RabbitMQ a per-delay TTL queue
+  ``mqprimer.delay.<ms>.<queue>`` that dead-letters back into the queue.
+- priority: ``priority`` header; RabbitMQ needs the queue declared with ``x-max-priority``,
+  so every ``/queue/`` frame carries the same arguments (RabbitMQ refuses a queue touched
+  with different ones). TTL: ``expiration`` (relative ms) vs ``expires`` (absolute ms).
+- a topic subscription also listens on a queue of its own (the subscription name, or
+  ``mqprimer.sub.<random>``) that receives its retries; its dead letters go to
+  ``<that queue>.dead``.
+- each subscription has its own STOMP connection, so closing it (DISCONNECT) makes both
+  brokers give every unacked message back, and an ActiveMQ durable subscription gets the
+  stable ``client-id`` it needs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from stomp.exception import StompException
+
+from ..backend import (
+    EMULATED,
+    NATIVE,
+    UNSUPPORTED,
+    Backend,
+    Capabilities,
+    Delivery,
+    Destination,
+    Outgoing,
+    Queue,
+    Subscription,
+    Topic,
+)
+from ..errors import ConfigurationError, UnsupportedError
+from ..topics import matches
+from ._stomp_link import ConnectionLost, Link, StompAuthError, StompBrokerError
+
+_COMMON = dict(
+    topic=NATIVE, retry=EMULATED, dead_letter=EMULATED, status=UNSUPPORTED,
+    confirmed_send=True, guarantee="at-least-once",
+)
+CAPABILITIES_RABBITMQ = Capabilities(
+    name="stomp-rabbitmq", patterns=NATIVE, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,
+    notes="RabbitMQ STOMP plugin: AMQP topic patterns, x-max-priority queues, delay by TTL queues that "
+    "dead-letter back; retry and dead letters (<queue>.dead) by republish then ACK",
+    **_COMMON,  # type: ignore[arg-type]
+)
+CAPABILITIES_ACTIVEMQ = Capabilities(
+    name="stomp-activemq", patterns=EMULATED, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,
+    notes="ActiveMQ 5.x: needs schedulerSupport (delay) and prioritizedMessages (priority); '#' other than "
+    "last is matched by filtering a wider '>' subscription; retry and dead letters (<queue>.dead) by "
+    "republish then ACK, never NACK (it sends to ActiveMQ.DLQ)",
+    **_COMMON,  # type: ignore[arg-type]
+)
+#: any other STOMP broker: only what STOMP itself guarantees
+CAPABILITIES = Capabilities(
+    name="stomp", patterns=UNSUPPORTED, priority=UNSUPPORTED, delay=UNSUPPORTED, ttl=EMULATED, persistent=False,
+    notes="generic STOMP 1.2 broker (flavour not recognised): queues, topics, receipts",
+    **_COMMON,  # type: ignore[arg-type]
+)
+FLAVOURS = {"rabbitmq": CAPABILITIES_RABBITMQ, "activemq": CAPABILITIES_ACTIVEMQ, "generic": CAPABILITIES}
+
+_MAX_PRIORITY = "9"
+_DELAY_PREFIX = "mqprimer.delay."
+_SUB_PREFIX = "mqprimer.sub."
+_DELAY_QUEUE_IDLE_MS = 60_000  # RabbitMQ deletes an unused delay queue after this
+_PRIVATE_QUEUE_IDLE_MS = 600_000  # ... and an abandoned private topic-retry queue after this
+
+
+class StompBackend(Backend):
+    capabilities = CAPABILITIES
+    connection_errors = (StompException, OSError)
+    auth_errors = (StompAuthError,)
+    url_params = frozenset({"flavour", "heartbeat", "vhost", "cafile", "certfile", "keyfile", "verify"})
+
+    def __init__(self, url: Any) -> None:
+        super().__init__(url)
+        self.flavour = "generic"
+        self.link: Link | None = None
+        self.links: set[Link] = set()
+        self.declared: set[str] = set()  # RabbitMQ queues known to exist (delayed sends need them)
+
+    # -- connections -----------------------------------------------------------------
+    def new_link(self, client_id: str | None = None) -> Link:
+        u = self.url
+        tls = u.scheme == "stomp+ssl"
+        p = u.params
+        ssl: dict[str, Any] | None = None
+        if tls:
+            verify = p.get("verify", "true").lower() not in ("0", "false", "no")
+            ssl = {"ca_certs": p.get("cafile"), "cert_file": p.get("certfile"), "key_file": p.get("keyfile"),
+                   "verify": verify}
+        try:
+            heartbeat_ms = int(float(p.get("heartbeat", "4")) * 1000)
+        except ValueError:
+            raise ConfigurationError(f"{u}: heartbeat must be a number of seconds") from None
+        vhost = p.get("vhost") or (u.path.lstrip("/") or "/")
+        extra = {"client-id": client_id} if client_id else None
+        link = Link(u.host or "127.0.0.1", u.port or (61614 if tls else 61613), login=u.username,
+                    passcode=u.password, vhost=vhost, heartbeat_ms=heartbeat_ms, ssl=ssl,
+                    extra_connect_headers=extra)
+        self.links.add(link)
+        try:
+            link.open()
+        except BaseException:
+            self.drop(link)
+            raise
+        return link
+
+    def drop(self, link: Link) -> None:
+        self.links.discard(link)
+        link.close()
+
+    def open(self) -> None:
+        flavour = (self.url.param("flavour") or "auto").lower()
+        if flavour not in ("auto", *FLAVOURS):
+            raise ConfigurationError(f"{self.url}: flavour must be auto, rabbitmq, activemq or generic")
+        self.link = self.new_link()
+        if flavour == "auto":
+            server = self.link.server.lower()
+            flavour = "rabbitmq" if "rabbitmq" in server else "activemq" if "activemq" in server else "generic"
+        self.flavour = flavour
+        self.capabilities = FLAVOURS[flavour]
+
+    def close(self) -> None:
+        for link in list(self.links):
+            self.drop(link)
+        self.link = None
+
+    def main(self) -> Link:
+        if self.link is None:
+            raise ConnectionLost("the backend is closed")
+        return self.link
+
+    # -- destinations and headers ------------------------------------------------------
+    def queue_headers(self, name: str) -> dict[str, str]:
+        """RabbitMQ declares a queue on every /queue/ frame: always the same arguments per name."""
+        if self.flavour != "rabbitmq":
+            return {}
+        if name.startswith(_DELAY_PREFIX):
+            ms, _, target = name[len(_DELAY_PREFIX):].partition(".")
+            return {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
+                    "x-expires": str(int(ms) + _DELAY_QUEUE_IDLE_MS)}
+        h = {"x-max-priority": _MAX_PRIORITY}
+        if name.startswith(_SUB_PREFIX):
+            h["x-expires"] = str(_PRIVATE_QUEUE_IDLE_MS)
+        return h
+
+    def send_headers(self, item: Outgoing) -> dict[str, str]:
+        dest = item.destination
+        h: dict[str, str] = {"persistent": "true", "content-type": "application/cloudevents+json",
+                             "content-length": str(len(item.payload))}
+        delay_ms = int(-(-(item.delay or 0) * 1000 // 1))  # rounded up: never early
+        if isinstance(dest, Topic):
+            h["destination"] = f"/topic/{dest.name}"
+        elif delay_ms and self.flavour == "rabbitmq":
+            name = f"{_DELAY_PREFIX}{delay_ms}.{dest.name}"
+            h["destination"] = f"/queue/{name}"
+            h.update(self.queue_headers(name))
+        else:
+            h["destination"] = f"/queue/{dest.name}"
+            h.update(self.queue_headers(dest.name))
+        if delay_ms and self.flavour == "activemq":
+            h["AMQ_SCHEDULED_DELAY"] = str(delay_ms)
+        if item.priority is not None or self.flavour == "activemq":
+            # JMS defaults to 4; mqprimer's default (no priority) is the lowest, 0
+            h["priority"] = str(item.priority or 0)
+        if item.ttl is not None:
+            if self.flavour == "activemq":
+                h["expires"] = str(int((time.time() + (item.delay or 0) + item.ttl) * 1000))
+            elif self.flavour == "rabbitmq" and not delay_ms:
+                # a delayed message loses its expiration when dead-lettered out of the delay
+                # queue; the envelope's expiry check covers it
+                h["expiration"] = str(max(1, int(item.ttl * 1000)))
+        return h
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(
+        self, destination: Destination, payload: bytes, *, message_id: str,
+        priority: int | None = None, delay: float | None = None, ttl: float | None = None,
+    ) -> None:
+        self.publish_many([Outgoing(destination, payload, message_id, priority, delay, ttl)])
+
+    def publish_many(self, items: Sequence[Outgoing]) -> None:
+        link = self.main()
+        for it in items:
+            if it.delay and self.flavour == "rabbitmq" and isinstance(it.destination, Queue):
+                self.ensure_queue(it.destination.name)
+        rids = []
+        for it in items:
+            rid = link.next_id()
+            headers = self.send_headers(it)
+            headers["receipt"] = rid
+            link.send_frame("SEND", headers, it.payload)
+            rids.append(rid)
+        link.wait_receipts(rids)
+        for it in items:
+            if isinstance(it.destination, Queue) and not it.delay:
+                self.declared.add(it.destination.name)
+
+    def ensure_queue(self, name: str) -> None:
+        """Make a RabbitMQ queue exist before a delay queue dead-letters into it.
+
+        A SUBSCRIBE declares it; the subscription lives on a throw-away connection so that
+        whatever it was sent goes back to the queue when that connection closes.
+        """
+        if name in self.declared:
+            return
+        link = self.new_link()
+        try:
+            rid = link.next_id()
+            link.send_frame("SUBSCRIBE", {"destination": f"/queue/{name}", "id": "declare", "ack": "client-individual",
+                                          "prefetch-count": "1", "receipt": rid, **self.queue_headers(name)})
+            link.wait_receipts([rid])
+        finally:
+            self.drop(link)
+        self.declared.add(name)
+
+    # -- consuming -------------------------------------------------------------------------
+    def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
+        client_id = None
+        if isinstance(destination, Topic) and subscription and self.flavour == "activemq":
+            client_id = f"mqprimer.{subscription}"  # durable subscriptions are keyed by client-id + name
+        link = self.new_link(client_id)
+        try:
+            return StompSubscription(self, link, destination, prefetch, subscription)
+        except BaseException:
+            self.drop(link)
+            raise
+
+
+class StompSubscription(Subscription):
+    def __init__(
+        self, backend: StompBackend, link: Link, destination: Destination, prefetch: int, subscription: str | None
+    ) -> None:
+        self.backend = backend
+        self.link = link
+        self.destination = destination
+        self.filter: str | None = None
+        flavour = backend.flavour
+        base = {"ack": "client-individual"}
+        if flavour == "rabbitmq":
+            base["prefetch-count"] = str(prefetch)
+        elif flavour == "activemq":
+            base["activemq.prefetchSize"] = str(prefetch)
+        frames: list[dict[str, str]] = []
+        if isinstance(destination, Topic):
+            own = subscription or f"{_SUB_PREFIX}{uuid.uuid4().hex[:16]}"
+            stomp_dest, self.filter = _topic_destination(destination.name, flavour)
+            t = {**base, "destination": stomp_dest, "id": "topic"}
+            if subscription and flavour == "rabbitmq":
+                t.update({"id": subscription, "durable": "true", "auto-delete": "false"})
+            elif subscription and flavour == "activemq":
+                t["activemq.subscriptionName"] = subscription
+            elif subscription:
+                raise UnsupportedError(f"durable topic subscriptions are not supported by the {flavour} STOMP broker")
+            frames.append(t)
+            queue = own
+        else:
+            queue = destination.name
+        frames.append({**base, "destination": f"/queue/{queue}", "id": "queue", **backend.queue_headers(queue)})
+        self.retry_target = Queue(queue)
+        self.dead_target = Queue(f"{queue}.dead")
+        rids = []
+        for f in frames:
+            f["receipt"] = rid = link.next_id()
+            link.send_frame("SUBSCRIBE", f)
+            rids.append(rid)
+        link.wait_receipts(rids)
+        backend.declared.add(queue)
+
+    def receive(self, timeout: float | None) -> Delivery | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            frame = self.link.get(left)
+            if frame is None:
+                return None
+            h = frame.headers
+            if self.filter is not None and h.get("subscription") == "topic":
+                topic = h.get("destination", "").removeprefix("/topic/")
+                if not matches(self.filter, topic):
+                    self.ack_frame(frame)  # this subscription's own copy, outside the exact pattern
+                    continue
+            return Delivery(frame.body, frame, broker_redelivered=h.get("redelivered") == "true")
+
+    def ack_frame(self, frame: Any) -> None:
+        self.link.send_frame("ACK", {"id": frame.headers["ack"]})
+
+    def ack(self, delivery: Delivery) -> None:
+        self.ack_frame(delivery.tag)
+
+    def requeue(self, delivery: Delivery) -> None:
+        frame = delivery.tag
+        if self.backend.flavour == "rabbitmq":
+            self.link.send_frame("NACK", {"id": frame.headers["ack"]})  # RabbitMQ requeues a NACK
+            return
+        # elsewhere NACK may mean "dead letter" (ActiveMQ): put a copy back, then ACK
+        out = Outgoing(self.retry_target, frame.body, "requeue")
+        keep = {k: v for k, v in frame.headers.items() if k in ("priority", "expires")}
+        link = self.backend.main()
+        headers = {**self.backend.send_headers(out), **keep, "receipt": link.next_id()}
+        link.send_frame("SEND", headers, frame.body)
+        link.wait_receipts([headers["receipt"]])
+        self.ack_frame(frame)
+
+    def close(self) -> None:
+        self.backend.drop(self.link)
+
+
+def _topic_destination(pattern: str, flavour: str) -> tuple[str, str | None]:
+    """The STOMP destination for a topic pattern and, if it is wider, the exact pattern to filter by."""
+    words = pattern.split(".")
+    if flavour == "rabbitmq" or not any(w in ("*", "#") for w in words):
+        return f"/topic/{pattern}", None
+    if flavour != "activemq":
+        raise UnsupportedError(f"topic patterns are not supported by the {flavour} STOMP broker")
+    if "#" not in words[:-1]:
+        return "/topic/" + ".".join(">" if w == "#" else w for w in words), None
+    # '#' before the last word has no ActiveMQ equivalent: subscribe wider, filter exactly
+    head = words[: words.index("#")]
+    return "/topic/" + ".".join([*head, ">"]), pattern
+
+
+__all__ = ["CAPABILITIES", "CAPABILITIES_ACTIVEMQ", "CAPABILITIES_RABBITMQ", "StompBackend",
+           "StompAuthError", "StompBrokerError"]
