@@ -6,12 +6,11 @@ queue.SimpleQueue hand-off, measured in the same run.
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 import timeit
 from pathlib import Path
-
-import json
 
 import msgspec
 

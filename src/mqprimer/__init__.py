@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .backend import Capabilities, Queue, Status, Support, Topic
 from .client import Connection, Producer, default_url

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .backend import DeadLetterStore, Outgoing, Queue
-from .envelope import Envelope, EnvelopeError, decode, encode, make, replace
+from .envelope import Envelope, decode, encode, make, replace
+from .errors import EnvelopeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Connection

@@ -27,13 +27,13 @@ when mqprimer re-encodes the message for a retry or a dead letter.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from .errors import EnvelopeError, MessageTooLarge
 
-SPECVERSION = "1.0"
+SPECVERSION: Final = "1.0"
 CONTENT_TYPE = "application/cloudevents+json"
 DEFAULT_TYPE = "mqprimer.message"
 DEFAULT_MAX_SIZE = 1024 * 1024

@@ -34,7 +34,7 @@ def rows() -> tuple[list[Row], list[str]]:
         by_target.setdefault(spec.target if spec else f"ep:{scheme}", []).append(scheme)
     out: list[Row] = []
     missing: list[str] = []
-    for target, schemes in by_target.items():
+    for schemes in by_target.values():
         try:
             cls = registry.get(schemes[0])
         except BackendNotInstalled as exc:
@@ -75,7 +75,7 @@ def render(fmt: str = "text") -> str:
     if fmt != "text":
         raise ValueError(f"unknown format {fmt!r}: use text, markdown or json")
     head = [h.replace("_", " ") for h in _HEAD]
-    widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+    widths = [max(len(x) for x in col) for col in zip(head, *cells, strict=True)]
     fmt_line = "  ".join(f"{{:{w}}}" for w in widths)
     out = [fmt_line.format(*head), fmt_line.format(*("-" * w for w in widths))]
     out += [fmt_line.format(*c) for c in cells]

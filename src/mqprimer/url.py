@@ -10,8 +10,8 @@ Several hosts separated by commas are allowed (``beanstalk://h1:11300,h2:11301``
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from .errors import InvalidURL

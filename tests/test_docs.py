@@ -1,0 +1,15 @@
+"""Docs generated from code stay in step with it."""
+
+from __future__ import annotations
+
+from importlib.machinery import SourceFileLoader
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_capability_matrix_in_docs_is_current() -> None:
+    module = SourceFileLoader("update_docs", str(ROOT / "scripts" / "update-docs")).load_module()
+    assert module.block() in (ROOT / "docs" / "backends.md").read_text(), (
+        "docs/backends.md has a stale capability matrix: run scripts/update-docs and commit the result"
+    )
