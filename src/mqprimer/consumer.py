@@ -86,9 +86,19 @@ class Consumer:
             else:
                 self._rr = (self._rr + 1) % len(live)
                 order = live[self._rr:] + live[: self._rr]
-                first = min(remaining, _SLICE) if len(live) == 1 else min(remaining, 0.02)
-                for i, s in enumerate(order):
-                    msg = self._receive_from(s, first if i == 0 else 0.0)
+                if len(live) > 1:
+                    # several brokers (high availability): poll every one without waiting
+                    # first, so an idle broker never holds up messages waiting on another;
+                    # then wait briefly on one of them, in turn
+                    for s in order:
+                        msg = self._receive_from(s, 0.0)
+                        if msg is not None:
+                            return msg
+                    wait = min(remaining, 0.02)
+                else:
+                    wait = min(remaining, _SLICE)
+                if wait > 0 or len(live) == 1:
+                    msg = self._receive_from(order[0], wait)
                     if msg is not None:
                         return msg
             if deadline is not None and time.monotonic() >= deadline:
