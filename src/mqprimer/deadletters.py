@@ -7,11 +7,13 @@ messages in ``<queue>.dead`` and this module consumes that queue.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
-from .backend import DeadLetterStore, Outgoing, Queue
+from .backend import Backend, DeadLetterStore, Outgoing, Queue
 from .envelope import Envelope, decode, encode, make, replace
-from .errors import EnvelopeError
+from .errors import ConnectionFailed, EnvelopeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Connection
@@ -19,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _FIRST_WAIT = 1.0  # how long an empty dead-letter queue is waited on before it counts as empty
 _NEXT_WAIT = 0.3
+T = TypeVar("T")
+log = logging.getLogger("mqprimer")
 
 
 class DeadLetters:
@@ -29,14 +33,44 @@ class DeadLetters:
         self.queue = queue
         self.dead_queue = f"{queue}.dead"
 
-    def _store(self) -> DeadLetterStore | None:
-        return self._conn.endpoints[0].call("dead letters", lambda b: b.dead_letter_store(self.queue))
+    def _native(self, fn: "Callable[[DeadLetterStore], T]") -> "list[T] | None":
+        """``fn`` on the native store of every endpoint (each broker of a URL list keeps its
+        own dead letters), or ``None`` when the backend has no native store. A broker that is
+        down is skipped with a warning unless it is the only one."""
+        eps = self._conn.endpoints
+        out: list[T] = []
+
+        def run(b: Backend) -> "tuple[T] | None":
+            store = b.dead_letter_store(self.queue)
+            return None if store is None else (fn(store),)
+
+        for ep in eps:
+            try:
+                r = ep.call("dead letters", run)
+            except ConnectionFailed as exc:
+                if len(eps) == 1:
+                    raise
+                log.warning("dead letters of %s on %s skipped: %s", self.queue, ep.url, exc)
+                continue
+            if r is None:
+                return None
+            out.append(r[0])
+        if not out:
+            raise ConnectionFailed(f"dead letters of {self.queue}: no broker reachable")
+        return out
 
     def list(self, limit: int = 100) -> list[Envelope]:
         """Up to ``limit`` dead letters (with ``reason``, ``origin``, ``attempt``), left in place."""
-        store = self._store()
-        if store is not None:
-            return [_decode_any(p) for p in store.list(limit)]
+        left = [limit]
+
+        def take(store: DeadLetterStore) -> list[bytes]:
+            got = store.list(left[0]) if left[0] > 0 else []
+            left[0] -= len(got)
+            return got
+
+        native = self._native(take)
+        if native is not None:
+            return [_decode_any(p) for got in native for p in got]
         out: list[Envelope] = []
         with self._consumer(limit) as consumer:
             for msg in _drain(consumer, limit):
@@ -45,9 +79,19 @@ class DeadLetters:
 
     def replay(self, limit: int | None = None, ids: set[str] | None = None) -> int:
         """Send dead letters back to the queue with a fresh attempt count; return how many."""
-        store = self._store()
-        if store is not None and ids is None:
-            return store.replay(limit)
+        if ids is None:
+            done = [0]
+
+            def replay(store: DeadLetterStore) -> int:
+                if limit is not None and done[0] >= limit:
+                    return 0
+                n = store.replay(None if limit is None else limit - done[0])
+                done[0] += n
+                return n
+
+            native = self._native(replay)
+            if native is not None:
+                return sum(native)
         producer = self._conn.producer()
         n = 0
         with self._consumer(100) as consumer:
@@ -66,9 +110,9 @@ class DeadLetters:
 
     def purge(self) -> int:
         """Delete every dead letter; return how many."""
-        store = self._store()
-        if store is not None:
-            return store.purge()
+        native = self._native(lambda store: store.purge())
+        if native is not None:
+            return sum(native)
         n = 0
         with self._consumer(100) as consumer:
             for msg in _drain(consumer, None):
