@@ -20,13 +20,13 @@ Queue-only (a tube per queue). How mqprimer maps onto beanstalkd (docs/backend-b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 from typing import ClassVar
 
 import greenstalk
@@ -159,7 +159,7 @@ class BeanstalkBackend(Backend):
         limit = int(self.client.stats()["max-job-size"])
         if limit != CAPABILITIES.max_message_size:
             hint = f"this server was started with -z {limit}; {CAPABILITIES.size_limit_hint}"
-            self.capabilities = replace(CAPABILITIES, max_message_size=limit, size_limit_hint=hint)
+            self.capabilities = dataclasses.replace(CAPABILITIES, max_message_size=limit, size_limit_hint=hint)
 
     def close(self) -> None:
         client, self.client = self.client, None
@@ -335,7 +335,7 @@ class _BuriedStore(DeadLetterStore):
         return out
 
     def replay(self, limit: int | None) -> int:
-        from ..envelope import decode, encode  # replay resets attempt, reason, origin
+        from ..envelope import decode, encode, replace  # replay resets attempt, reason, origin
 
         def run(c: "greenstalk.Client[bytes]") -> int:
             n = 0
@@ -350,9 +350,8 @@ class _BuriedStore(DeadLetterStore):
                     job = c.reserve_job(job.id)  # ours now: a crash puts it back to ready in its tube
                     body = job.body
                     try:
-                        env = decode(body, max(len(body), 1))
-                        env.attempt, env.reason, env.origin = 1, None, None
-                        body = encode(env, 1 << 62)
+                        env = replace(decode(body, max(len(body), 1)), attempt=1, reason=None, origin=None)
+                        body = encode(env, 1 << 62, original=body)
                     except EnvelopeError:
                         pass  # not ours: replayed as it is
                     c.use(self.queue)
