@@ -19,10 +19,17 @@ from typing import Any
 import stomp
 from stomp.exception import ConnectFailedException, NotConnectedException, StompException
 
-# stomp.py logs every frame, bodies included, at DEBUG: never let payloads reach the logs.
+# stomp.py logs every frame at DEBUG, bodies and the CONNECT passcode included: its logger
+# is held at INFO whenever a link is made, so neither ever reaches the logs.
 _stomp_log = logging.getLogger("stomp.py")
-if _stomp_log.getEffectiveLevel() < logging.INFO:
-    _stomp_log.setLevel(logging.INFO)
+
+
+def _silence_stomp_py() -> None:
+    if _stomp_log.level < logging.INFO:  # NOTSET (0) would inherit DEBUG from the root
+        _stomp_log.setLevel(logging.INFO)
+
+
+_silence_stomp_py()
 
 CONNECT_TIMEOUT = 15.0
 RECEIPT_TIMEOUT = 30.0
@@ -60,6 +67,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         ssl: dict[str, Any] | None = None,
         extra_connect_headers: dict[str, str] | None = None,
     ) -> None:
+        _silence_stomp_py()
         self.conn = stomp.Connection12(
             [(host, port)],
             heartbeats=(heartbeat_ms, heartbeat_ms),

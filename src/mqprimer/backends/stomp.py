@@ -78,6 +78,7 @@ CAPABILITIES = Capabilities(
     notes="generic STOMP 1.2 broker (flavour not recognised): queues, topics, receipts",
     **_COMMON,  # type: ignore[arg-type]
 )
+CAPABILITY_ROWS = (CAPABILITIES_RABBITMQ, CAPABILITIES_ACTIVEMQ)  # the matrix: one row per flavour
 FLAVOURS = {"rabbitmq": CAPABILITIES_RABBITMQ, "activemq": CAPABILITIES_ACTIVEMQ, "generic": CAPABILITIES}
 
 _MAX_PRIORITY = "9"
@@ -342,5 +343,5 @@ def _topic_destination(pattern: str, flavour: str) -> tuple[str, str | None]:
     return "/topic/" + ".".join([*head, ">"]), pattern
 
 
-__all__ = ["CAPABILITIES", "CAPABILITIES_ACTIVEMQ", "CAPABILITIES_RABBITMQ", "StompBackend",
+__all__ = ["CAPABILITIES", "CAPABILITIES_ACTIVEMQ", "CAPABILITIES_RABBITMQ", "CAPABILITY_ROWS", "StompBackend",
            "StompAuthError", "StompBrokerError"]
