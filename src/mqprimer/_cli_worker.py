@@ -168,42 +168,52 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     stop = _StopFlag()
     forwarded = 0
     progress = progress_for(args, "forwarding", args.count)
-    with mqprimer.connect(url_arg(src_url)) as src, mqprimer.connect(url_arg(dst_url)) as dst:
+    sink: list[mqprimer.Connection] = []  # connected lazily: a sink that is down must not stop the outbox
+
+    def push(items: list[Outgoing]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                if not sink:
+                    sink.append(mqprimer.connect(url_arg(dst_url)))
+                sink[0].publish(items)
+                return
+            except ConnectionFailed as exc:
+                if stop.set:
+                    raise
+                log.warning("sink unavailable (%s); %d message(s) held unacked at the source, retrying in %.1fs",
+                            exc, len(items), delay)
+                stop.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 30.0)
+
+    with mqprimer.connect(url_arg(src_url)) as src:
         log.info("bridging %s %s -> %s %s", show_url(src_url), src_dest, show_url(dst_url), dst_dest)
-        with src.consumer(src_dest, prefetch=args.batch) as consumer:
-            idle_since = time.monotonic()
-            while not stop.set and (args.count is None or forwarded < args.count):
-                want = args.batch if args.count is None else min(args.batch, args.count - forwarded)
-                msg = consumer.receive(timeout=0.25)
-                if msg is None:
-                    if args.timeout is not None and time.monotonic() - idle_since >= args.timeout:
-                        break
-                    continue
-                batch = [msg]
-                while len(batch) < want:
-                    more = consumer.receive(timeout=0)
-                    if more is None:
-                        break
-                    batch.append(more)
-                items = [Outgoing(Queue(dst_dest), encode(replace(m.envelope, attempt=1), 1 << 62), m.id)
-                         for m in batch]
-                delay = 0.5
-                while True:
-                    try:
-                        dst.publish(items)
-                        break
-                    except ConnectionFailed as exc:
-                        if stop.set:
-                            raise
-                        log.warning("sink unavailable (%s); %d message(s) held unacked at the source, retrying in "
-                                    "%.1fs", exc, len(items), delay)
-                        stop.sleep(delay * random.uniform(0.8, 1.2))
-                        delay = min(delay * 2, 30.0)
-                for m in batch:
-                    m.ack()
-                forwarded += len(batch)
-                progress.update(len(batch))
+        try:
+            with src.consumer(src_dest, prefetch=args.batch) as consumer:
                 idle_since = time.monotonic()
+                while not stop.set and (args.count is None or forwarded < args.count):
+                    want = args.batch if args.count is None else min(args.batch, args.count - forwarded)
+                    msg = consumer.receive(timeout=0.25)
+                    if msg is None:
+                        if args.timeout is not None and time.monotonic() - idle_since >= args.timeout:
+                            break
+                        continue
+                    batch = [msg]
+                    while len(batch) < want:
+                        more = consumer.receive(timeout=0)
+                        if more is None:
+                            break
+                        batch.append(more)
+                    push([Outgoing(Queue(dst_dest), encode(replace(m.envelope, attempt=1), 1 << 62), m.id)
+                          for m in batch])
+                    for m in batch:
+                        m.ack()
+                    forwarded += len(batch)
+                    progress.update(len(batch))
+                    idle_since = time.monotonic()
+        finally:
+            for c in sink:
+                c.close()
     progress.close()
     emit(args, f"forwarded {forwarded} message(s) from {src_dest} to {dst_dest}",
          {"forwarded": forwarded, "source": src_dest, "sink": dst_dest})

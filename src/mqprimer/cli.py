@@ -256,4 +256,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m mqprimer.cli`: run the importable module, so that its classes are the ones
+    # the command modules import (not a second copy living in __main__)
+    from mqprimer.cli import main as _main
+
+    sys.exit(_main())
