@@ -2,9 +2,10 @@
 
 Each subscription has its own sqlite connection (the portable layer may settle from a
 handler thread while a producer on the same Connection publishes) and a random owner
-token. Reserving sets ``owner`` and pushes ``available_at`` to now + visibility timeout,
-so a reservation lapses by itself when its process dies; every settle checks the owner
-token, so a process whose reservation lapsed cannot settle a message someone else holds.
+token. Reserving sets ``owner`` (the token and a batch number) and pushes ``available_at``
+to now + visibility timeout, so a reservation lapses by itself when its process dies; every
+settle checks the owner, so a process whose reservation lapsed cannot settle a message
+someone else holds now.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .sqlite import HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, house
 _MIN_NAP, _MAX_NAP = 0.005, 0.05  # adaptive poll interval: sqlite has no notifications
 _PRIVATE_LEASE_MIN = 60.0  # a private subscription lives this long without a receive() call
 
-_AVAILABLE = "queue = ? AND available_at <= ? AND (expires_at IS NULL OR expires_at > ?)"
+_AVAILABLE = "queue = ? AND state < 2 AND available_at <= ? AND (expires_at IS NULL OR expires_at > ?)"
 _PROBE = f"SELECT 1 FROM mq_messages WHERE {_AVAILABLE} LIMIT 1"
 _RESERVE = (
     "UPDATE mq_messages SET owner = ?, available_at = ?, deliveries = deliveries + 1 WHERE seq IN "
@@ -50,8 +51,10 @@ class SqliteSubscription(Subscription):
             self.queue = destination.name
         self.retry_target = Queue(self.queue)
         self.dead_target = Queue(f"{self.queue}.dead")
-        self.buffer: collections.deque[tuple[int, bytes, int, float]] = collections.deque()
-        self.unsettled: set[int] = set()
+        self.batch = 0
+        # (seq, owner) tags; buffered: (tag, payload, earlier lost deliveries, reserved at)
+        self.buffer: collections.deque[tuple[tuple[int, str], bytes, int, float]] = collections.deque()
+        self.unsettled: set[tuple[int, str]] = set()
         self.lease = max(_PRIVATE_LEASE_MIN, 4 * opts.visibility_timeout)
         self.renew_at = 0.0
         self.housekeep_at = time.time() + HOUSEKEEP_EVERY
@@ -97,17 +100,17 @@ class SqliteSubscription(Subscription):
     def _next_buffered(self) -> Delivery | None:
         vt = self.opts.visibility_timeout
         while self.buffer:
-            seq, payload, prior, reserved_at = self.buffer.popleft()
+            tag, payload, prior, reserved_at = self.buffer.popleft()
             now = time.time()
             if now - reserved_at > vt / 2:
                 # buffered too long: extend the reservation, or drop it if it already lapsed
                 cur = self._db().execute(
-                    "UPDATE mq_messages SET available_at = ? WHERE seq = ? AND owner = ?", (now + vt, seq, self.token)
+                    "UPDATE mq_messages SET available_at = ? WHERE seq = ? AND owner = ?", (now + vt, *tag)
                 )
                 if cur.rowcount != 1:
                     continue
-            self.unsettled.add(seq)
-            return Delivery(payload, seq, extra_attempts=prior, broker_redelivered=prior > 0)
+            self.unsettled.add(tag)
+            return Delivery(payload, tag, extra_attempts=prior, broker_redelivered=prior > 0)
         return None
 
     def _reserve(self) -> bool:
@@ -118,12 +121,11 @@ class SqliteSubscription(Subscription):
         if db.execute(_PROBE, (self.queue, now, now)).fetchone() is None:
             return False
         n = max(1, self.prefetch - len(self.unsettled))
-        rows = db.execute(
-            _RESERVE, (self.token, now + self.opts.visibility_timeout, self.queue, now, now, n)
-        ).fetchall()
-        # RETURNING has no defined order
-        rows.sort(key=lambda r: (-r[2], r[0]))
-        self.buffer.extend((seq, payload, deliveries - 1, now) for seq, payload, _, deliveries in rows)
+        self.batch += 1
+        owner = f"{self.token}.{self.batch}"
+        rows = db.execute(_RESERVE, (owner, now + self.opts.visibility_timeout, self.queue, now, now, n)).fetchall()
+        rows.sort(key=lambda r: (-r[2], r[0]))  # RETURNING has no defined order
+        self.buffer.extend(((seq, owner), payload, deliveries - 1, now) for seq, payload, _, deliveries in rows)
         return bool(rows)
 
     def _chores(self, now: float) -> None:
@@ -143,27 +145,29 @@ class SqliteSubscription(Subscription):
             )
 
     def ack(self, delivery: Delivery) -> None:
-        # the mq_remember_acked trigger records the id for status(): one statement, one commit
-        cur = self._db().execute("DELETE FROM mq_messages WHERE seq = ? AND owner = ?", (delivery.tag, self.token))
+        # the row stays, without its payload, so that status() can answer DONE (housekeeping trims them)
+        cur = self._db().execute(
+            "UPDATE mq_messages SET state = 2, payload = x'', owner = NULL WHERE seq = ? AND owner = ?", delivery.tag
+        )
         self._settled(delivery, cur, "ack")
 
     def requeue(self, delivery: Delivery) -> None:
-        cur = self._db().execute(_GIVE_BACK, (time.time(), delivery.tag, self.token))
+        cur = self._db().execute(_GIVE_BACK, (time.time(), *delivery.tag))
         self._settled(delivery, cur, "requeue")
 
     def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
         cur = self._db().execute(
             "UPDATE mq_messages SET payload = ?, owner = NULL, available_at = ?, deliveries = 0 "
             "WHERE seq = ? AND owner = ?",
-            (payload, time.time() + delay, delivery.tag, self.token),
+            (payload, time.time() + delay, *delivery.tag),
         )
         self._settled(delivery, cur, "retry")
 
     def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
         cur = self._db().execute(
             "UPDATE mq_messages SET queue = ?, payload = ?, owner = NULL, available_at = ?, priority = 0, "
-            "expires_at = NULL, deliveries = 0, dead = 1 WHERE seq = ? AND owner = ?",
-            (self.dead_target.name, payload, time.time(), delivery.tag, self.token),
+            "expires_at = NULL, deliveries = 0, state = 1 WHERE seq = ? AND owner = ?",
+            (self.dead_target.name, payload, time.time(), *delivery.tag),
         )
         self._settled(delivery, cur, "dead-letter")
 
@@ -172,12 +176,12 @@ class SqliteSubscription(Subscription):
         if db is None:
             return
         try:
-            seqs = list(self.unsettled) + [b[0] for b in self.buffer]
+            tags = list(self.unsettled) + [b[0] for b in self.buffer]
             self.unsettled.clear()
             self.buffer.clear()
             with Txn(db):
                 now = time.time()
-                db.executemany(_GIVE_BACK, [(now, seq, self.token) for seq in seqs])
+                db.executemany(_GIVE_BACK, [(now, *tag) for tag in tags])
                 if self.private:
                     drop_queue(db, self.queue)
         finally:

@@ -48,10 +48,11 @@ CAPABILITIES = Capabilities(
     ),
 )
 
+# state: 0 live, 1 live dead letter (in <queue>.dead), 2 acked (kept for status(), no payload)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mq_messages (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     queue TEXT NOT NULL,
     mid TEXT NOT NULL,
     payload BLOB NOT NULL,
@@ -60,21 +61,19 @@ CREATE TABLE IF NOT EXISTS mq_messages (
     expires_at REAL,
     owner TEXT,
     deliveries INTEGER NOT NULL DEFAULT 0,
-    dead INTEGER NOT NULL DEFAULT 0
+    state INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS mq_messages_next ON mq_messages (queue, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS mq_messages_next ON mq_messages (queue, priority DESC, seq) WHERE state < 2;
+CREATE INDEX IF NOT EXISTS mq_messages_done ON mq_messages (seq) WHERE state = 2;
 CREATE INDEX IF NOT EXISTS mq_messages_mid ON mq_messages (mid);
 CREATE INDEX IF NOT EXISTS mq_messages_expires ON mq_messages (expires_at) WHERE expires_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS mq_settled (id INTEGER PRIMARY KEY AUTOINCREMENT, mid TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS mq_settled_mid ON mq_settled (mid);
-CREATE TRIGGER IF NOT EXISTS mq_remember_acked AFTER DELETE ON mq_messages WHEN old.owner IS NOT NULL
-BEGIN INSERT INTO mq_settled (mid) VALUES (old.mid); END;
 CREATE TABLE IF NOT EXISTS mq_subscriptions (
     name TEXT PRIMARY KEY,
     pattern TEXT NOT NULL,
     lease_until REAL
 );
 """
+LIVE, DEAD, DONE = 0, 1, 2
 _INSERT = (
     "INSERT INTO mq_messages (queue, mid, payload, priority, available_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -152,9 +151,8 @@ def connect_db(opts: Options) -> sqlite3.Connection:
         version = _schema_version(db)
         if version is None:
             db.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";\n"):  # the trigger's inner ";" is not followed by a newline
-                if stmt.strip():
-                    db.execute(stmt)
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(stmt)
             db.execute("INSERT OR IGNORE INTO mq_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
             db.execute("COMMIT")
             version = _schema_version(db)
@@ -237,14 +235,15 @@ class SqliteBackend(Backend):
         db = self._conn()
         now = time.time()
         with Txn(db):
+            rows = []
             for it in items:
                 available = now + (it.delay or 0.0)
                 row = (it.message_id, it.payload, it.priority or 0, available, available + it.ttl if it.ttl else None)
                 if isinstance(it.destination, Topic):
-                    for name in self._targets(db, it.destination.name, now):
-                        db.execute(_INSERT, (name, *row))
+                    rows += [(name, *row) for name in self._targets(db, it.destination.name, now)]
                 else:
-                    db.execute(_INSERT, (it.destination.name, *row))
+                    rows.append((it.destination.name, *row))
+            db.executemany(_INSERT, rows)
         self._maybe_housekeep(now)
 
     @staticmethod
@@ -265,13 +264,13 @@ class SqliteBackend(Backend):
         db = self._conn()
         now = time.time()
         best = Status.UNKNOWN
-        with Txn(db, write=False):
-            rows = db.execute(
-                "SELECT available_at, expires_at, owner, dead FROM mq_messages WHERE mid = ?", (message_id,)
-            ).fetchall()
-            done = db.execute("SELECT 1 FROM mq_settled WHERE mid = ? LIMIT 1", (message_id,)).fetchone()
-        for available_at, expires_at, owner, dead in rows:
-            if dead:
+        rows = db.execute(
+            "SELECT available_at, expires_at, owner, state FROM mq_messages WHERE mid = ?", (message_id,)
+        ).fetchall()
+        for available_at, expires_at, owner, state in rows:
+            if state == DONE:
+                st = Status.DONE
+            elif state == DEAD:
                 st = Status.DEAD
             elif expires_at is not None and expires_at <= now:
                 continue
@@ -281,8 +280,6 @@ class SqliteBackend(Backend):
                 st = Status.READY
             if _RANK[st] > _RANK[best]:
                 best = st
-        if best is Status.UNKNOWN and done is not None:
-            best = Status.DONE
         return best
 
     # -- housekeeping ---------------------------------------------------------------------
@@ -298,12 +295,17 @@ class SqliteBackend(Backend):
 def housekeep(db: sqlite3.Connection, opts: Options) -> None:
     """Bounded cleanup any process may do: expired rows, old settled ids, abandoned private subscriptions."""
     now = time.time()
-    expired = "SELECT seq FROM mq_messages WHERE expires_at <= ? AND available_at <= ? AND dead = 0 LIMIT 10000"
+    expired = (
+        "SELECT seq FROM mq_messages WHERE expires_at <= ? AND available_at <= ? AND state = 0 LIMIT 10000"
+    )
+    # status() remembers the acked rows with the highest seq (about: the most recently sent)
+    forget = (
+        "SELECT seq FROM mq_messages WHERE state = 2 AND seq <= (SELECT seq FROM mq_messages WHERE state = 2 "
+        "ORDER BY seq DESC LIMIT 1 OFFSET ?) ORDER BY seq LIMIT 10000"
+    )
     with Txn(db):
-        # owner = NULL first: deleting an owned row means "acked" to the mq_remember_acked trigger
-        db.execute(f"UPDATE mq_messages SET owner = NULL WHERE owner IS NOT NULL AND seq IN ({expired})", (now, now))
         db.execute(f"DELETE FROM mq_messages WHERE seq IN ({expired})", (now, now))
-        db.execute("DELETE FROM mq_settled WHERE id <= (SELECT max(id) FROM mq_settled) - ?", (opts.status_keep,))
+        db.execute(f"DELETE FROM mq_messages WHERE seq IN ({forget})", (opts.status_keep,))
         for (name,) in db.execute("SELECT name FROM mq_subscriptions WHERE lease_until < ?", (now,)).fetchall():
             drop_queue(db, name)
 
@@ -311,8 +313,7 @@ def housekeep(db: sqlite3.Connection, opts: Options) -> None:
 def drop_queue(db: sqlite3.Connection, name: str) -> None:
     """Remove a private subscription and its messages (inside a transaction)."""
     db.execute("DELETE FROM mq_subscriptions WHERE name = ?", (name,))
-    db.execute("UPDATE mq_messages SET owner = NULL WHERE queue = ? AND owner IS NOT NULL", (name,))
-    db.execute("DELETE FROM mq_messages WHERE queue = ?", (name,))
+    db.execute("DELETE FROM mq_messages WHERE queue = ? AND state < 2", (name,))
 
 
 class Txn:
