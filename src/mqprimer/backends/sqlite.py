@@ -311,22 +311,25 @@ def housekeep(db: sqlite3.Connection, opts: Options) -> None:
 
 
 def drop_queue(db: sqlite3.Connection, name: str) -> None:
-    """Remove a private subscription and its messages (inside a transaction)."""
+    """Remove a private subscription, its messages and its dead letters (inside a transaction).
+
+    Acked rows stay until trimmed, so status() keeps answering DONE for them.
+    """
     db.execute("DELETE FROM mq_subscriptions WHERE name = ?", (name,))
-    db.execute("DELETE FROM mq_messages WHERE queue = ? AND state < 2", (name,))
+    for queue in (name, f"{name}.dead"):
+        db.execute("DELETE FROM mq_messages WHERE queue = ? AND state < 2", (queue,))
 
 
 class Txn:
     """``BEGIN IMMEDIATE`` (write lock taken up front, so the busy timeout applies) ... ``COMMIT``."""
 
-    __slots__ = ("db", "begin")
+    __slots__ = ("db",)
 
-    def __init__(self, db: sqlite3.Connection, write: bool = True) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self.begin = "BEGIN IMMEDIATE" if write else "BEGIN"
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute(self.begin)
+        self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
