@@ -1,0 +1,220 @@
+"""beanstalk:// beyond the conformance suite, on a real beanstalkd: crashes, leases, burying.
+
+Instance ``a`` of the harness serves ``beanstalk``; the fault tests SIGKILL it and start it
+again (``scripts/brokers up beanstalkd``) before they end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import greenstalk
+import pytest
+
+import mqprimer
+from conftest import ROOT, need_broker
+from mqprimer import RetryPolicy, Status
+from mqprimer.testing.helpers import collect, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def url() -> str:
+    return need_broker("beanstalk")
+
+
+@pytest.fixture
+def q() -> str:
+    return f"bs{uuid.uuid4().hex[:10]}"
+
+
+def harness(cmd: str, instance: str) -> None:
+    """``scripts/brokers CMD beanstalkd`` for one instance (a or b) of the harness."""
+    env = dict(os.environ, MQPRIMER_BEANSTALKD_INSTANCE=instance)
+    subprocess.run([str(ROOT / "scripts" / "brokers"), cmd, "beanstalkd"], env=env, check=True,
+                   capture_output=True, timeout=60)
+
+
+@contextmanager
+def killed(instance: str) -> Iterator[None]:
+    """SIGKILL one beanstalkd; it is started again (from its binlog) when the block ends."""
+    harness("kill", instance)
+    try:
+        yield
+    finally:
+        harness("up", instance)
+
+
+def raw(url: str, host_index: int = 0, tube: str = "default") -> "greenstalk.Client[bytes]":
+    host, port = mqprimer.URL.parse(url).hosts[host_index]
+    return greenstalk.Client((host, port or 11300), encoding=None, use=tube, watch=tube)
+
+
+def tube_stats(client: "greenstalk.Client[bytes]", tube: str) -> dict[str, int]:
+    try:
+        st = client.stats_tube(tube)
+    except greenstalk.NotFoundError:
+        return {"ready": 0, "reserved": 0, "buried": 0, "delayed": 0}
+    return {k: int(st[f"current-jobs-{k}"]) for k in ("ready", "reserved", "buried", "delayed")}  # type: ignore[literal-required]
+
+
+def test_server_sigkill_keeps_every_inserted_job(url: str, q: str) -> None:
+    confirmed: list[str] = []
+    stop = threading.Event()
+
+    def produce(p: mqprimer.Producer) -> None:
+        for i in range(20_000):
+            if stop.is_set():
+                return
+            confirmed.append(p.send(q, {"i": i}))  # returns once beanstalkd said INSERTED
+
+    with mqprimer.connect(url, reconnect_timeout=30) as conn:
+        t = threading.Thread(target=produce, args=(conn.producer(),))
+        t.start()
+        try:
+            wait_until(lambda: len(confirmed) >= 200, what="200 confirmed sends")
+            with killed("a"):
+                at_kill = len(confirmed)
+            wait_until(lambda: len(confirmed) >= at_kill + 200, timeout=30, what="sends after the restart")
+        finally:
+            stop.set()
+            t.join(30)
+        total = len(set(confirmed))
+        with conn.consumer(q, prefetch=50) as c:
+            got = {m.id for m in collect(c, total, timeout=60)}
+            while (m := c.receive(timeout=0.5)) is not None:  # the put cut by the kill may be there twice
+                got.add(m.id)
+                m.ack()
+    assert set(confirmed) <= got, f"{len(set(confirmed) - got)} confirmed (INSERTED) jobs lost"
+
+
+HOLDER = """
+import sys, time, mqprimer
+c = mqprimer.connect(sys.argv[1])
+cons = c.consumer(sys.argv[2])
+held = [cons.receive(timeout=10) for _ in range(int(sys.argv[3]))]
+print(" ".join(m.id for m in held), flush=True)
+time.sleep(300)
+"""
+
+
+def test_consumer_sigkill_returns_reserved_jobs_at_once(url: str, q: str) -> None:
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        sent = {p.send(q, i) for i in range(5)}
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, url, q, "5"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            held = set(proc.stdout.readline().split())
+            assert held == sent
+            with conn.consumer(q) as c:
+                assert c.receive(timeout=0.3) is None, "reserved jobs must not be redelivered while held"
+                os.kill(proc.pid, signal.SIGKILL)
+                start = time.monotonic()
+                again = {m.id for m in collect(c, 5, timeout=10)}
+                # the TTR is 60 s: back this fast only because the connection closed
+                assert time.monotonic() - start < 5
+        finally:
+            proc.kill()
+            proc.wait()
+    assert again == sent
+
+
+def test_poison_and_foreign_jobs_are_buried_with_reason_consumer_keeps_going(url: str, q: str) -> None:
+    raw(url, tube=q).put(b"\x00 not an envelope \xff")
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        poison = p.send(q, "poison")
+        good = {p.send(q, i) for i in range(5)}
+        acked: set[str] = set()
+        attempts: list[int] = []
+        with conn.consumer(q, retry=RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)) as c:
+            while (m := c.receive(timeout=1.5)) is not None:
+                if m.body == "poison":
+                    attempts.append(m.attempt)
+                    m.fail(ValueError("cannot parse"))
+                else:
+                    acked.add(m.id)
+                    m.ack()
+        assert acked == good and attempts == [1, 2, 3]
+        dead = {e.type: e for e in conn.dead_letters(q).list()}
+        assert set(dead) == {"mqprimer.message", "mqprimer.invalid"}
+        assert dead["mqprimer.message"].id == poison and dead["mqprimer.message"].attempt == 3
+        assert "gave up after 3 attempt(s): ValueError: cannot parse" in (dead["mqprimer.message"].reason or "")
+        assert "invalid envelope" in (dead["mqprimer.invalid"].reason or "")
+        assert dead["mqprimer.invalid"].body == b"\x00 not an envelope \xff"
+        assert conn.status(poison) is Status.DEAD
+    client = raw(url)
+    assert tube_stats(client, f"{q}.dead") == {"ready": 0, "reserved": 0, "buried": 2, "delayed": 0}
+    assert tube_stats(client, q) == {"ready": 0, "reserved": 0, "buried": 0, "delayed": 0}
+
+
+def test_priority_delay_and_ttr_reach_beanstalkd(url: str, q: str) -> None:
+    with mqprimer.connect(url + "?ttr=7") as conn:
+        p = conn.producer()
+        urgent, plain, late = p.send(q, 1, priority=9), p.send(q, 2), p.send(q, 3, delay=0.2)
+    client = raw(url, tube=q)
+    jobs = {}
+    for kind, job in (("urgent", client.peek_ready()), ("late", client.peek_delayed())):
+        jobs[kind] = client.stats_job(job)
+    assert (jobs["urgent"]["pri"], jobs["urgent"]["ttr"]) == (1024, 7)
+    assert jobs["late"]["delay"] == 1, "delays are whole seconds, rounded up"
+    client.delete(jobs["urgent"]["id"])
+    assert client.stats_job(client.peek_ready())["pri"] == 1033, "no priority = mqprimer 0 = 1033"
+    assert urgent and plain and late
+
+
+def test_ttr_is_a_lease_an_expired_one_is_redelivered(url: str, q: str) -> None:
+    with mqprimer.connect(url + "?ttr=1") as conn:
+        mid = conn.producer().send(q, "slow")
+        with conn.consumer(q) as c:
+            held = c.receive(timeout=5)
+            assert held is not None and held.id == mid
+            start = time.monotonic()
+            again = c.receive(timeout=10)  # the 1 s lease runs out: beanstalkd hands the job out again
+            assert again is not None and again.id == mid and time.monotonic() - start >= 0.5
+            again.ack()
+            with pytest.raises(mqprimer.BrokerError, match="NotFound"):
+                held.ack()  # its lease ran out; the job is gone
+
+
+def test_oversize_names_the_server_limit_and_its_option(url: str, q: str) -> None:
+    with mqprimer.connect(url) as conn:
+        assert conn.capabilities.max_message_size == 65_535
+        with pytest.raises(mqprimer.MessageTooLarge, match="-z"):
+            conn.producer().send(q, "x" * 65_535)
+
+
+def test_dead_letters_list_in_order_replay_and_purge(url: str, q: str) -> None:
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        ids = [p.send(q, i, priority=5) for i in range(3)]
+        with conn.consumer(q) as c:
+            for m in collect(c, 3, ack=False):
+                m.dead_letter(f"reason {m.body}")
+        # a job left ready in <q>.dead by a crash between put and bury is a dead letter too
+        leftover = raw(url, tube=f"{q}.dead")
+        leftover.put(b"leftover")
+        dead = conn.dead_letters(q)
+        first = dead.list()
+        assert [e.id for e in first[:3]] == ids and [e.reason for e in first[:3]] == [f"reason {i}" for i in range(3)]
+        assert len(first) == 4 and first[3].body == b"leftover"
+        assert [e.id for e in dead.list()] == [e.id for e in first], "listing must keep order and content"
+        assert tube_stats(leftover, f"{q}.dead")["buried"] == 4
+        assert dead.replay(limit=2) == 2
+        with conn.consumer(q) as c:
+            back = collect(c, 2)
+        assert [(m.id, m.attempt, m.reason, m.body) for m in back] == [(ids[0], 1, None, 0), (ids[1], 1, None, 1)]
+        assert leftover.stats_job(leftover.peek_buried())["pri"] == 1028, "priority kept while dead"
+        assert [e.id for e in dead.list()][:1] == [ids[2]]
+        assert dead.purge() == 2
+        assert dead.list() == []
