@@ -17,6 +17,7 @@ priority, delay, TTL, redelivery and status by id.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -132,6 +133,8 @@ def main() -> None:
                 (f"mqprimer receive+ack ({sync})", f"raw sqlite3 UPDATE..RETURNING+DELETE ({sync})"),
             ],
         )
+    if args.dir is None:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
