@@ -1,0 +1,126 @@
+"""High availability on two real beanstalkd servers (the harness's ``beanstalk-ha`` URL).
+
+A URL listing several hosts gives a producer that fails over to the next server and a
+consumer that consumes from all of them, settling each message on the server it came from.
+The fault test SIGKILLs server ``a`` mid-stream and starts it again from its binlog.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+import mqprimer
+from conftest import need_broker
+from mqprimer import Status
+from mqprimer.testing.helpers import collect, wait_until
+from test_beanstalk import killed, raw, tube_stats
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def ha_url() -> str:
+    return need_broker("beanstalk-ha")
+
+
+@pytest.fixture
+def q() -> str:
+    return f"ha{uuid.uuid4().hex[:10]}"
+
+
+def single(ha_url: str, i: int) -> str:
+    """The URL of one server of the HA list."""
+    return ha_url.replace(ha_url.split("://", 1)[1], ha_url.split("://", 1)[1].split(",")[i])
+
+
+def test_consumer_takes_from_every_server_and_settles_on_the_origin(ha_url: str, q: str) -> None:
+    sent: dict[str, int] = {}
+    for i in (0, 1):
+        with mqprimer.connect(single(ha_url, i)) as one:
+            p = one.producer()
+            for n in range(20):
+                sent[p.send(q, {"server": i, "n": n})] = i
+    with mqprimer.connect(ha_url) as conn:
+        assert conn.status(next(m for m, i in sent.items() if i == 1)) is Status.READY, "status asks every server"
+        with conn.consumer(q, prefetch=10) as c:
+            got = collect(c, 40, ack=False)
+            assert {m.id for m in got} == set(sent)
+            dead = {i: next(m for m in got if m.body["server"] == i) for i in (0, 1)}
+            for m in got:
+                if m in dead.values():
+                    m.dead_letter(f"from server {m.body['server']}")
+                elif m.body["n"] % 2:
+                    m.retry()
+                else:
+                    m.ack()
+            n_retried = sum(1 for m in got if m not in dead.values() and m.body["n"] % 2)
+            retried = collect(c, n_retried)
+            assert all(m.attempt == 2 for m in retried) and c.receive(timeout=0.3) is None
+        listed = conn.dead_letters(q).list()
+        assert sorted(e.reason or "" for e in listed) == ["from server 0", "from server 1"]
+    for i in (0, 1):  # each dead letter is buried on the server its message came from
+        assert tube_stats(raw(ha_url, i), f"{q}.dead")["buried"] == 1
+        assert tube_stats(raw(ha_url, i), q) == {"ready": 0, "reserved": 0, "buried": 0, "delayed": 0}
+
+
+def test_one_server_killed_mid_stream_nothing_lost(ha_url: str, q: str) -> None:
+    confirmed: list[str] = []
+    received: list[str] = []
+    stop_producing, stop_consuming = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with mqprimer.connect(ha_url, reconnect_timeout=30) as conn:
+                p = conn.producer()
+                i = 0
+                while not stop_producing.is_set() and i < 5000:
+                    confirmed.append(p.send(q, {"i": i}))
+                    i += 1
+                    time.sleep(0.001)  # a steady stream, not a burst
+        except BaseException as exc:
+            errors.append(exc)
+
+    def consume() -> None:
+        try:
+            with mqprimer.connect(ha_url, reconnect_timeout=30) as conn, conn.consumer(q, prefetch=20) as c:
+                while not stop_consuming.is_set():
+                    m = c.receive(timeout=0.2)
+                    if m is None:
+                        continue
+                    try:
+                        m.ack()
+                        received.append(m.id)
+                    except mqprimer.ConnectionFailed:
+                        pass  # its server died: the job is delivered again after the restart
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(received) >= 200, timeout=30, what="200 messages through both servers")
+        with killed("a"):
+            at_kill_sent, at_kill_got = len(confirmed), len(received)
+            # server a is down: the producer goes on through b, the consumer keeps consuming from b
+            wait_until(lambda: len(confirmed) >= at_kill_sent + 300, timeout=30, what="sends failing over to b")
+            wait_until(lambda: len(received) >= at_kill_got + 300, timeout=30, what="consuming from b alone")
+            assert int(raw(ha_url, 1).stats_tube(q)["total-jobs"]) >= 300, "the producer did not fail over to b"
+        stop_producing.set()
+        threads[0].join(30)
+        want = set(confirmed)
+        wait_until(lambda: want <= set(received), timeout=60, what="every confirmed message after the restart")
+    finally:
+        stop_producing.set()
+        stop_consuming.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    duplicates = len(received) - len(set(received))
+    assert duplicates <= 25, f"{duplicates} duplicates: more than the jobs in flight when the server died"
+    assert tube_stats(raw(ha_url, 0), q)["ready"] == 0 and tube_stats(raw(ha_url, 1), q)["ready"] == 0
