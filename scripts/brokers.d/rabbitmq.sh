@@ -8,7 +8,7 @@
 #
 # Users come from a definitions file imported at boot (no slow rabbitmqctl round trips):
 #   mqprimer / mqprimer-secret   all permissions on vhost /   (the URLs below)
-#   mqprimer-limited / limited   may log in to / but configure/write/read nothing
+#   mqprimer-limited / zq7pw     may log in to / but configure/write/read nothing
 #                                (tests of ACCESS_REFUSED)
 # `kill` SIGKILLs the node (fault tests); `up` then restarts it over the stale pid file
 # and the still-running epmd. `down` stops the node and our epmd, nothing else.
@@ -69,14 +69,13 @@ load_definitions = $d/definitions.json
 log.file.level = info
 log.console = false
 EOF
-  # Hashes are salted: write the file once, so restarts import identical definitions.
-  [ -f "$d/definitions.json" ] || cat > "$d/definitions.json" <<EOF
+  cat > "$d/definitions.json" <<EOF
 {
   "vhosts": [{"name": "/"}],
   "users": [
     {"name": "$RMQ_USER", "password_hash": "$(_rmq_hash "$RMQ_PASS")",
      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["administrator"]},
-    {"name": "mqprimer-limited", "password_hash": "$(_rmq_hash limited)",
+    {"name": "mqprimer-limited", "password_hash": "$(_rmq_hash zq7pw)",
      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
   ],
   "permissions": [

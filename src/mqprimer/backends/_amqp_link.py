@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ URL_PARAMS = frozenset({
     "heartbeat", "connect_timeout", "blocked_timeout", "max_priority", "exchange",
     "cafile", "certfile", "keyfile", "verify", "server_name",
 })
+_ACK_DELAY = 0.2  # longest an ack waits in pika's buffer while the consumer is busy elsewhere
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -125,25 +127,48 @@ def refused(exc: BaseException) -> BaseException:
 
 
 class Link:
-    """One ``BlockingConnection``, its lock, and the heartbeat keeper thread."""
+    """One ``BlockingConnection``, its lock, and the keeper thread.
+
+    The keeper, when the lock is free, lets pika answer heartbeats (every
+    ``heartbeat / 2`` s) and writes out deferred acks (within ``_ACK_DELAY`` s).
+    """
 
     def __init__(self, params: pika.ConnectionParameters, heartbeat: int) -> None:
-        self.conn = pika.BlockingConnection(params)
+        try:
+            self.conn = pika.BlockingConnection(params)
+        except px.AMQPConnectionError as exc:
+            if str(exc).strip("(),' "):
+                raise
+            # pika's connect errors print as "" (only their repr says what happened)
+            raise type(exc)(repr(exc)) from None
         self.lock = threading.Lock()
         self.error: BaseException | None = None  # what the keeper saw kill the connection
+        self.unflushed = 0  # acks written to pika's buffer but not to the socket yet
+        self.keeper = bool(heartbeat)
         self._stop = threading.Event()
         if heartbeat:
             interval = max(heartbeat / 2.0, 0.5)
-            threading.Thread(target=self._keep, args=(interval,), name="mqprimer-amqp-heartbeat", daemon=True).start()
+            threading.Thread(target=self._keep, args=(interval,), name="mqprimer-amqp-keeper", daemon=True).start()
+
+    def flush(self) -> None:
+        """Write out what pika has buffered (in one send) and take in what arrived. Lock held."""
+        coalesce(self.conn)
+        self.conn.process_data_events(0)
+        self.unflushed = 0
 
     def _keep(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+        last = time.monotonic()
+        while not self._stop.wait(_ACK_DELAY):
+            now = time.monotonic()
+            if not self.unflushed and now - last < interval:
+                continue
             if not self.lock.acquire(blocking=False):
                 continue  # a driver call is doing I/O right now, heartbeats included
             try:
                 if self._stop.is_set() or not self.conn.is_open:
                     return
-                self.conn.process_data_events(0)
+                self.flush()
+                last = now
             except Exception as exc:
                 self.error = exc
                 return
@@ -155,9 +180,25 @@ class Link:
         with self.lock:
             if self.error is None and self.conn.is_open:
                 try:
-                    self.conn.close()
+                    coalesce(self.conn)
+                    self.conn.close()  # deferred acks leave before Connection.Close
                 except Exception:
                     pass  # closing a broken connection: nothing left to do
+
+
+def coalesce(conn: pika.BlockingConnection) -> None:
+    """Join pika's pending output into one buffer, so that it leaves in one ``send()``.
+
+    pika writes every frame with its own ``send()`` (three per published message, one per
+    ack); syscalls are the dominant cost here, so batches are joined first. This reaches
+    into pika's transport (``_transport._tx_buffers``, pika 1.x); if that ever changes,
+    nothing breaks, the frames just leave one by one again.
+    """
+    bufs = getattr(getattr(conn._impl, "_transport", None), "_tx_buffers", None)
+    if bufs is not None and len(bufs) > 1:
+        data = b"".join(bufs)
+        bufs.clear()
+        bufs.append(data)
 
 
 def _noop() -> None:
@@ -244,7 +285,8 @@ class Confirmer:
             self._seq += 1
             out[self._seq] = i
             if i % 512 == 511:  # write out and take confirms in, so buffers stay bounded
-                self.link.conn.process_data_events(0)
+                self.link.flush()
+        coalesce(self.link.conn)
         self._wait(lambda: not self._outstanding)
         if self._nacked:
             raise px.NackError([])  # the broker refused them (internal error): nothing was stored

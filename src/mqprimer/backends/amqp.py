@@ -54,7 +54,7 @@ from ..backend import (
 )
 from ..envelope import CONTENT_TYPE
 from ..url import URL
-from ._amqp_link import URL_PARAMS, Confirmer, Link, Options, parameters, refused
+from ._amqp_link import URL_PARAMS, Confirmer, Link, Options, coalesce, parameters, refused
 
 CAPABILITIES = Capabilities(
     name="amqp",
@@ -217,9 +217,12 @@ class AmqpSubscription(Subscription):
         opts = backend.opts
         self.destination = destination
         self._buf: deque[Delivery] = deque()
+        # acks are written in batches (see ack); this many may wait for the next one
+        self._ack_batch = max(1, prefetch // 4)
         self._link = link = Link(parameters(backend.url, opts, f"mqprimer consumer {destination}"), opts.heartbeat)
         try:
             ch = self._ch = link.conn.channel()
+            self._impl = ch._impl  # pika's async channel: basic_ack without a flush per ack
             ch.basic_qos(prefetch_count=prefetch)
             if isinstance(destination, Topic):
                 qname = name or f"mqprimer.sub.{uuid.uuid4().hex}"
@@ -248,9 +251,13 @@ class AmqpSubscription(Subscription):
         link, buf = self._link, self._buf
         with link.lock:
             if buf:
+                if link.unflushed >= self._ack_batch:
+                    link.flush()
                 return buf.popleft()
             if link.error is not None:
                 raise link.error
+            coalesce(link.conn)
+            link.unflushed = 0  # process_data_events writes everything out first
             if timeout is None:
                 while not buf:
                     link.conn.process_data_events(time_limit=1.0)
@@ -259,11 +266,20 @@ class AmqpSubscription(Subscription):
             return buf.popleft() if buf else None
 
     def ack(self, delivery: Delivery) -> None:
+        """Ack; the frame leaves with the next batch of acks, at the latest when the
+        consumer next waits for messages, closes, or after 0.2 s (the keeper thread).
+
+        Batching acks saves a send() per message. A process killed in that window gets the
+        message redelivered: at-least-once either way.
+        """
         link = self._link
         with link.lock:
             if link.error is not None:
                 raise link.error
-            self._ch.basic_ack(delivery.tag)
+            self._impl.basic_ack(delivery.tag)
+            link.unflushed += 1
+            if not link.keeper:
+                link.flush()
 
     def requeue(self, delivery: Delivery) -> None:
         link = self._link

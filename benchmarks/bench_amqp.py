@@ -1,0 +1,168 @@
+"""amqp:// against raw pika and kombu on the same RabbitMQ, in one run.
+
+Run: scripts/brokers up rabbitmq && .venv/bin/python benchmarks/bench_amqp.py [--n 20000] [--single 2000] [--json]
+(URL from .run/brokers/urls, or --url amqp://...)
+
+Every message is persistent and goes to a durable queue on every side. Cases:
+
+- consume + ack at prefetch 100 from a pre-filled queue: mqprimer's Consumer (envelope
+  decoding included) vs raw pika ``basic_consume`` acking in its callback vs kombu.
+- publish with confirms: pika's own blocking confirm (one round trip per message) vs
+  mqprimer ``send()`` (the same: it returns when RabbitMQ confirmed) vs kombu
+  ``confirm_publish``; and mqprimer ``send_many`` batches of 1000 and 5000 (pipelined,
+  every message confirmed before it returns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kombu  # noqa: E402
+import pika  # noqa: E402
+from _common import Result, latencies, report, timed  # noqa: E402
+
+import mqprimer  # noqa: E402
+
+BODY = {"user": "alice", "action": "signup", "plan": "pro", "n": 12345, "tags": ["a", "b"]}
+ARGS = {"x-max-priority": 9}  # what mqprimer declares, so every side uses the same queues
+
+
+def default_url() -> str:
+    urls = Path(__file__).resolve().parent.parent / ".run" / "brokers" / "urls"
+    for line in urls.read_text().splitlines() if urls.exists() else []:
+        name, _, url = line.partition(" ")
+        if name == "amqp":
+            return url.strip()
+    raise SystemExit("no amqp URL: run scripts/brokers up rabbitmq, or pass --url")
+
+
+def pika_params(url: str) -> pika.URLParameters:
+    return pika.URLParameters(url)
+
+
+def fill(conn: mqprimer.Connection, queue: str, n: int) -> None:
+    p = conn.producer()
+    for i in range(0, n, 1000):
+        p.send_many([p.build(queue, BODY) for _ in range(min(1000, n - i))])
+
+
+def consume_ours(conn: mqprimer.Connection, queue: str, n: int) -> None:
+    with conn.consumer(queue, prefetch=100) as c:
+        for _ in range(n):
+            m = c.receive(timeout=10)
+            assert m is not None, "mqprimer consumer starved"
+            m.ack()
+
+
+def consume_pika(url: str, queue: str, n: int) -> None:
+    conn = pika.BlockingConnection(pika_params(url))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=100)
+    count = 0
+
+    def on_message(ch: Any, method: Any, _p: object, _b: bytes) -> None:
+        nonlocal count
+        ch.basic_ack(method.delivery_tag)
+        count += 1
+        if count == n:
+            ch.stop_consuming()
+
+    ch.basic_consume(queue, on_message)
+    ch.start_consuming()
+    conn.close()
+
+
+def consume_kombu(url: str, queue: str, n: int) -> None:
+    count = 0
+    with kombu.Connection(url) as kc:
+        q = kombu.Queue(queue, durable=True, queue_arguments=ARGS, no_declare=True)
+
+        def on_message(message: kombu.Message) -> None:
+            nonlocal count
+            message.ack()
+            count += 1
+
+        with kc.Consumer(q, on_message=on_message, prefetch_count=100, accept=["application/cloudevents+json"]):
+            while count < n:
+                kc.drain_events(timeout=10)
+
+
+def publish_rows(url: str, conn: mqprimer.Connection, single: int, n: int) -> list[Result]:
+    rows = []
+    queue = f"bench.pub.{uuid.uuid4().hex[:8]}"
+    p = conn.producer()
+    rows.append(latencies("mqprimer send() confirmed", single, lambda: p.send(queue, BODY) and None))
+
+    pc = pika.BlockingConnection(pika_params(url))
+    ch = pc.channel()
+    ch.queue_declare(queue, durable=True, arguments=ARGS)
+    ch.confirm_delivery()
+    payload = p.build(queue, BODY).payload
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/cloudevents+json")
+    rows.append(latencies("pika blocking confirm", single, lambda: ch.basic_publish("", queue, payload, props)))
+
+    with kombu.Connection(url, transport_options={"confirm_publish": True}) as kc:
+        producer = kc.Producer()
+        kq = kombu.Queue(queue, durable=True, queue_arguments=ARGS, no_declare=True)
+
+        def kombu_send() -> None:
+            producer.publish(payload, routing_key=queue, delivery_mode=2, content_type="application/cloudevents+json",
+                             content_encoding="binary", declare=[kq])
+
+        rows.append(latencies("kombu publish confirm_publish", single, kombu_send))
+
+    batch = [p.build(queue, BODY) for _ in range(n)]
+    for size in (1000, 5000):
+        def send_batches(size: int = size) -> None:
+            for i in range(0, n, size):
+                p.send_many(batch[i : i + size])
+
+        rows.append(timed(f"mqprimer send_many x{size} confirmed", n, send_batches))
+    ch.queue_delete(queue)
+    pc.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default=None)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--single", type=int, default=2000)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    url = a.url or default_url()
+    with mqprimer.connect(url) as conn:
+        tag = uuid.uuid4().hex[:8]
+        queues = {who: f"bench.consume.{who}.{tag}" for who in ("pika", "mqprimer", "kombu")}
+        for q in queues.values():
+            fill(conn, q, a.n)
+        rows = [
+            timed("pika consume+ack (prefetch 100)", a.n, lambda: consume_pika(url, queues["pika"], a.n)),
+            timed("mqprimer receive+ack (prefetch 100)", a.n, lambda: consume_ours(conn, queues["mqprimer"], a.n)),
+            timed("kombu consume+ack (prefetch 100)", a.n, lambda: consume_kombu(url, queues["kombu"], a.n)),
+        ]
+        report("AMQP consume + ack, same RabbitMQ", rows, [
+            ("mqprimer receive+ack (prefetch 100)", "pika consume+ack (prefetch 100)"),
+            ("kombu consume+ack (prefetch 100)", "pika consume+ack (prefetch 100)"),
+        ])
+        rows = publish_rows(url, conn, a.single, a.n)
+        report("AMQP publish, persistent, confirmed", rows, [
+            ("mqprimer send() confirmed", "pika blocking confirm"),
+            ("kombu publish confirm_publish", "pika blocking confirm"),
+            ("mqprimer send_many x1000 confirmed", "pika blocking confirm"),
+            ("mqprimer send_many x5000 confirmed", "pika blocking confirm"),
+        ])
+        pc = pika.BlockingConnection(pika_params(url))
+        ch = pc.channel()
+        for q in queues.values():
+            ch.queue_delete(q)
+        pc.close()
+
+
+if __name__ == "__main__":
+    main()
