@@ -278,3 +278,29 @@ def test_tls_needs_a_trusted_certificate(tls_url: str, tmp_path: Path) -> None:
                     "-keyout", str(tmp_path / "k.pem"), "-out", str(other_ca)], check=True, capture_output=True)
     with pytest.raises(ConnectionFailed):
         mqprimer.connect(_with(tls_url, cafile=str(other_ca)))
+
+
+def test_rabbitmq_permission_refusal_is_an_authentication_error(queue: str) -> None:
+    u = URL.parse(need_broker("stomp-rabbitmq"))
+    limited = URL(u.scheme, "mqprimer-limited", "limited", u.hosts, u.path, u.query).render(hide_password=False)
+    with mqprimer.connect(limited, reconnect_timeout=2) as conn:
+        with pytest.raises(AuthenticationError, match="access"):
+            conn.producer().send(queue, "refused")
+
+
+def test_driver_requeue_gives_the_message_back_without_nack_semantics(url: str, queue: str) -> None:
+    """SPI ``requeue``: RabbitMQ NACK requeues; ActiveMQ's would dead-letter, so it re-sends then ACKs."""
+    backend = StompBackend(URL.parse(url))
+    backend.open()
+    try:
+        backend.publish(Queue(queue), b"payload", message_id="m1")
+        sub = backend.subscribe(Queue(queue), prefetch=1)
+        first = wait_until(lambda: sub.receive(0.5), timeout=10, what="the message")
+        sub.requeue(first)
+        again = wait_until(lambda: sub.receive(0.5), timeout=10, what="the requeued message")
+        assert again.payload == b"payload"
+        sub.ack(again)
+        assert sub.receive(0.5) is None
+        sub.close()
+    finally:
+        backend.close()

@@ -37,19 +37,22 @@ log4j.appender.logfile.layout=org.apache.log4j.PatternLayout
 log4j.appender.logfile.layout.ConversionPattern=%d | %-5p | %m | %c | %t%n
 EOF
   # Expired messages are dropped rather than moved to ActiveMQ.DLQ (processExpired=false):
-  # mqprimer keeps its own dead letters in <queue>.dead. Integer attributes must be literal
-  # (Spring's schema rejects \${...} there).
+  # mqprimer keeps its own dead letters in <queue>.dead. Empty queues nobody consumes are
+  # removed after 10 min (the private retry queues of closed topic subscriptions). Integer
+  # attributes must be literal (Spring's schema rejects \${...} there).
   cat > "$d/conf/activemq.xml" <<EOF
 <beans xmlns="http://www.springframework.org/schema/beans"
   xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
   xsi:schemaLocation="http://www.springframework.org/schema/beans http://www.springframework.org/schema/beans/spring-beans.xsd
   http://activemq.apache.org/schema/core http://activemq.apache.org/schema/core/activemq-core.xsd">
   <broker xmlns="http://activemq.apache.org/schema/core" brokerName="mqprimer" useJmx="false"
-          schedulerSupport="true" persistent="true" advisorySupport="false" dataDirectory="$d/data">
+          schedulerSupport="true" persistent="true" advisorySupport="false" dataDirectory="$d/data"
+          schedulePeriodForDestinationPurge="60000">
     <destinationPolicy>
       <policyMap>
         <policyEntries>
-          <policyEntry queue="&gt;" prioritizedMessages="true" expireMessagesPeriod="1000">
+          <policyEntry queue="&gt;" prioritizedMessages="true" expireMessagesPeriod="1000"
+                       gcInactiveDestinations="true" inactiveTimoutBeforeGC="600000">
             <deadLetterStrategy><sharedDeadLetterStrategy processExpired="false"/></deadLetterStrategy>
           </policyEntry>
           <policyEntry topic="&gt;" expireMessagesPeriod="1000">

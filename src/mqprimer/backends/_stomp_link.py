@@ -49,7 +49,17 @@ class ConnectionLost(StompException):  # type: ignore[misc]
 
 
 def _short(text: str | None) -> str:
-    return (text or "no reason given").strip().splitlines()[0][:300] if text else "no reason given"
+    lines = (text or "").strip().splitlines()
+    return lines[0][:300] if lines else "no reason given"
+
+
+_REFUSALS = ("access_refused", "access refused", "not authorized", "permission", "access denied")
+
+
+def _broker_error(message: str) -> StompBrokerError:
+    """An ERROR frame as an exception: a permission refusal is an authentication error."""
+    low = message.lower()
+    return (StompAuthError if any(r in low for r in _REFUSALS) else StompBrokerError)(message)
 
 
 class Link(stomp.ConnectionListener):  # type: ignore[misc]
@@ -105,6 +115,12 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
 
     def on_error(self, frame: Any) -> None:
         message = _short(frame.headers.get("message"))
+        if not self.connected and isinstance(frame.body, bytes):
+            # a refused CONNECT says why in the body (RabbitMQ: "Bad CONNECT" + "Access refused
+            # for user 'x'"); no payload can be in it yet, so its first line is safe to show
+            detail = _short(frame.body.decode("utf-8", "replace"))
+            if detail != "no reason given" and detail not in message:
+                message = f"{message}: {detail}"
         with self.cond:
             rid = frame.headers.get("receipt-id")
             if rid is not None:
@@ -134,6 +150,8 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         with self.cond:
             while not self.connected:
                 if self.error is not None:
+                    if "already connected" in self.error.lower():  # an ActiveMQ client-id in use
+                        raise StompBrokerError(f"the broker refused the STOMP CONNECT: {self.error}")
                     raise StompAuthError(f"the broker refused the STOMP CONNECT: {self.error}")
                 if not self.conn.transport.running:
                     raise ConnectFailedException("connection closed during the STOMP handshake")
@@ -168,7 +186,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             why = f" after the broker's ERROR: {self.error}" if self.error else ""
             raise ConnectionLost("the STOMP connection was lost" + why)
         if self.error is not None:
-            raise StompBrokerError(self.error)
+            raise _broker_error(self.error)
 
     def send_frame(self, cmd: str, headers: dict[str, str], body: bytes = b"") -> None:
         self.check()
@@ -201,11 +219,11 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
                     self.receipts -= got
                 for rid in pending:
                     if rid in self.receipt_errors:
-                        raise StompBrokerError(self.receipt_errors.pop(rid))
+                        raise _broker_error(self.receipt_errors.pop(rid))
                 if not pending:
                     return
                 if self.error is not None:
-                    raise StompBrokerError(self.error)
+                    raise _broker_error(self.error)
                 if not self.alive:
                     raise ConnectionLost("the STOMP connection was lost before the broker confirmed")
                 left = deadline - time.monotonic()
