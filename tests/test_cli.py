@@ -114,7 +114,7 @@ def test_dead_letters_list_show_replay_purge(env: dict[str, str], url: str) -> N
         p = conn.producer()
         ids = [p.send("jobs", {"n": i}) for i in range(3)]
         with conn.consumer("jobs") as c:
-            for i in range(3):
+            for _ in range(3):
                 m = c.receive(timeout=5)
                 assert m is not None
                 m.dead_letter(f"reason {m.body['n']}")
@@ -172,7 +172,8 @@ def test_bridge_forwards_and_acks_at_the_source(env: dict[str, str], url: str, t
     with mqprimer.connect(sink) as dst, mqprimer.connect(url) as src:
         with dst.consumer("orders") as c:
             got = [c.receive(timeout=5) for _ in range(5)]
-        assert [(m.id, m.body, m.headers) for m in got if m] == [(i, {"order": n}, {"k": "v"}) for n, i in enumerate(ids)]
+        want = [(i, {"order": n}, {"k": "v"}) for n, i in enumerate(ids)]
+        assert [(m.id, m.body, m.headers) for m in got if m] == want
         assert all(src.status(i) is mqprimer.Status.DONE for i in ids)
 
 

@@ -1,0 +1,1 @@
+"""Analytics: web-server log lines aggregated by workers into counts per status code and path."""

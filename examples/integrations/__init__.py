@@ -1,0 +1,1 @@
+"""Integrations: save locally first (a sqlite outbox), push second (``mqprimer bridge``)."""

@@ -1,0 +1,1 @@
+"""Notifications: a producer queues emails; a worker sends them through a local SMTP server."""

@@ -1,0 +1,1 @@
+"""Photo processing: thumbnails with Pillow, from images the producer references by path."""

@@ -1,0 +1,1 @@
+"""The supervisord configuration's example handler (see supervisord.conf)."""
