@@ -201,8 +201,9 @@ class DeadLetterStore(ABC):
         """Payloads of up to ``limit`` dead letters, oldest first, without removing them."""
 
     @abstractmethod
-    def replay(self, limit: int | None) -> int:
-        """Send up to ``limit`` dead letters back to their queue; return how many."""
+    def replay(self, limit: int | None, ids: set[str] | None = None) -> int:
+        """Send up to ``limit`` dead letters back to their queue with a fresh attempt count
+        (only those whose message id is in ``ids``, when given); return how many."""
 
     @abstractmethod
     def purge(self) -> int:

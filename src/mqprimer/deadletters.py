@@ -79,19 +79,18 @@ class DeadLetters:
 
     def replay(self, limit: int | None = None, ids: set[str] | None = None) -> int:
         """Send dead letters back to the queue with a fresh attempt count; return how many."""
-        if ids is None:
-            done = [0]
+        done = [0]
 
-            def replay(store: DeadLetterStore) -> int:
-                if limit is not None and done[0] >= limit:
-                    return 0
-                n = store.replay(None if limit is None else limit - done[0])
-                done[0] += n
-                return n
+        def replay(store: DeadLetterStore) -> int:
+            if limit is not None and done[0] >= limit:
+                return 0
+            n = store.replay(None if limit is None else limit - done[0], ids)
+            done[0] += n
+            return n
 
-            native = self._native(replay)
-            if native is not None:
-                return sum(native)
+        native = self._native(replay)
+        if native is not None:
+            return sum(native)
         producer = self._conn.producer()
         n = 0
         with self._consumer(100) as consumer:
