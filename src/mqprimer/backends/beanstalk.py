@@ -44,6 +44,7 @@ from ..backend import (
     Subscription,
     Topic,
 )
+from ..envelope import decode, encode, replace
 from ..errors import ConfigurationError, EnvelopeError, MessageTooLarge, UnsupportedError
 from ..url import URL
 
@@ -339,28 +340,30 @@ class _BuriedStore(DeadLetterStore):
         self._run(run)
         return out
 
-    def replay(self, limit: int | None) -> int:
-        from ..envelope import decode, encode, replace  # replay resets attempt, reason, origin
-
+    def replay(self, limit: int | None, ids: set[str] | None = None) -> int:
         def run(c: "greenstalk.Client[bytes]") -> int:
             n = 0
             for tube in self.tubes:
-                while limit is None or n < limit:
-                    c.use(tube)
-                    try:
-                        job = c.peek_buried()
-                    except greenstalk.NotFoundError:
+                c.use(tube)
+                # with ids, every buried job is looked at once: the others go round to the tail
+                for _ in range(_buried_count(c, tube) if ids is not None else 1 << 62):
+                    if limit is not None and n >= limit:
                         break
-                    st = c.stats_job(job)
-                    job = c.reserve_job(job.id)  # ours now: a crash puts it back to ready in its tube
-                    body = job.body
                     try:
-                        env = replace(decode(body, max(len(body), 1)), attempt=1, reason=None, origin=None)
-                        body = encode(env, 1 << 62, original=body)
-                    except EnvelopeError:
-                        pass  # not ours: replayed as it is
+                        head = c.peek_buried()
+                        st = c.stats_job(head)
+                        job = c.reserve_job(head.id)  # ours now: a crash puts it back to ready in its tube
+                    except greenstalk.NotFoundError:
+                        if ids is None:
+                            break
+                        continue  # gone, or taken by another client meanwhile
+                    body, mid = _fresh(job.body)
+                    if ids is not None and mid not in ids:
+                        c.bury(job, int(st["pri"]))
+                        continue
                     c.use(self.queue)
                     c.put(body, int(st["pri"]), 0, int(st["ttr"]))
+                    c.use(tube)
                     c.delete(job)
                     n += 1
             return n
@@ -393,14 +396,26 @@ def _bury_ready(c: "greenstalk.Client[bytes]") -> None:
         c.bury(job, int(c.stats_job(job)["pri"]))
 
 
+def _buried_count(c: "greenstalk.Client[bytes]", tube: str) -> int:
+    try:
+        return int(c.stats_tube(tube)["current-jobs-buried"])
+    except greenstalk.NotFoundError:
+        return 0  # the tube does not exist (yet)
+
+
+def _fresh(body: bytes) -> tuple[bytes, str | None]:
+    """The payload to replay (attempt 1, no reason or origin) and its message id."""
+    try:
+        env = decode(body, max(len(body), 1))
+    except EnvelopeError:
+        return body, None  # not ours: replayed as it is
+    return encode(replace(env, attempt=1, reason=None, origin=None), 1 << 62, original=body), env.id
+
+
 def _rotate(c: "greenstalk.Client[bytes]", tube: str) -> list["greenstalk.Job[bytes]"]:
     """Every buried job of the used tube, oldest first; the buried list ends in its old order."""
-    try:
-        count = int(c.stats_tube(tube)["current-jobs-buried"])
-    except greenstalk.NotFoundError:
-        return []  # the tube does not exist (yet)
     jobs: list[greenstalk.Job[bytes]] = []
-    for _ in range(count):
+    for _ in range(_buried_count(c, tube)):
         try:
             head = c.peek_buried()
         except greenstalk.NotFoundError:
