@@ -221,3 +221,12 @@ def test_dead_letters_list_in_order_replay_and_purge(url: str, q: str) -> None:
             assert [(m.id, m.attempt) for m in collect(c, 1)] == [(ids[2], 1)]
         assert dead.purge() == 1
         assert dead.list() == []
+
+
+def test_queue_names_beanstalkd_cannot_hold_are_refused_clearly(url: str) -> None:
+    with mqprimer.connect(url) as conn:
+        for name in ("orders:eu", "x" * 196):
+            with pytest.raises(mqprimer.UnsupportedError, match="tube names"):
+                conn.producer().send(name, 1)
+            with pytest.raises(mqprimer.UnsupportedError, match="tube names"):
+                conn.consumer(name)

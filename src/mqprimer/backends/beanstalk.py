@@ -51,6 +51,7 @@ from ..url import URL
 DEFAULT_PORT = 11300
 DEFAULT_TTR = 60
 _PRI_BASE = 1024
+_TUBE_MAX = 195
 _CONNECT_TIMEOUT = 5.0
 _IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error; reserves wait at most 10 s
 _POLL_MAX = 0.02  # longest pause between polls inside a sub-second receive
@@ -119,7 +120,13 @@ def _secs(delay: float | None) -> int:
 def _tube(dest: Destination) -> str:
     if type(dest) is Topic:
         raise UnsupportedError("the beanstalk backend does not support publish-subscribe (Topic destinations)")
-    return dest.name
+    name = dest.name
+    if ":" in name or len(name) > _TUBE_MAX:
+        raise UnsupportedError(
+            f"the beanstalk backend cannot use queue {name!r}: beanstalkd tube names have no ':' and at most "
+            f"{_TUBE_MAX} characters here (200, less the '.dead' of the dead-letter tube)"
+        )
+    return name
 
 
 def _connect(host: str, port: int, use: str | None = None, watch: str | None = None) -> "greenstalk.Client[bytes]":
