@@ -73,3 +73,12 @@ def test_high_availability_failover_and_consume_from_both(tmp_path: Path) -> Non
     assert "failed over to broker B" in r.stdout
     assert "handled 12/12 events from both brokers; exit code 0" in r.stdout
     assert "failing over from" in r.stderr
+
+
+def test_scripts_demo_is_the_readme_command(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"))
+    env.pop("MQPRIMER_URL", None)
+    r = subprocess.run([str(ROOT / "scripts" / "demo")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "19/19 replies" in r.stdout and (tmp_path / "xdg" / "mqprimer" / "default.db").exists()

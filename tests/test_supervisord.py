@@ -98,10 +98,20 @@ def send(url: str, bodies: list[dict[str, float]]) -> list[str]:
 def test_sigkilled_worker_is_restarted_and_no_message_is_lost(sv: Supervisor) -> None:
     ids = send(sv.url, [{"sleep": 0.05}] * 40)
     wait_until(lambda: len(sv.done() & set(ids)) >= 5, timeout=60, what="work under way")
-    before = sv.pids()
     victim = NAMES[0]
-    os.kill(before[victim], signal.SIGKILL)
-    wait_until(lambda: sv.pids().get(victim, before[victim]) != before[victim], timeout=60, interval=0.3,
+
+    def kill_victim() -> int | None:
+        pid = sv.pids().get(victim)  # not RUNNING just now (recycling between lives): try again
+        if pid is None:
+            return None
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    killed = wait_until(kill_victim, timeout=60, interval=0.1, what="a running worker to kill")
+    wait_until(lambda: sv.pids().get(victim, killed) != killed, timeout=60, interval=0.3,
                what="the killed worker restarted")
     wait_until(lambda: set(ids) <= sv.done(), timeout=90, interval=0.2, what="every message handled")
     assert re.search(r"exited: mqprimer-worker_00 \(terminated by SIGKILL", sv.log())

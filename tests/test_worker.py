@@ -210,6 +210,14 @@ def test_log_lines_are_structured_and_carry_no_body(caplog: pytest.LogCaptureFix
     assert "s3cr3t" not in caplog.text
 
 
+def test_password_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="mqprimer")
+    w = Worker("memory://bob:hunter2@pw", "jobs", lambda m: None, max_time=0.2, handle_signals=False)
+    assert w.run() == EXIT_RECYCLE
+    assert "worker started" in caplog.text and "bob:***@pw" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
 def test_unhandleable_body_is_dead_lettered_and_the_worker_keeps_going(url: str, conn: mqprimer.Connection) -> None:
     def handle(m: mqprimer.Message) -> None:
         int(m.body["n"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,10 +114,17 @@ def test_recycle_by_max_messages_exits_75(tmp_path: Path, env: dict[str, str]) -
         assert b"recycling: max_messages=3 reached" in out
 
 
-def test_recycle_by_max_time_exits_75(tmp_path: Path, env: dict[str, str]) -> None:
-    proc = worker(tmp_path, env, f"sqlite:///{tmp_path}/q.db", "--max-time", "0.5s")
+def test_recycle_by_max_time_exits_75_and_json_logs(tmp_path: Path, env: dict[str, str]) -> None:
+    url = f"sqlite:///{tmp_path}/q.db"
+    with mqprimer.connect(url) as conn:
+        mid = conn.producer().send("jobs", "j1")
+    proc = worker(tmp_path, env, url, "--max-time", "1.5s", "--json")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 75, out.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    [ack] = [r for r in lines if r.get("outcome") == "ack"]
+    assert ack["id"] == mid and ack["destination"] == "jobs" and ack["attempt"] == 1 and ack["duration_ms"] >= 0
+    assert any("max_time=1.5s reached" in r["message"] for r in lines)
 
 
 def test_broker_down_at_start_worker_waits_without_spinning_then_works(tmp_path: Path, env: dict[str, str]) -> None:
