@@ -26,6 +26,7 @@ import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -82,17 +83,19 @@ class _StatusMap:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.by_id: dict[str, Key] = {}  # insertion order: the first key is the oldest
+        # an OrderedDict: popping the oldest of a plain dict rescans its deleted slots (O(n))
+        self.by_id: OrderedDict[str, Key] = OrderedDict()
         self.by_job: dict[Key, str] = {}
 
     def put(self, mid: str, key: Key) -> None:
         with self.lock:
+            old = self.by_id.pop(mid, None)  # an id sent again
+            if old is not None:
+                self.by_job.pop(old, None)
             self.by_id[mid] = key
             self.by_job[key] = mid
             if len(self.by_id) > _STATUS_KEEP:
-                self.by_job.pop(self.by_id.pop(next(iter(self.by_id))), None)
-            if len(self.by_job) > 2 * _STATUS_KEEP:  # ids sent twice leave old jobs behind
-                self.by_job.pop(next(iter(self.by_job)))
+                self.by_job.pop(self.by_id.popitem(last=False)[1], None)
 
     def moved(self, old: Key, new: Key) -> None:
         with self.lock:
