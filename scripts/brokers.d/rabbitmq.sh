@@ -150,6 +150,9 @@ rabbitmq_down() {
   fi
   rm -f "$d/rabbitmq.pid" "$d/launch.pid"
   stop_pid "$d/epmd.pid" 5
+  # A test broker starts empty each session: after a SIGKILL the node re-checks every
+  # durable queue (~60 ms each here), so queues left by old runs slow every fault test.
+  rm -rf "$d/mnesia"
 }
 
 rabbitmq_status() {

@@ -31,6 +31,7 @@ URL_PARAMS = frozenset({
     "cafile", "certfile", "keyfile", "verify", "server_name",
 })
 _ACK_DELAY = 0.2  # longest an ack waits in pika's buffer while the consumer is busy elsewhere
+_CLOSE_WAIT = 2.0  # longest close() waits for the broker's Close-Ok
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -176,14 +177,21 @@ class Link:
                 self.lock.release()
 
     def close(self) -> None:
+        """Close politely, but give up after ``_CLOSE_WAIT`` s: a frozen broker never answers
+        Connection.Close, and pika's own ``close()`` would wait for the heartbeat check."""
         self._stop.set()
         with self.lock:
-            if self.error is None and self.conn.is_open:
-                try:
-                    coalesce(self.conn)
-                    self.conn.close()  # deferred acks leave before Connection.Close
-                except Exception:
-                    pass  # closing a broken connection: nothing left to do
+            conn = self.conn
+            if self.error is not None or not conn.is_open:
+                return
+            try:
+                coalesce(conn)
+                conn._impl.close()  # queued behind the deferred acks, so they go first
+                deadline = time.monotonic() + _CLOSE_WAIT
+                while not conn.is_closed and time.monotonic() < deadline:
+                    conn.process_data_events(0.1)
+            except Exception:
+                pass  # closing a broken connection: nothing left to do
 
 
 def coalesce(conn: pika.BlockingConnection) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pika.exceptions as px
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from pika.spec import BasicProperties
 
 from ..backend import (
@@ -95,7 +96,10 @@ def bucket_ms(delay: float) -> int:
 
 class AmqpBackend(Backend):
     capabilities = CAPABILITIES
-    connection_errors = (px.AMQPConnectionError, px.ChannelWrongStateError, px.ConsumerCancelled, OSError)
+    # AMQPConnectorException: pika's connect-phase errors (e.g. a handshake timeout on a frozen broker)
+    connection_errors = (
+        px.AMQPConnectionError, AMQPConnectorException, px.ChannelWrongStateError, px.ConsumerCancelled, OSError,
+    )
     auth_errors = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.AuthenticationError)
     url_params = URL_PARAMS
 
