@@ -147,3 +147,28 @@ def test_broker_down_at_start_worker_waits_without_spinning_then_works(tmp_path:
         proc.kill()
     assert proc.returncode == 0
     assert b"connect failed" in out and b"retrying in" in out
+
+
+def test_recycle_by_max_memory_exits_75(tmp_path: Path, env: dict[str, str]) -> None:
+    proc = worker(tmp_path, env, f"sqlite:///{tmp_path}/q.db", "--max-memory", "1MiB")  # any Python is bigger
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out.decode()
+    assert b"recycling: max_memory=1MiB reached (RSS " in out
+
+
+def test_idle_worker_sleeps_and_stops_promptly(tmp_path: Path, env: dict[str, str]) -> None:
+    proc = worker(tmp_path, env, f"sqlite:///{tmp_path}/q.db")
+    try:
+        assert proc.stdout is not None
+        assert b"worker started" in proc.stdout.readline()
+        time.sleep(0.5)
+        cpu0 = cpu_seconds(proc.pid)
+        time.sleep(2.0)
+        assert cpu_seconds(proc.pid) - cpu0 < 0.4  # polling an empty queue, not spinning
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
