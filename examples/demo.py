@@ -77,7 +77,8 @@ def main() -> int:
     for d in dead:
         say(f"dead:     {d.id}: {d.reason}")
     say(f"workers exited with {codes} after SIGTERM (0 = drained cleanly)")
-    say(f"inspect:  mqprimer dead-letters {url} {jobs} list")
+    shown = ",".join(str(mqprimer.URL.parse(u)) for u in url_list(url))  # never print a password
+    say(f"inspect:  mqprimer dead-letters '{shown}' {jobs} list")
     ok = len(got) == 19 and len(dead) == 1 and codes == [0, 0]
     return 0 if ok else 1
 

@@ -82,3 +82,20 @@ def test_scripts_demo_is_the_readme_command(tmp_path: Path) -> None:
                        timeout=170)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "19/19 replies" in r.stdout and (tmp_path / "xdg" / "mqprimer" / "default.db").exists()
+
+
+@pytest.mark.parametrize("broker", ["amqp", "beanstalk", "stomp-rabbitmq"])
+def test_demo_on_a_real_broker(tmp_path: Path, broker: str) -> None:
+    from conftest import need_broker
+
+    url = need_broker(broker)
+    r = run_example("examples.demo", tmp_path, "--url", url)
+    assert "19/19 replies from 2 worker process(es); dead letters: 1" in r.stdout
+    password = mqprimer_password(url)
+    assert password is None or (password not in r.stdout and password not in r.stderr)
+
+
+def mqprimer_password(url: str) -> str | None:
+    from mqprimer import URL
+
+    return URL.parse(url).password

@@ -250,9 +250,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     if args.verbose < 2:
-        # libraries' DEBUG output can carry bodies or SASL frames: only with -vv
+        # client libraries' chatter (and their DEBUG output, which can carry bodies or SASL
+        # frames) only with -vv
         for name in ("pika", "stomp", "stomp.py", "slixmpp", "greenstalk", "asyncio"):
-            logging.getLogger(name).setLevel(max(level, logging.INFO))
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 if __name__ == "__main__":  # pragma: no cover
