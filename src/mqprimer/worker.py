@@ -342,6 +342,7 @@ class Worker:
     # -- settling (owner thread only) -----------------------------------------------------
     def _settle(self, msg: Message, error: BaseException | None, duration: float) -> None:
         self._inflight -= 1
+        note = ""
         if self._abort_code is not None or error is _RELEASED:
             return  # left unsettled: it goes back to the broker when the consumer closes
         try:
@@ -364,8 +365,8 @@ class Worker:
                     msg.dead_letter(f"gave up after {msg.attempt} attempt(s): {reason}")
                     what = "dead-letter"
         except ConnectionFailed as exc:
-            log.warning("message %s not settled, the broker will deliver it again: %s", msg.id, exc)
-            what = "lost"
+            what = "lost"  # the broker delivers it again
+            note = f" not_settled={_quote(str(exc))}"
         except StateError:
             log.warning("message %s was settled by its handler; return or raise instead", msg.id)
             what = "ack" if error is None else "lost"
@@ -376,8 +377,8 @@ class Worker:
             level = logging.INFO if what == "ack" else logging.WARNING
             err = f" error={_quote(_describe(error))}" if error is not None else ""
             log.log(
-                level, "%s id=%s destination=%s attempt=%d duration_ms=%.2f%s",
-                what, msg.id, self._dest_name, msg.attempt, duration * 1000, err, extra={"mq": outcome.fields()},
+                level, "%s id=%s destination=%s attempt=%d duration_ms=%.2f%s%s",
+                what, msg.id, self._dest_name, msg.attempt, duration * 1000, err, note, extra={"mq": outcome.fields()},
             )
         if self.after is not None:
             _hook(self.after, msg, outcome)
