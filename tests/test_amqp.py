@@ -265,3 +265,18 @@ def test_a_long_handler_keeps_its_connection(url: str, queue: str) -> None:
             wait_until(lambda: time.monotonic() > deadline, timeout=10, interval=0.2, what="a long handler")
             m.ack()
             assert c.receive(timeout=0.5) is None, "the message came back: the connection was lost while held"
+
+
+# -- interoperability ---------------------------------------------------------------------------
+def test_amqp_and_stomp_clients_share_queues_on_one_rabbitmq(url: str, queue: str) -> None:
+    """The same envelope and the same queue arguments: either protocol reads what the other sent."""
+    stomp_url = need_broker("stomp-rabbitmq")
+    with mqprimer.connect(url) as amqp, mqprimer.connect(stomp_url) as stomp:
+        a_id = amqp.producer().send(queue, {"from": "amqp"}, headers={"k": "v"}, priority=3)
+        s_id = stomp.producer().send(queue, {"from": "stomp"}, headers={"k": "w"}, priority=7)
+        with amqp.consumer(queue) as c:
+            got = {m.id: (m.body, m.headers) for m in collect(c, 2)}
+        assert got == {a_id: ({"from": "amqp"}, {"k": "v"}), s_id: ({"from": "stomp"}, {"k": "w"})}
+        a2 = amqp.producer().send(queue, "back")
+        with stomp.consumer(queue) as c:
+            assert [(m.id, m.body) for m in collect(c, 1)] == [(a2, "back")]
