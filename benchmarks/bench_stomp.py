@@ -2,11 +2,12 @@
 
 Run (brokers from ``scripts/brokers up rabbitmq activemq``)::
 
-    .venv/bin/python benchmarks/bench_stomp.py [N]
+    .venv/bin/python benchmarks/bench_stomp.py [N]   (default 4000)
 
 For each broker: consume + ack (prefetch 100, pre-filled queue, same envelope bytes for
-both), send one at a time with a receipt (p50/p99), and batches of 100 sends with receipts
-(mqprimer ``send_many`` vs raw stomp.py sending 100 then waiting for the 100 receipts).
+both; five alternating rounds, best kept, plus the client's CPU time per message), send
+one at a time with a receipt (p50/p99), and batches of 100 sends with receipts (mqprimer
+``send_many`` vs raw stomp.py sending 100 then waiting for the 100 receipts).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -89,9 +91,18 @@ def _payload(conn: mqprimer.Connection) -> bytes:
     return conn.producer().build("x", BODY).payload
 
 
-def consume(url: str, label: str, n: int, rabbit: bool, rounds: int = 3) -> list[Result]:
+def _cpu_timed(name: str, n: int, fn: Any, cpu: dict[str, list[float]]) -> Result:
+    """``timed`` plus this process's CPU time per message (stable where wall time is not)."""
+    c0 = time.process_time()
+    r = timed(name, n, fn)
+    cpu.setdefault(name, []).append((time.process_time() - c0) / n * 1e6)
+    return r
+
+
+def consume(url: str, label: str, n: int, rabbit: bool, rounds: int = 5) -> list[Result]:
     """Alternate raw and mqprimer rounds (the broker's state drifts on a shared machine); keep the best."""
     best: dict[str, Result] = {}
+    cpu: dict[str, list[float]] = {}
     with mqprimer.connect(url) as conn:
         payload = _payload(conn)
 
@@ -113,7 +124,7 @@ def consume(url: str, label: str, n: int, rabbit: bool, rounds: int = 3) -> list
                     f = raw.inbox.get(timeout=30)
                     raw.conn.ack(f.headers["ack"])
 
-            results = [timed(f"{label} raw stomp.py consume+ack", n, raw_loop)]
+            results = [_cpu_timed(f"{label} raw stomp.py consume+ack", n, raw_loop, cpu)]
             raw.close()
             with conn.consumer(q_ours, prefetch=PREFETCH) as c:
                 def ours_loop(c: mqprimer.Consumer = c) -> None:
@@ -122,10 +133,12 @@ def consume(url: str, label: str, n: int, rabbit: bool, rounds: int = 3) -> list
                         assert m is not None
                         m.ack()
 
-                results.append(timed(f"{label} mqprimer consume+ack", n, ours_loop))
+                results.append(_cpu_timed(f"{label} mqprimer consume+ack", n, ours_loop, cpu))
             for r in results:
                 if r.name not in best or r.rate > best[r.name].rate:
                     best[r.name] = r
+    for name, samples in cpu.items():
+        print(f"{name}: client CPU {min(samples):.1f} µs/msg (best of {len(samples)} rounds)")
     return list(best.values())
 
 
@@ -169,7 +182,7 @@ def send(url: str, label: str, n: int, rabbit: bool) -> list[Result]:
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 5000
+    n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 4000
     urls = {}
     path = ROOT / ".run" / "brokers" / "urls"
     for line in path.read_text().splitlines() if path.exists() else []:

@@ -110,6 +110,7 @@ def test_a_cut_connection_surfaces_and_is_recovered(url: str, queue: str) -> Non
         with conn.consumer(queue, prefetch=5) as c:
             p.send(queue, "before")
             assert collect(c, 1)[0].body == "before"
+            assert c.receive(timeout=0.2) is None  # waiting writes the batched ACKs out
             _cut(conn)
             mid = p.send(queue, "after")  # reconnects, then publishes (confirmed)
             got = wait_until(lambda: c.receive(timeout=0.5), timeout=30, what="a message after the cut")
@@ -282,7 +283,7 @@ def test_tls_needs_a_trusted_certificate(tls_url: str, tmp_path: Path) -> None:
 
 def test_rabbitmq_permission_refusal_is_an_authentication_error(queue: str) -> None:
     u = URL.parse(need_broker("stomp-rabbitmq"))
-    limited = URL(u.scheme, "mqprimer-limited", "limited", u.hosts, u.path, u.query).render(hide_password=False)
+    limited = URL(u.scheme, "mqprimer-limited", "zq7pw", u.hosts, u.path, u.query).render(hide_password=False)
     with mqprimer.connect(limited, reconnect_timeout=2) as conn:
         with pytest.raises(AuthenticationError, match="access"):
             conn.producer().send(queue, "refused")

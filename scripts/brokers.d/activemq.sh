@@ -138,6 +138,8 @@ activemq_down() {
   stop_pid "$(_amq_dir)/activemq.pid" 10
   drop_urls stomp-activemq
   drop_urls stomp+ssl-activemq
+  # a test broker starts each session empty (kill + up keeps the data: that is the fault test)
+  rm -rf "$(_amq_dir)/data"
 }
 
 activemq_status() {

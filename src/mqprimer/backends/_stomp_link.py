@@ -33,6 +33,8 @@ _silence_stomp_py()
 
 CONNECT_TIMEOUT = 15.0
 RECEIPT_TIMEOUT = 30.0
+ACK_BATCH = 32  # ACKs written together at most
+ACK_LINGER = 0.01  # seconds an ACK may wait for others while the consumer is busy
 _LOST = object()  # inbox sentinel: the connection is gone
 
 
@@ -60,6 +62,20 @@ def _broker_error(message: str) -> StompBrokerError:
     """An ERROR frame as an exception: a permission refusal is an authentication error."""
     low = message.lower()
     return (StompAuthError if any(r in low for r in _REFUSALS) else StompBrokerError)(message)
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or ":" in value or "\n" in value or "\r" in value:
+        value = value.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n").replace(":", "\\c")
+    return value
+
+
+def encode_frame(cmd: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    """A STOMP 1.2 frame (headers escaped; ``content-length`` whenever there is a body)."""
+    if body:
+        headers["content-length"] = str(len(body))
+    head = "".join([cmd, "\n", *(f"{_escape(k)}:{_escape(v)}\n" for k, v in headers.items()), "\n"])
+    return head.encode() + body + b"\x00"
 
 
 class Link(stomp.ConnectionListener):  # type: ignore[misc]
@@ -104,6 +120,9 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._login = login
         self._passcode = passcode
         self._extra = dict(extra_connect_headers or {})
+        self._acks: list[bytes] = []
+        self._ack_cond = threading.Condition()
+        self._flusher: threading.Thread | None = None
 
     # -- listener callbacks (stomp.py's receiver thread) ----------------------------
     def on_connected(self, frame: Any) -> None:
@@ -162,7 +181,13 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
 
     def close(self) -> None:
         """Disconnect (the broker then gives every unacked message back). Never raises."""
+        try:
+            self.flush_acks()  # ACKs already given go out before the DISCONNECT
+        except Exception:
+            pass
         was_alive, self.alive = self.alive, False
+        with self._ack_cond:
+            self._ack_cond.notify_all()
         try:
             if was_alive:
                 rid = self.next_id("bye")
@@ -189,11 +214,22 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             raise _broker_error(self.error)
 
     def send_frame(self, cmd: str, headers: dict[str, str], body: bytes = b"") -> None:
+        self.write(encode_frame(cmd, headers, body))
+
+    def write(self, data: bytes) -> None:
+        """Put encoded frames on the wire: one system call for a whole batch.
+
+        stomp.py's own path (Frame objects, listener callbacks, one ``sendall`` per frame)
+        costs more than the broker round trip of an ACK; its transport's ``send`` (and, for
+        TLS, the queue its I/O thread writes from) is all a frame needs.
+        """
         self.check()
-        if body:
-            headers["content-length"] = str(len(body))
+        t = self.conn.transport
         try:
-            self.conn.send_frame(cmd, headers, body)
+            if t.blocking:
+                t.send(data)
+            else:
+                t.send_queue.put(data)
         except NotConnectedException:
             raise ConnectionLost("the STOMP connection was lost") from None
 
@@ -233,9 +269,48 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.close()  # a broker that stops answering is treated as gone
         raise ConnectionLost(f"no RECEIPT from the broker within {timeout:.0f}s")
 
+    # -- acknowledgements ------------------------------------------------------------------
+    # One write per ACK costs more than the ACK itself here (a system call and a GIL hand-off
+    # to stomp.py's receiver thread each). ACKs are written together: when ACK_BATCH are
+    # waiting, whenever the consumer is about to wait for a message, before the link closes,
+    # and at the latest ACK_LINGER after the first one (a flusher thread). An ACK lost with
+    # its connection means a redelivery: the at-least-once contract holds.
+    def ack(self, ack_id: str) -> None:
+        self.check()
+        frame = encode_frame("ACK", {"id": ack_id})
+        with self._ack_cond:
+            self._acks.append(frame)
+            n = len(self._acks)
+            if n == 1:
+                self._ack_cond.notify()
+        if n >= ACK_BATCH:
+            self.flush_acks()
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="mqprimer-stomp-acks", daemon=True)
+            self._flusher.start()
+
+    def flush_acks(self) -> None:
+        with self._ack_cond:
+            acks, self._acks = self._acks, []
+        if acks:
+            self.write(b"".join(acks))
+
+    def _flush_loop(self) -> None:
+        while self.alive:
+            with self._ack_cond:
+                while not self._acks and self.alive:
+                    self._ack_cond.wait(1.0)
+            time.sleep(ACK_LINGER)
+            try:
+                self.flush_acks()
+            except Exception:
+                return  # the connection is gone; the owner's next call says so
+
     def get(self, timeout: float | None) -> Any:
         """The next MESSAGE frame, or ``None`` after ``timeout``; raises once the link is gone."""
         self.check()
+        if self._acks and (timeout != 0 and self.inbox.empty() or len(self._acks) >= ACK_BATCH):
+            self.flush_acks()  # about to wait: let the broker have every ACK first
         try:
             frame = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
         except queue.Empty:

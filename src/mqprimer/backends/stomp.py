@@ -53,7 +53,7 @@ from ..backend import (
 )
 from ..errors import ConfigurationError, UnsupportedError
 from ..topics import matches
-from ._stomp_link import ConnectionLost, Link, StompAuthError, StompBrokerError
+from ._stomp_link import ConnectionLost, Link, StompAuthError, StompBrokerError, encode_frame
 
 _COMMON = dict(
     topic=NATIVE, retry=EMULATED, dead_letter=EMULATED, status=UNSUPPORTED,
@@ -169,8 +169,7 @@ class StompBackend(Backend):
 
     def send_headers(self, item: Outgoing) -> dict[str, str]:
         dest = item.destination
-        h: dict[str, str] = {"persistent": "true", "content-type": "application/cloudevents+json",
-                             "content-length": str(len(item.payload))}
+        h: dict[str, str] = {"persistent": "true", "content-type": "application/cloudevents+json"}
         delay_ms = int(-(-(item.delay or 0) * 1000 // 1))  # rounded up: never early
         if isinstance(dest, Topic):
             h["destination"] = f"/topic/{dest.name}"
@@ -208,12 +207,14 @@ class StompBackend(Backend):
             if it.delay and self.flavour == "rabbitmq" and isinstance(it.destination, Queue):
                 self.ensure_queue(it.destination.name)
         rids = []
+        frames = []
         for it in items:
             rid = link.next_id()
             headers = self.send_headers(it)
             headers["receipt"] = rid
-            link.send_frame("SEND", headers, it.payload)
+            frames.append(encode_frame("SEND", headers, it.payload))
             rids.append(rid)
+        link.write(b"".join(frames))  # the whole batch in one write, then wait for every receipt
         link.wait_receipts(rids)
         for it in items:
             if isinstance(it.destination, Queue) and not it.delay:
@@ -306,7 +307,7 @@ class StompSubscription(Subscription):
             return Delivery(frame.body, frame, broker_redelivered=h.get("redelivered") == "true")
 
     def ack_frame(self, frame: Any) -> None:
-        self.link.send_frame("ACK", {"id": frame.headers["ack"]})
+        self.link.ack(frame.headers["ack"])
 
     def ack(self, delivery: Delivery) -> None:
         self.ack_frame(delivery.tag)
