@@ -38,14 +38,13 @@ import os
 import queue
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from ._worker_util import Outcome, check_positive, describe, emergency, hook, quote, rss_mib
 from .backend import Destination
 from .errors import BrokerError, ConnectionFailed, DeadLetter, Retry, StateError, UnsupportedError
 from .message import Message
@@ -64,27 +63,6 @@ EXIT_RECYCLE = 75
 _IDLE_MIN = 0.05
 _RELEASED = StateError("released unhandled while stopping")
 _BUSY_POLL = 0.02  # how long the owner waits for a result while it could still take messages
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one message, for logs, metrics and the ``after`` hook."""
-
-    message_id: str
-    destination: str
-    attempt: int
-    outcome: str  # "ack", "retry", "dead-letter" or "lost" (the connection went away first)
-    duration: float  # seconds spent in the handler
-    error: BaseException | None = None
-
-    def fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.message_id, "destination": self.destination, "attempt": self.attempt,
-            "outcome": self.outcome, "duration_ms": round(self.duration * 1000, 3),
-        }
-        if self.error is not None:
-            out["error"] = _describe(self.error)
-        return out
 
 
 Handler = Callable[[Message], object]
@@ -121,14 +99,14 @@ class Worker:
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {type(handler).__name__}")
-        _positive("concurrency", concurrency, integer=True)
+        check_positive("concurrency", concurrency, integer=True)
         if prefetch is not None:
-            _positive("prefetch", prefetch, integer=True)
+            check_positive("prefetch", prefetch, integer=True)
         for name, value in (("max_messages", max_messages), ("max_memory", max_memory), ("max_time", max_time)):
             if value is not None:
-                _positive(name, value, integer=name == "max_messages")
-        _positive("idle_max", idle_max)
-        _positive("reconnect_max", reconnect_max)
+                check_positive(name, value, integer=name == "max_messages")
+        check_positive("idle_max", idle_max)
+        check_positive("reconnect_max", reconnect_max)
         self.url = url
         self.destination = destination
         self.handler = handler
@@ -204,7 +182,7 @@ class Worker:
                 continue
             try:
                 consumer = conn.consumer(
-                    self._destination(), prefetch=self.prefetch, subscription=self.subscription,
+                    self.destination, prefetch=self.prefetch, subscription=self.subscription,
                     retry=self.retry_policy,
                 )
             except ConnectionFailed as exc:
@@ -316,7 +294,7 @@ class Worker:
             start = time.perf_counter()
             try:
                 if before is not None:
-                    _hook(before, msg)
+                    hook(before, msg)
                 handler(msg)
             except BaseException as exc:  # every failure is an outcome, even SystemExit from a handler
                 error = exc
@@ -356,7 +334,7 @@ class Worker:
                 msg.dead_letter(error.reason)
                 what = "dead-letter"
             else:
-                reason = _describe(error)
+                reason = describe(error)
                 policy = self.retry_policy
                 if policy.should_retry(msg.attempt):
                     self._retry(msg, policy.delay_for(msg.attempt), reason)
@@ -366,7 +344,7 @@ class Worker:
                     what = "dead-letter"
         except ConnectionFailed as exc:
             what = "lost"  # the broker delivers it again
-            note = f" not_settled={_quote(str(exc))}"
+            note = f" not_settled={quote(str(exc))}"
         except StateError:
             log.warning("message %s was settled by its handler; return or raise instead", msg.id)
             what = "ack" if error is None else "lost"
@@ -375,13 +353,13 @@ class Worker:
         outcome = Outcome(msg.id, self._dest_name, msg.attempt, what, duration, error)
         if log.isEnabledFor(logging.INFO):
             level = logging.INFO if what == "ack" else logging.WARNING
-            err = f" error={_quote(_describe(error))}" if error is not None else ""
+            err = f" error={quote(describe(error))}" if error is not None else ""
             log.log(
                 level, "%s id=%s destination=%s attempt=%d duration_ms=%.2f%s%s",
                 what, msg.id, self._dest_name, msg.attempt, duration * 1000, err, note, extra={"mq": outcome.fields()},
             )
         if self.after is not None:
-            _hook(self.after, msg, outcome)
+            hook(self.after, msg, outcome)
 
     def _retry(self, msg: Message, delay: float | None, reason: str) -> None:
         try:
@@ -393,9 +371,6 @@ class Worker:
             msg.retry(None, error=reason)
 
     # -- helpers ------------------------------------------------------------------------
-    def _destination(self) -> "str | Destination":
-        return self.destination
-
     def _install_signals(self) -> list[tuple[int, Any]]:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return []
@@ -412,58 +387,10 @@ class Worker:
             self._draining = name
             self._exit_code = EXIT_OK  # asked to stop: even a recycle in progress now ends "done"
             self._release = True
-            _emergency(f"{name} received: finishing {self._inflight} in-flight message(s); send again to abort")
+            emergency(f"{name} received: finishing {self._inflight} in-flight message(s); send again to abort")
             return
-        _emergency(f"{name} received again: aborting; unsettled messages go back to the broker")
+        emergency(f"{name} received again: aborting; unsettled messages go back to the broker")
         self.abort(128 + signum)
-
-
-def rss_mib() -> float | None:
-    """This process's resident set size in MiB (current on Linux, peak elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1048576
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 1048576 if sys.platform == "darwin" else peak / 1024
-    except (ImportError, OSError):
-        return None
-
-
-def _emergency(text: str) -> None:
-    # from a signal handler: logging takes locks that the interrupted code may hold
-    try:
-        os.write(2, f"mqprimer worker: {text}\n".encode())
-    except OSError:
-        pass
-
-
-def _hook(fn: Callable[..., object], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("hook %s failed (ignored)", getattr(fn, "__name__", fn))
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    name = type(error).__name__
-    return f"{name}: {text[:500]}" if text else name
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-
-
-def _positive(name: str, value: float, *, integer: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 __all__ = ["EXIT_OK", "EXIT_RECYCLE", "EXIT_USAGE", "Outcome", "Worker", "rss_mib"]
