@@ -203,3 +203,28 @@ def test_bridge_holds_messages_while_the_sink_is_down(env: dict[str, str], url: 
         assert all(src.status(i) is mqprimer.Status.DONE for i in ids)
     with mqprimer.connect(sink) as dst:
         assert all(dst.status(i) is mqprimer.Status.READY for i in ids)
+
+
+@pytest.mark.parametrize("broker", ["amqp", "stomp-rabbitmq"])
+def test_wrong_credentials_exit_77_in_one_line_without_the_password(env: dict[str, str], broker: str) -> None:
+    from conftest import need_broker
+
+    good = mqprimer.URL.parse(need_broker(broker))
+    bad = mqprimer.URL(good.scheme, good.username, "not-the-password-x9", good.hosts, good.path, good.query)
+    r = run(["send", bad.render(hide_password=False), "jobs", "1"], env, timeout=120)
+    assert r.returncode == 77, r
+    assert len(r.stderr.strip().splitlines()) == 1 and "refused" in r.stderr
+    assert "not-the-password-x9" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("broker", ["amqp", "beanstalk"])
+def test_send_consume_doctor_on_a_real_broker(env: dict[str, str], broker: str) -> None:
+    from conftest import need_broker
+
+    url = need_broker(broker)
+    queue = f"cli{os.getpid()}{broker.replace('-', '')}"
+    assert run(["send", url, queue, '{"x": 1}'], env).returncode == 0
+    r = run(["consume", url, queue, "-n", "1", "-t", "10", "--json"], env)
+    assert r.returncode == 0 and json.loads(r.stdout)["body"] == {"x": 1}
+    d = json.loads(run(["doctor", url, "--json"], env).stdout)
+    assert d["ok"], d

@@ -249,11 +249,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    if args.verbose < 2:
-        # client libraries' chatter (and their DEBUG output, which can carry bodies or SASL
-        # frames) only with -vv
-        for name in ("pika", "stomp", "stomp.py", "slixmpp", "greenstalk", "asyncio"):
-            logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # Client libraries log their own view of every failure, with tracebacks, and their DEBUG
+    # output can carry bodies or SASL frames: mqprimer reports the failure once, in one
+    # line. Their warnings come back with -v, everything with -vv.
+    libs = {0: logging.CRITICAL, 1: logging.WARNING}.get(args.verbose, logging.DEBUG)
+    for name in ("pika", "stomp", "stomp.py", "slixmpp", "greenstalk", "gearman", "pygearman", "zmq", "asyncio"):
+        logging.getLogger(name).setLevel(libs)
 
 
 if __name__ == "__main__":  # pragma: no cover
