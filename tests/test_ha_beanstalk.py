@@ -124,3 +124,31 @@ def test_one_server_killed_mid_stream_nothing_lost(ha_url: str, q: str) -> None:
     duplicates = len(received) - len(set(received))
     assert duplicates <= 25, f"{duplicates} duplicates: more than the jobs in flight when the server died"
     assert tube_stats(raw(ha_url, 0), q)["ready"] == 0 and tube_stats(raw(ha_url, 1), q)["ready"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_worker_on_two_servers_handles_everything_once(ha_url: str, q: str) -> None:
+    from mqprimer.worker import EXIT_RECYCLE, Worker
+
+    sent: set[str] = set()
+    for i in (0, 1):
+        with mqprimer.connect(single(ha_url, i)) as one:
+            p = one.producer()
+            sent |= {p.send(q, {"server": i, "n": n}) for n in range(30)}
+            poison = p.send(q, "poison") if i == 1 else None
+    handled: list[str] = []
+    lock = threading.Lock()
+
+    def handler(m: mqprimer.Message) -> None:
+        if m.body == "poison":
+            raise ValueError("bad input")
+        with lock:
+            handled.append(m.id)
+
+    worker = Worker(ha_url, q, handler, concurrency=4, max_messages=62, handle_signals=False,
+                    retry=mqprimer.RetryPolicy(max_attempts=2, initial_delay=0, jitter=0))
+    assert worker.run() == EXIT_RECYCLE  # 60 good + the poison twice, then recycled
+    assert sorted(handled) == sorted(sent)
+    with mqprimer.connect(ha_url) as conn:
+        [dead] = conn.dead_letters(q).list()
+        assert dead.id == poison and dead.attempt == 2 and "ValueError: bad input" in (dead.reason or "")
