@@ -310,12 +310,8 @@ class Worker:
 
     def _settle_ready(self) -> None:
         results = self._results
-        while True:
-            try:
-                item = results.get_nowait()
-            except queue.Empty:
-                return
-            self._settle(*item)
+        while not results.empty():  # only this thread takes results: empty() is exact enough
+            self._settle(*results.get_nowait())
 
     # -- settling (owner thread only) -----------------------------------------------------
     def _settle(self, msg: Message, error: BaseException | None, duration: float) -> None:
@@ -349,10 +345,13 @@ class Worker:
             log.warning("message %s was settled by its handler; return or raise instead", msg.id)
             what = "ack" if error is None else "lost"
         self.handled += 1
-        self.stats[what] = self.stats.get(what, 0) + 1
+        self.stats[what] += 1
+        level = logging.INFO if what == "ack" else logging.WARNING
+        logged = log.isEnabledFor(level)
+        if not logged and self.after is None:
+            return  # the hot path: nobody looks at this outcome
         outcome = Outcome(msg.id, self._dest_name, msg.attempt, what, duration, error)
-        if log.isEnabledFor(logging.INFO):
-            level = logging.INFO if what == "ack" else logging.WARNING
+        if logged:
             err = f" error={quote(describe(error))}" if error is not None else ""
             log.log(
                 level, "%s id=%s destination=%s attempt=%d duration_ms=%.2f%s%s",
