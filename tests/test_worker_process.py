@@ -131,7 +131,7 @@ def test_broker_down_at_start_worker_waits_without_spinning_then_works(tmp_path:
     blocker = tmp_path / "data"
     blocker.write_text("a file where the database directory should be")
     url = f"sqlite:///{blocker}/q.db"
-    proc = worker(tmp_path, env, url)
+    proc = worker(tmp_path, env, url, "--reconnect-max", "1s")
     try:
         time.sleep(3)
         assert proc.poll() is None, "the worker exited instead of waiting for the broker"

@@ -112,6 +112,8 @@ def add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=parse_memory, help="recycle when RSS reaches this (e.g. 200MiB, 1G)")
     p.add_argument("--max-time", type=parse_duration, help="recycle after this long (e.g. 3600, 30m, 1h)")
     p.add_argument("--idle-max", type=parse_duration, default=1.0, help="longest wait per poll when idle (default 1s)")
+    p.add_argument("--reconnect-max", type=parse_duration, default=30.0,
+                   help="longest wait between reconnect attempts when the broker is down (default 30s)")
     p.add_argument("--topic", action="store_true", help="DEST is a topic or topic pattern")
     p.add_argument("--subscription", help="durable topic subscription name")
     p.set_defaults(func=cmd_worker)
@@ -129,7 +131,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(
         url, Topic(dest) if args.topic else dest, handler, concurrency=args.concurrency, prefetch=args.prefetch,
         retry=policy, max_messages=args.max_messages, max_memory=args.max_memory, max_time=args.max_time,
-        idle_max=args.idle_max, subscription=args.subscription,
+        idle_max=args.idle_max, reconnect_max=args.reconnect_max, subscription=args.subscription,
     )
     code = worker.run()
     s = worker.stats
