@@ -27,7 +27,6 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import ClassVar
 
 import greenstalk
@@ -45,9 +44,9 @@ from ..backend import (
     Subscription,
     Topic,
 )
-from ..envelope import decode, encode, replace
-from ..errors import ConfigurationError, EnvelopeError, MessageTooLarge, UnsupportedError
+from ..errors import ConfigurationError, MessageTooLarge, UnsupportedError
 from ..url import URL
+from ._beanstalk_dead import BuriedStore
 
 DEFAULT_PORT = 11300
 DEFAULT_TTR = 60
@@ -222,7 +221,7 @@ class BeanstalkBackend(Backend):
         )
 
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
-        return _BuriedStore(self.host, self.port, queue)
+        return BuriedStore(lambda: _connect(self.host, self.port, watch=f"{queue}.dead"), queue)
 
 
 class _BeanstalkSub(Subscription):
@@ -314,128 +313,3 @@ class _BeanstalkSub(Subscription):
             self.c.close()  # beanstalkd returns this connection's reserved jobs to ready at once
         except OSError:
             pass
-
-
-class _BuriedStore(DeadLetterStore):
-    """Dead letters of ``queue``: every job in ``<queue>.dead`` and buried jobs in ``<queue>``.
-
-    beanstalkd shows only the oldest buried job of a tube (``peek-buried``), so listing
-    rotates the buried list once (reserve the head by id, bury it again at the tail) which
-    leaves its order as it was. Each operation uses a connection of its own.
-    """
-
-    def __init__(self, host: str, port: int, queue: str) -> None:
-        self.host, self.port, self.queue = host, port, queue
-        self.tubes = (f"{queue}.dead", queue)
-
-    def _run(self, fn: Callable[["greenstalk.Client[bytes]"], int]) -> int:
-        c = _connect(self.host, self.port, watch=self.tubes[0])
-        try:
-            _bury_ready(c)
-            return fn(c)
-        finally:
-            c.close()
-
-    def list(self, limit: int) -> list[bytes]:
-        out: list[bytes] = []
-
-        def run(c: "greenstalk.Client[bytes]") -> int:
-            for tube in self.tubes:
-                c.use(tube)
-                for job in _rotate(c, tube):
-                    if len(out) < limit:
-                        out.append(job.body)
-            return len(out)
-
-        self._run(run)
-        return out
-
-    def replay(self, limit: int | None, ids: set[str] | None = None) -> int:
-        def run(c: "greenstalk.Client[bytes]") -> int:
-            n = 0
-            for tube in self.tubes:
-                c.use(tube)
-                # with ids, every buried job is looked at once: the others go round to the tail
-                for _ in range(_buried_count(c, tube) if ids is not None else 1 << 62):
-                    if limit is not None and n >= limit:
-                        break
-                    try:
-                        head = c.peek_buried()
-                        st = c.stats_job(head)
-                        job = c.reserve_job(head.id)  # ours now: a crash puts it back to ready in its tube
-                    except greenstalk.NotFoundError:
-                        if ids is None:
-                            break
-                        continue  # gone, or taken by another client meanwhile
-                    body, mid = _fresh(job.body)
-                    if ids is not None and mid not in ids:
-                        c.bury(job, int(st["pri"]))
-                        continue
-                    c.use(self.queue)
-                    c.put(body, int(st["pri"]), 0, int(st["ttr"]))
-                    c.use(tube)
-                    c.delete(job)
-                    n += 1
-            return n
-
-        return self._run(run)
-
-    def purge(self) -> int:
-        def run(c: "greenstalk.Client[bytes]") -> int:
-            n = 0
-            for tube in self.tubes:
-                c.use(tube)
-                while True:
-                    try:
-                        c.delete(c.peek_buried())
-                    except greenstalk.NotFoundError:
-                        break
-                    n += 1
-            return n
-
-        return self._run(run)
-
-
-def _bury_ready(c: "greenstalk.Client[bytes]") -> None:
-    """Bury the ready jobs of the watched dead-letter tube (left ready by a crash mid-way)."""
-    while True:
-        try:
-            job = c.reserve(0)
-        except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
-            return
-        c.bury(job, int(c.stats_job(job)["pri"]))
-
-
-def _buried_count(c: "greenstalk.Client[bytes]", tube: str) -> int:
-    try:
-        return int(c.stats_tube(tube)["current-jobs-buried"])
-    except greenstalk.NotFoundError:
-        return 0  # the tube does not exist (yet)
-
-
-def _fresh(body: bytes) -> tuple[bytes, str | None]:
-    """The payload to replay (attempt 1, no reason or origin) and its message id."""
-    try:
-        env = decode(body, max(len(body), 1))
-    except EnvelopeError:
-        return body, None  # not ours: replayed as it is
-    return encode(replace(env, attempt=1, reason=None, origin=None), 1 << 62, original=body), env.id
-
-
-def _rotate(c: "greenstalk.Client[bytes]", tube: str) -> list["greenstalk.Job[bytes]"]:
-    """Every buried job of the used tube, oldest first; the buried list ends in its old order."""
-    jobs: list[greenstalk.Job[bytes]] = []
-    for _ in range(_buried_count(c, tube)):
-        try:
-            head = c.peek_buried()
-        except greenstalk.NotFoundError:
-            break
-        if jobs and head.id == jobs[0].id:
-            break  # a full turn (another client removed some meanwhile)
-        pri = int(c.stats_job(head)["pri"])
-        try:
-            c.bury(c.reserve_job(head.id), pri)
-        except greenstalk.NotFoundError:
-            continue  # deleted or kicked by someone else meanwhile
-        jobs.append(head)
-    return jobs
