@@ -269,7 +269,8 @@ class StompSubscription(Subscription):
         if isinstance(destination, Topic):
             own = subscription or f"{_SUB_PREFIX}{uuid.uuid4().hex[:16]}"
             stomp_dest, self.filter = _topic_destination(destination.name, flavour)
-            t = {**base, "destination": stomp_dest, "id": "topic"}
+            # ids with a '/' cannot clash with a subscription name (RabbitMQ's durable id)
+            t = {**base, "destination": stomp_dest, "id": "/topic"}
             if subscription and flavour == "rabbitmq":
                 t.update({"id": subscription, "durable": "true", "auto-delete": "false"})
             elif subscription and flavour == "activemq":
@@ -280,7 +281,7 @@ class StompSubscription(Subscription):
             queue = own
         else:
             queue = destination.name
-        frames.append({**base, "destination": f"/queue/{queue}", "id": "queue", **backend.queue_headers(queue)})
+        frames.append({**base, "destination": f"/queue/{queue}", "id": "/queue", **backend.queue_headers(queue)})
         self.retry_target = Queue(queue)
         self.dead_target = Queue(f"{queue}.dead")
         rids = []
@@ -299,7 +300,7 @@ class StompSubscription(Subscription):
             if frame is None:
                 return None
             h = frame.headers
-            if self.filter is not None and h.get("subscription") == "topic":
+            if self.filter is not None and h.get("subscription") == "/topic":
                 topic = h.get("destination", "").removeprefix("/topic/")
                 if not matches(self.filter, topic):
                     self.ack_frame(frame)  # this subscription's own copy, outside the exact pattern
