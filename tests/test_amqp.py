@@ -94,6 +94,7 @@ def test_unknown_and_misplaced_options_are_refused(url: str) -> None:
 def test_what_is_declared_on_the_broker(url: str, queue: str, raw: Channel) -> None:
     with mqprimer.connect(url) as conn:
         conn.producer().send(queue, "x")
+        conn.producer().send(Topic("nobody.listens"), "dropped")
     # durable, with x-max-priority 9: a redeclare with other arguments is refused (406)
     assert raw.queue_declare(queue, durable=True, arguments={"x-max-priority": 9}).method.message_count == 1
     ch = raw.connection.channel()

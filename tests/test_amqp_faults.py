@@ -25,7 +25,7 @@ import pytest
 import mqprimer
 from conftest import ROOT, need_broker
 from mqprimer import ConnectionFailed
-from mqprimer.testing.helpers import collect
+from mqprimer.testing.helpers import collect, wait_until
 from mqprimer.url import URL
 
 RUN = Path(os.environ.get("MQPRIMER_RUN_DIR", ROOT / ".run" / "brokers"))
@@ -38,6 +38,14 @@ def _brokers(*args: str) -> None:
 
 def _node_pid() -> int:
     return int((RUN / "rabbitmq" / "rabbitmq.pid").read_text().strip())
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (T = stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _with(url: str, **params: str) -> str:
@@ -197,6 +205,7 @@ def test_frozen_broker_gives_clear_errors_within_the_configured_timeouts(url: st
         pid = _node_pid()
         os.kill(pid, signal.SIGSTOP)
         try:
+            wait_until(lambda: _state(pid) == "T", timeout=5, what=f"the broker (pid {pid}) to stop")
             start = time.monotonic()
             with pytest.raises(ConnectionFailed) as sent_err:
                 p.send(queue, "during")

@@ -225,22 +225,8 @@ class AmqpSubscription(Subscription):
         self._ack_batch = max(1, prefetch // 4)
         self._link = link = Link(parameters(backend.url, opts, f"mqprimer consumer {destination}"), opts.heartbeat)
         try:
-            ch = self._ch = link.conn.channel()
-            self._impl = ch._impl  # pika's async channel: basic_ack without a flush per ack
-            ch.basic_qos(prefetch_count=prefetch)
-            if isinstance(destination, Topic):
-                qname = name or f"mqprimer.sub.{uuid.uuid4().hex}"
-                ch.exchange_declare(opts.exchange, "topic", durable=True)
-                ch.queue_declare(qname, durable=name is not None, exclusive=name is None,
-                                 auto_delete=name is None, arguments=backend.queue_args)
-                ch.queue_bind(qname, opts.exchange, routing_key=destination.name)
-                self.retry_target: Destination = SubQueue(qname)
-            else:
-                qname = destination.name
-                ch.queue_declare(qname, durable=True, arguments=backend.queue_args)
-                self.retry_target = destination
-            self.dead_target = Queue(f"{qname}.dead")
-            ch.basic_consume(qname, self._on_message)
+            with link.lock:  # the keeper thread must not pump the connection while we declare
+                self._setup(backend, destination, prefetch, name)
         except px.AMQPChannelError as exc:
             link.close()
             raise refused(exc) from None
@@ -248,18 +234,37 @@ class AmqpSubscription(Subscription):
             link.close()
             raise
 
+    def _setup(self, backend: AmqpBackend, destination: Destination, prefetch: int, name: str | None) -> None:
+        opts = backend.opts
+        ch = self._ch = self._link.conn.channel()
+        self._impl = ch._impl  # pika's async channel: basic_ack without a flush per ack
+        ch.basic_qos(prefetch_count=prefetch)
+        if isinstance(destination, Topic):
+            qname = name or f"mqprimer.sub.{uuid.uuid4().hex}"
+            ch.exchange_declare(opts.exchange, "topic", durable=True)
+            ch.queue_declare(qname, durable=name is not None, exclusive=name is None,
+                             auto_delete=name is None, arguments=backend.queue_args)
+            ch.queue_bind(qname, opts.exchange, routing_key=destination.name)
+            self.retry_target: Destination = SubQueue(qname)
+        else:
+            qname = destination.name
+            ch.queue_declare(qname, durable=True, arguments=backend.queue_args)
+            self.retry_target = destination
+        self.dead_target = Queue(f"{qname}.dead")
+        ch.basic_consume(qname, self._on_message)
+
     def _on_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
         self._buf.append(Delivery(body, method.delivery_tag, 0, method.redelivered))
 
     def receive(self, timeout: float | None) -> Delivery | None:
         link, buf = self._link, self._buf
         with link.lock:
+            if link.error is not None:  # what is buffered will be redelivered: do not hand it out
+                raise link.error
             if buf:
                 if link.unflushed >= self._ack_batch:
                     link.flush()
                 return buf.popleft()
-            if link.error is not None:
-                raise link.error
             coalesce(link.conn)
             link.unflushed = 0  # process_data_events writes everything out first
             if timeout is None:
@@ -270,11 +275,12 @@ class AmqpSubscription(Subscription):
             return buf.popleft() if buf else None
 
     def ack(self, delivery: Delivery) -> None:
-        """Ack; the frame leaves with the next batch of acks, at the latest when the
-        consumer next waits for messages, closes, or after 0.2 s (the keeper thread).
+        """Ack. While more prefetched messages wait, the frame leaves with the next batch
+        of acks (every ``prefetch / 4``, when the consumer next waits or closes, or within
+        0.2 s by the keeper thread); when none waits, at once.
 
-        Batching acks saves a send() per message. A process killed in that window gets the
-        message redelivered: at-least-once either way.
+        Batching saves a send() per message on busy queues. A process killed inside that
+        window gets the message redelivered: at-least-once either way.
         """
         link = self._link
         with link.lock:
@@ -282,7 +288,7 @@ class AmqpSubscription(Subscription):
                 raise link.error
             self._impl.basic_ack(delivery.tag)
             link.unflushed += 1
-            if not link.keeper:
+            if not self._buf or not link.keeper:
                 link.flush()
 
     def requeue(self, delivery: Delivery) -> None:
