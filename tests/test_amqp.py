@@ -7,6 +7,7 @@ raw pika, poison messages, and the heartbeat keeper. Broker faults: test_amqp_fa
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -281,3 +282,27 @@ def test_amqp_and_stomp_clients_share_queues_on_one_rabbitmq(url: str, queue: st
         a2 = amqp.producer().send(queue, "back")
         with stomp.consumer(queue) as c:
             assert [(m.id, m.body) for m in collect(c, 1)] == [(a2, "back")]
+
+
+def test_worker_with_a_thread_pool_over_amqp(url: str, queue: str) -> None:
+    """The Worker settles from its owner thread while handlers run on a pool: every message
+    handled once, the failing ones retried through a delay bucket, the queue left empty."""
+    seen: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def handler(message: mqprimer.Message) -> None:
+        with lock:
+            seen[message.body] = seen.get(message.body, 0) + 1
+        if message.body % 10 == 0 and message.attempt == 1:
+            raise RuntimeError("first try fails")
+
+    with mqprimer.connect(url) as conn:
+        conn.producer().send_many([(queue, i) for i in range(100)])
+        worker = mqprimer.Worker(url, queue, handler, concurrency=4, max_messages=110, handle_signals=False,
+                                 retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
+        worker.run()
+        assert sorted(seen) == list(range(100))
+        assert all(n == (2 if i % 10 == 0 else 1) for i, n in seen.items()), seen
+        assert worker.stats["ack"] == 100 and worker.stats["retry"] == 10
+        with conn.consumer(queue) as c:
+            assert c.receive(timeout=0.5) is None
