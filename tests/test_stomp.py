@@ -305,3 +305,26 @@ def test_driver_requeue_gives_the_message_back_without_nack_semantics(url: str, 
         sub.close()
     finally:
         backend.close()
+
+
+def test_delayed_topic_message_reaches_subscribers_after_the_delay(url: str, queue: str) -> None:
+    topic = Topic(f"{queue}.later")
+    with mqprimer.connect(url) as conn, conn.consumer(topic) as sub:
+        start = time.monotonic()
+        mid = conn.producer().send(topic, "later", delay=1.0)
+        assert sub.receive(timeout=0.5) is None
+        m = collect(sub, 1, timeout=15)[0]
+        assert m.id == mid and time.monotonic() - start >= 1.0 - 0.02
+        assert sub.receive(timeout=0.3) is None
+
+
+def test_priority_on_a_topic_subscription(url: str, queue: str) -> None:
+    topic = Topic(f"{queue}.prio")
+    with mqprimer.connect(url) as conn:
+        with conn.consumer(topic, subscription=f"{queue}-prio") as sub:
+            assert sub.receive(timeout=0.2) is None
+        p = conn.producer()
+        for prio in (1, 9, 0, 5):
+            p.send(topic, prio, priority=prio)
+        with conn.consumer(topic, subscription=f"{queue}-prio", prefetch=10) as sub:
+            assert [m.body for m in collect(sub, 4)] == [9, 5, 1, 0]

@@ -55,7 +55,7 @@ EOF
                        gcInactiveDestinations="true" inactiveTimoutBeforeGC="600000">
             <deadLetterStrategy><sharedDeadLetterStrategy processExpired="false"/></deadLetterStrategy>
           </policyEntry>
-          <policyEntry topic="&gt;" expireMessagesPeriod="1000">
+          <policyEntry topic="&gt;" prioritizedMessages="true" expireMessagesPeriod="1000">
             <deadLetterStrategy><sharedDeadLetterStrategy processExpired="false"/></deadLetterStrategy>
           </policyEntry>
         </policyEntries>

@@ -83,6 +83,7 @@ FLAVOURS = {"rabbitmq": CAPABILITIES_RABBITMQ, "activemq": CAPABILITIES_ACTIVEMQ
 
 _MAX_PRIORITY = "9"
 _DELAY_PREFIX = "mqprimer.delay."
+_DELAY_TOPIC_PREFIX = "mqprimer.delay-topic."
 _SUB_PREFIX = "mqprimer.sub."
 _DELAY_QUEUE_IDLE_MS = 60_000  # RabbitMQ deletes an unused delay queue after this
 _PRIVATE_QUEUE_IDLE_MS = 600_000  # ... and an abandoned private topic-retry queue after this
@@ -158,10 +159,12 @@ class StompBackend(Backend):
         """RabbitMQ declares a queue on every /queue/ frame: always the same arguments per name."""
         if self.flavour != "rabbitmq":
             return {}
-        if name.startswith(_DELAY_PREFIX):
-            ms, _, target = name[len(_DELAY_PREFIX):].partition(".")
-            return {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
-                    "x-expires": str(int(ms) + _DELAY_QUEUE_IDLE_MS)}
+        for prefix, exchange in ((_DELAY_PREFIX, ""), (_DELAY_TOPIC_PREFIX, "amq.topic")):
+            if name.startswith(prefix):
+                # dead-letters into the queue (default exchange) or the topic (STOMP's amq.topic)
+                ms, _, target = name[len(prefix):].partition(".")
+                return {"x-message-ttl": ms, "x-dead-letter-exchange": exchange, "x-dead-letter-routing-key": target,
+                        "x-expires": str(int(ms) + _DELAY_QUEUE_IDLE_MS)}
         h = {"x-max-priority": _MAX_PRIORITY}
         if name.startswith(_SUB_PREFIX):
             h["x-expires"] = str(_PRIVATE_QUEUE_IDLE_MS)
@@ -171,12 +174,13 @@ class StompBackend(Backend):
         dest = item.destination
         h: dict[str, str] = {"persistent": "true", "content-type": "application/cloudevents+json"}
         delay_ms = int(-(-(item.delay or 0) * 1000 // 1))  # rounded up: never early
-        if isinstance(dest, Topic):
-            h["destination"] = f"/topic/{dest.name}"
-        elif delay_ms and self.flavour == "rabbitmq":
-            name = f"{_DELAY_PREFIX}{delay_ms}.{dest.name}"
+        if delay_ms and self.flavour == "rabbitmq":
+            prefix = _DELAY_TOPIC_PREFIX if isinstance(dest, Topic) else _DELAY_PREFIX
+            name = f"{prefix}{delay_ms}.{dest.name}"
             h["destination"] = f"/queue/{name}"
             h.update(self.queue_headers(name))
+        elif isinstance(dest, Topic):
+            h["destination"] = f"/topic/{dest.name}"
         else:
             h["destination"] = f"/queue/{dest.name}"
             h.update(self.queue_headers(dest.name))
@@ -271,6 +275,8 @@ class StompSubscription(Subscription):
             stomp_dest, self.filter = _topic_destination(destination.name, flavour)
             # ids with a '/' cannot clash with a subscription name (RabbitMQ's durable id)
             t = {**base, "destination": stomp_dest, "id": "/topic"}
+            if flavour == "rabbitmq":
+                t["x-max-priority"] = _MAX_PRIORITY  # the subscription's queue, as for /queue/
             if subscription and flavour == "rabbitmq":
                 t.update({"id": subscription, "durable": "true", "auto-delete": "false"})
             elif subscription and flavour == "activemq":
