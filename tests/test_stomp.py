@@ -328,3 +328,27 @@ def test_priority_on_a_topic_subscription(url: str, queue: str) -> None:
             p.send(topic, prio, priority=prio)
         with conn.consumer(topic, subscription=f"{queue}-prio", prefetch=10) as sub:
             assert [m.body for m in collect(sub, 4)] == [9, 5, 1, 0]
+
+
+def test_a_broker_that_stays_down_is_a_clear_error_not_a_hang(queue: str) -> None:
+    """ActiveMQ only (it restarts in seconds); the mid-stream kill test covers both brokers."""
+    url = need_broker("stomp-activemq")
+    with mqprimer.connect(url, reconnect_timeout=1.5) as conn:
+        p = conn.producer()
+        p.send(queue, "before")
+        consumer = conn.consumer(queue)
+        try:
+            assert collect(consumer, 1)[0].body == "before"
+            _brokers("kill", "activemq")
+            start = time.monotonic()
+            with pytest.raises(ConnectionFailed, match="127.0.0.1:36616"):
+                p.send(queue, "while down")
+            with pytest.raises(ConnectionFailed, match="no broker reachable"):
+                while time.monotonic() - start < 30:
+                    consumer.receive(timeout=0.5)
+            assert time.monotonic() - start < 15
+        finally:
+            consumer.close()
+            _brokers("up", "activemq")
+    with mqprimer.connect(url) as conn:
+        conn.producer().send(queue, "after")
