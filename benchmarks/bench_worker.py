@@ -57,18 +57,21 @@ def worker_run(url: str, queue: str, n: int, prefetch: int, concurrency: int = 1
     assert w.run() == 75 and w.stats["ack"] == n
 
 
-def throughput(label: str, url: str, n: int) -> list[Result]:
-    rows = []
-    for name, fn in (
+def throughput(label: str, url: str, n: int, repeat: int) -> list[Result]:
+    """Each case ``repeat`` times (interleaved, so that a noisy moment hits all), the median kept."""
+    cases = (
         (f"{label} consumer receive+ack (baseline)", lambda q: consumer_loop(url, q, n, 100)),
         (f"{label} worker no-op prefetch=10", lambda q: worker_run(url, q, n, 10)),
         (f"{label} worker no-op prefetch=100", lambda q: worker_run(url, q, n, 100)),
         (f"{label} worker no-op concurrency=4", lambda q: worker_run(url, q, n, 100, 4)),
-    ):
-        q = f"bench.{uuid.uuid4().hex[:8]}"
-        fill(url, q, n)
-        rows.append(timed(name, n, lambda q=q, fn=fn: fn(q)))  # type: ignore[misc]
-    return rows
+    )
+    runs: dict[str, list[Result]] = {name: [] for name, _ in cases}
+    for _ in range(repeat):
+        for name, fn in cases:
+            q = f"bench.{uuid.uuid4().hex[:8]}"
+            fill(url, q, n)
+            runs[name].append(timed(name, n, lambda q=q, fn=fn: fn(q)))  # type: ignore[misc]
+    return [sorted(rs, key=lambda r: r.seconds)[len(rs) // 2] for rs in runs.values()]
 
 
 def rss_run(total: int, warmup: int) -> tuple[float, float, float]:
@@ -112,14 +115,14 @@ def main() -> None:
         i = sys.argv.index("--rss-child")
         print(json.dumps(rss_run(int(sys.argv[i + 1]), int(sys.argv[i + 2]))))
         return
-    n_mem, n_sql = (20_000, 5_000) if QUICK else (100_000, 20_000)
-    rows = throughput("memory", f"memory://bench{uuid.uuid4().hex[:6]}", n_mem)
+    n_mem, n_sql, repeat = (20_000, 5_000, 1) if QUICK else (50_000, 10_000, 3)
+    rows = throughput("memory", f"memory://bench{uuid.uuid4().hex[:6]}", n_mem, repeat)
     tmp = tempfile.mkdtemp(prefix="mqprimer-bench-")
     try:
-        rows += throughput("sqlite", f"sqlite:///{tmp}/bench.db", n_sql)
+        rows += throughput("sqlite", f"sqlite:///{tmp}/bench.db", n_sql, repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report("worker throughput (no-op handler)", rows, [
+    report(f"worker throughput (no-op handler; median of {repeat})", rows, [
         ("memory worker no-op prefetch=10", "memory consumer receive+ack (baseline)"),
         ("memory worker no-op prefetch=100", "memory consumer receive+ack (baseline)"),
         ("sqlite worker no-op prefetch=10", "sqlite consumer receive+ack (baseline)"),
