@@ -272,3 +272,17 @@ def test_invalid_options_are_refused() -> None:
 
 def test_worker_is_exposed_lazily_from_the_package() -> None:
     assert mqprimer.Worker is Worker
+
+
+def test_worker_on_a_topic_pattern(url: str, conn: mqprimer.Connection) -> None:
+    seen: list[str] = []
+    w = Worker(url, mqprimer.Topic("logs.*"), lambda m: seen.append(m.body), handle_signals=False)
+    t, codes = start(w)
+    p = conn.producer()
+    wait_until(lambda: p.send(mqprimer.Topic("logs.warm"), "warm") and "warm" in seen, what="subscribed")
+    p.send(mqprimer.Topic("logs.error"), "e1")
+    p.send(mqprimer.Topic("other.error"), "not for us")
+    p.send(mqprimer.Topic("logs.info"), "i1")
+    wait_until(lambda: "i1" in seen, what="topic messages")
+    assert finish(w, t, codes) == EXIT_OK
+    assert [s for s in seen if s != "warm"] == ["e1", "i1"]
