@@ -1,7 +1,9 @@
 """amqp:// against raw pika and kombu on the same RabbitMQ, in one run.
 
-Run: scripts/brokers up rabbitmq && .venv/bin/python benchmarks/bench_amqp.py [--n 20000] [--single 2000] [--json]
-(URL from .run/brokers/urls, or --url amqp://...)
+Run: scripts/brokers up rabbitmq && .venv/bin/python benchmarks/bench_amqp.py [--n 20000] [--single 2000]
+     [--max-priority 9] [--json]
+(URL from .run/brokers/urls, or --url amqp://...). ``--max-priority 0`` measures queues
+without ``x-max-priority`` (mqprimer's ``max_priority=0``) on every side.
 
 Every message is persistent and goes to a durable queue on every side. Cases:
 
@@ -29,7 +31,7 @@ from _common import Result, latencies, report, timed  # noqa: E402
 import mqprimer  # noqa: E402
 
 BODY = {"user": "alice", "action": "signup", "plan": "pro", "n": 12345, "tags": ["a", "b"]}
-ARGS = {"x-max-priority": 9}  # what mqprimer declares, so every side uses the same queues
+ARGS: dict[str, Any] = {"x-max-priority": 9}  # what mqprimer declares: every side uses the same queues
 
 
 def default_url() -> str:
@@ -133,10 +135,15 @@ def main() -> None:
     ap.add_argument("--url", default=None)
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--single", type=int, default=2000)
+    ap.add_argument("--max-priority", type=int, default=9)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     url = a.url or default_url()
-    with mqprimer.connect(url) as conn:
+    ARGS.clear()
+    if a.max_priority:
+        ARGS["x-max-priority"] = a.max_priority
+    ours = url + ("&" if "?" in url else "?") + f"max_priority={a.max_priority}"
+    with mqprimer.connect(ours) as conn:
         tag = uuid.uuid4().hex[:8]
         queues = {who: f"bench.consume.{who}.{tag}" for who in ("pika", "mqprimer", "kombu")}
         for q in queues.values():
