@@ -20,7 +20,15 @@ import pytest
 
 import mqprimer
 from conftest import need_broker
-from mqprimer import AuthenticationError, ConfigurationError, ConnectionFailed, RetryPolicy, Topic, UnsupportedError
+from mqprimer import (
+    AuthenticationError,
+    BrokerError,
+    ConfigurationError,
+    ConnectionFailed,
+    RetryPolicy,
+    Topic,
+    UnsupportedError,
+)
 from mqprimer.backends.amqp import bucket_ms
 from mqprimer.testing.helpers import collect, wait_until
 from mqprimer.url import URL
@@ -117,6 +125,30 @@ def test_max_priority_zero_refuses_priority(url: str, queue: str,
         conn.producer().send(queue, "plain")
     raw.queue_declare(queue, durable=True)  # declared without x-max-priority: same arguments
     raw.queue_delete(queue)
+
+
+def test_queue_deleted_behind_our_back_is_an_error_once_then_redeclared(url: str, queue: str, raw: Channel) -> None:
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        p.send(queue, "first")
+        raw.queue_delete(queue)
+        with pytest.raises(BrokerError, match="unroutable"):
+            p.send(queue, "lost? no: refused")  # mandatory publish: never confirmed into nowhere
+        mid = p.send(queue, "again")
+        with conn.consumer(queue) as c:
+            assert [m.id for m in collect(c, 1)] == [mid]
+
+
+def test_queue_declared_elsewhere_with_other_arguments_is_a_clear_error(url: str, queue: str, raw: Channel) -> None:
+    raw.queue_declare(queue, durable=True, arguments={"x-max-priority": 3})
+    with mqprimer.connect(url) as conn:
+        with pytest.raises(BrokerError, match="inequivalent arg 'x-max-priority'"):
+            conn.producer().send(queue, "x")
+        with pytest.raises(BrokerError, match="inequivalent arg 'x-max-priority'"):
+            conn.consumer(queue)
+        conn.producer().send(queue + "-other", "the connection still works")
+    raw.queue_delete(queue)
+    raw.queue_delete(queue + "-other")
 
 
 # -- refusals -----------------------------------------------------------------------------
