@@ -47,7 +47,7 @@ from typing import Any
 from ._worker_util import Outcome, check_positive, describe, emergency, hook, quote, rss_mib
 from .backend import Destination
 from .errors import BrokerError, ConnectionFailed, DeadLetter, Retry, StateError, UnsupportedError
-from .message import Message
+from .message import Message, _State
 from .retry import RetryPolicy
 from .url import URL
 
@@ -342,8 +342,12 @@ class Worker:
             what = "lost"  # the broker delivers it again
             note = f" not_settled={quote(str(exc))}"
         except StateError:
-            log.warning("message %s was settled by its handler; return or raise instead", msg.id)
-            what = "ack" if error is None else "lost"
+            if msg._state in (_State.RETURNED, _State.LOST):  # its connection went away meanwhile
+                what = "lost"
+                note = " not_settled=\"connection lost while the handler ran; the broker delivers it again\""
+            else:
+                log.warning("message %s was settled by its handler; return or raise instead", msg.id)
+                what = "ack" if error is None else "lost"
         self.handled += 1
         self.stats[what] += 1
         level = logging.INFO if what == "ack" else logging.WARNING
