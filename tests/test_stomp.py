@@ -105,6 +105,14 @@ def _cut(conn: mqprimer.Connection) -> None:
 
 
 def test_a_cut_connection_surfaces_and_is_recovered(url: str, queue: str) -> None:
+    _cut_and_recover(url, queue)
+
+
+def test_a_cut_tls_connection_surfaces_and_is_recovered(tls_url: str, queue: str) -> None:
+    _cut_and_recover(tls_url, queue)  # TLS sockets are non-blocking, written by stomp.py's I/O thread
+
+
+def _cut_and_recover(url: str, queue: str) -> None:
     with mqprimer.connect(url) as conn:
         p = conn.producer()
         with conn.consumer(queue, prefetch=5) as c:

@@ -226,10 +226,13 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.check()
         t = self.conn.transport
         try:
-            if t.blocking:
+            if getattr(t, "blocking", True):
                 t.send(data)
-            else:
-                t.send_queue.put(data)
+            else:  # TLS: stomp.py's I/O thread owns the non-blocking socket
+                q = getattr(t, "send_queue", None)
+                if q is None:  # torn down, the disconnect notification still on its way
+                    raise NotConnectedException()
+                q.put(data)
         except NotConnectedException:
             raise ConnectionLost("the STOMP connection was lost") from None
 
