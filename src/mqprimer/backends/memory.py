@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..backend import NATIVE, Backend, Capabilities, Delivery, Destination, Queue, Status, Subscription, Topic
 from ..topics import matches
@@ -35,20 +35,24 @@ CAPABILITIES = Capabilities(
 _STATUS_KEEP = 100_000  # settled ids remembered for status()
 
 
-@dataclass(order=True)
+@dataclass(slots=True)
 class _Item:
-    sort: tuple[int, int]
-    mid: str = field(compare=False)
-    payload: bytes = field(compare=False)
-    expires: float | None = field(compare=False, default=None)
-    priority: int = field(compare=False, default=0)
+    seq: int
+    mid: str
+    payload: bytes
+    expires: float | None = None
+    priority: int = 0
+
+
+# heap entries are plain tuples: comparing dataclasses cost ~40% of receive on deep queues
+_Ready = tuple[int, int, _Item]  # (-priority, seq, item)
 
 
 class _Q:
     __slots__ = ("ready", "delayed", "inflight")
 
     def __init__(self) -> None:
-        self.ready: list[_Item] = []
+        self.ready: list[_Ready] = []
         self.delayed: list[tuple[float, int, _Item]] = []
         self.inflight: dict[int, tuple[_Item, str]] = {}
 
@@ -70,13 +74,13 @@ class _Broker:
 
     def put(self, name: str, mid: str, payload: bytes, priority: int, delay: float, ttl: float | None) -> None:
         now = time.monotonic()
-        item = _Item((-priority, next(self.seq)), mid, payload, now + delay + ttl if ttl else None, priority)
+        item = _Item(next(self.seq), mid, payload, now + delay + ttl if ttl else None, priority)
         q = self.q(name)
         if delay > 0:
-            heapq.heappush(q.delayed, (now + delay, item.sort[1], item))
+            heapq.heappush(q.delayed, (now + delay, item.seq, item))
             self.set_status(mid, Status.DELAYED)
         else:
-            heapq.heappush(q.ready, item)
+            heapq.heappush(q.ready, (-priority, item.seq, item))
             self.set_status(mid, Status.READY)
 
     def set_status(self, mid: str, st: Status) -> None:
@@ -158,13 +162,14 @@ class _MemorySub(Subscription):
             while True:
                 now = time.monotonic()
                 while q.delayed and q.delayed[0][0] <= now:
-                    heapq.heappush(q.ready, heapq.heappop(q.delayed)[2])
+                    due = heapq.heappop(q.delayed)[2]
+                    heapq.heappush(q.ready, (-due.priority, due.seq, due))
                 while q.ready:
-                    item = heapq.heappop(q.ready)
+                    item = heapq.heappop(q.ready)[2]
                     if item.expires is not None and item.expires <= now:
                         b.set_status(item.mid, Status.UNKNOWN)
                         continue
-                    tag = item.sort[1]
+                    tag = item.seq
                     q.inflight[tag] = (item, self.qname)
                     self.tags.add(tag)
                     b.set_status(item.mid, Status.RESERVED)
@@ -189,7 +194,7 @@ class _MemorySub(Subscription):
     def requeue(self, d: Delivery) -> None:
         with self.b.cond:
             item = self._take(d)
-            heapq.heappush(self.b.q(self.qname).ready, item)
+            heapq.heappush(self.b.q(self.qname).ready, (-item.priority, item.seq, item))
             self.b.set_status(item.mid, Status.READY)
             self.b.cond.notify_all()
 
@@ -213,7 +218,7 @@ class _MemorySub(Subscription):
             q = b.q(self.qname)
             for tag in list(self.tags):
                 item, _ = q.inflight.pop(tag)
-                heapq.heappush(q.ready, item)
+                heapq.heappush(q.ready, (-item.priority, item.seq, item))
                 b.set_status(item.mid, Status.READY)
             self.tags.clear()
             if not self.durable:
