@@ -91,7 +91,7 @@ _rmq_epmd_up() {
   pid=$(pid_of "$d/epmd.pid")
   if alive "$pid"; then return 0; fi
   # Foreground epmd in the background, so we know its pid and stop only ours.
-  setsid epmd -port "$RMQ_EPMD_PORT" -address 127.0.0.1 </dev/null >>"$d/log/epmd.log" 2>&1 &
+  setsid epmd -port "$RMQ_EPMD_PORT" -address 127.0.0.1 </dev/null >>"$d/log/epmd.log" 2>&1 9>&- &
   echo $! > "$d/epmd.pid"
   wait_for 10 "$!" bash -c "exec 3<>/dev/tcp/127.0.0.1/$RMQ_EPMD_PORT" \
     || fail_with_log rabbitmq "$d/log/epmd.log" "private epmd did not start on port $RMQ_EPMD_PORT"
@@ -106,7 +106,7 @@ _rmq_publish_urls() {
   fi
 }
 
-rabbitmq_up() {
+_rmq_up() {
   local d="$RUN/rabbitmq" log pid
   log="$d/log/server.out"
   pid=$(pid_of "$d/rabbitmq.pid")
@@ -118,12 +118,12 @@ rabbitmq_up() {
     _rmq_env
     # The script stays as a signal-relaying shell around the VM; the node writes the VM's
     # own pid to rabbitmq.pid (that is the one `kill` and `status` use).
-    setsid /usr/lib/rabbitmq/bin/rabbitmq-server </dev/null >>"$log" 2>&1 &
+    setsid /usr/lib/rabbitmq/bin/rabbitmq-server </dev/null >>"$log" 2>&1 9>&- &
     echo $! > "$d/launch.pid"
   )
   local launch; launch=$(pid_of "$d/launch.pid")
   # `wait` returns when the app is running; alongside, watch the VM so a crash fails fast.
-  _rmq_ctl wait "$d/rabbitmq.pid" --timeout 90 >>"$d/log/wait.out" 2>&1 &
+  _rmq_ctl wait "$d/rabbitmq.pid" --timeout 90 >>"$d/log/wait.out" 2>&1 9>&- &
   local waiter=$!
   while alive "$waiter"; do
     if ! alive "$launch"; then
@@ -138,7 +138,7 @@ rabbitmq_up() {
   _rmq_publish_urls
 }
 
-rabbitmq_down() {
+_rmq_down() {
   local d="$RUN/rabbitmq" pid
   drop_urls amqp
   drop_urls stomp-rabbitmq
@@ -164,8 +164,17 @@ rabbitmq_status() {
   fi
 }
 
-rabbitmq_kill() {
+_rmq_kill() {
   local pid; pid=$(pid_of "$RUN/rabbitmq/rabbitmq.pid")
   if alive "$pid"; then kill -9 "$pid"; fi
   for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
 }
+
+# Test processes run `up`/`kill` concurrently (fault tests of several suites share this
+# node): one at a time, so a second `up` waits and then finds the node running. The lock
+# is fd 9 of a subshell; everything started in the background closes it (9>&-), or the
+# node would hold the lock for its whole life.
+_rmq_locked() { mkdir -p "$RUN"; ( flock -w 300 9 || die "rabbitmq: harness lock busy for 300 s"; "$@" ) 9>"$RUN/rabbitmq.lock"; }
+rabbitmq_up() { _rmq_locked _rmq_up; }
+rabbitmq_down() { _rmq_locked _rmq_down; }
+rabbitmq_kill() { _rmq_locked _rmq_kill; }
