@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import select
 import socket
 import struct
 import threading
@@ -53,8 +54,9 @@ DEFAULT_TTR = 60
 _PRI_BASE = 1024
 _TUBE_MAX = 195
 _CONNECT_TIMEOUT = 5.0
-_IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error; reserves wait at most 10 s
-_POLL_MAX = 0.02  # longest pause between polls inside a sub-second receive
+_IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error (waiting reserves are read only once answered)
+_POLL_MAX = 0.02  # longest pause between polls while a consumer holds jobs
+_WAIT = 3600  # seconds a waiting reserve may stay on the server (it is read again, not resent)
 _STATUS_KEEP = 50_000
 
 CAPABILITIES = Capabilities(
@@ -236,48 +238,82 @@ class _BeanstalkSub(Subscription):
         self.used = tube
         self.host, self.port, self.ttr = backend.host, backend.port, backend.ttr
         self.max_size = backend.capabilities.max_message_size or CAPABILITIES.max_message_size or 0
+        self.held: set[int] = set()  # ids of the jobs this connection holds, unsettled
+        self.pending = False  # a reserve sent, its answer not read yet
 
+    # Waiting: a reserve left waiting on the server holds up every later command on its
+    # connection (delete, bury) until it answers, and beanstalkd counts reserve timeouts in
+    # whole seconds. So a consumer that holds no job sends one long reserve and waits for
+    # the answer on the socket (no traffic while idle, no delay when a job comes); one that
+    # holds jobs it may still settle polls with reserve-with-timeout 0 and a short pause.
+    # greenstalk cannot send a command and read its answer later: the pending reserve uses
+    # its socket and reader directly.
     def receive(self, timeout: float | None) -> Delivery | None:
+        if self.pending:
+            return self._await(timeout)
+        if timeout is not None and timeout <= 0 or self.held:
+            return self._poll(timeout)
+        return self._await(timeout)
+
+    def _got(self, job: "greenstalk.Job[bytes]") -> Delivery:
+        self.held.add(job.id)
+        return Delivery(job.body, job)
+
+    def _poll(self, timeout: float | None) -> Delivery | None:
         reserve = self.c.reserve
-        try:  # the hot path: one round trip when a job is ready
-            job = reserve(0)
-            return Delivery(job.body, job)
-        except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
-            pass  # DEADLINE_SOON: a job we hold is about to time out; nothing new for now
-        # reserve-with-timeout counts whole seconds, and a reserve left pending would hold up
-        # every delete and bury on this connection until it returns; so whole seconds are
-        # waited in one reserve and a fraction is polled with a short, growing pause
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
-            left = 10.0 if deadline is None else deadline - time.monotonic()
+            try:  # the hot path: one round trip when a job is ready
+                return self._got(reserve(0))
+            except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
+                pass  # DEADLINE_SOON: a job we hold is about to time out; nothing new for now
+            left = _POLL_MAX if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 return None
-            if left >= 1:
-                wait = min(int(left), 10)
-            else:
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, _POLL_MAX)
-                wait = 0
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _POLL_MAX)
+
+    def _await(self, timeout: float | None) -> Delivery | None:
+        c = self.c
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self.pending:
+                c._sock.sendall(b"reserve-with-timeout %d\r\n" % _WAIT)
+                self.pending = True
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not select.select([c._sock], [], [], left)[0]:
+                return None
+            self.pending = False
             try:
-                job = reserve(wait)
-                return Delivery(job.body, job)
+                jid, size = (int(n) for n in greenstalk._parse_response(c._reader.readline(), b"RESERVED"))
             except greenstalk.TimedOutError:
-                pass
+                continue  # _WAIT seconds without a job: wait again
             except greenstalk.DeadlineSoonError:
-                if wait:
-                    time.sleep(min(_POLL_MAX, left))
+                return None
+            return self._got(greenstalk.Job(jid, c._read_chunk(size)))
+
+    def _settling(self) -> "greenstalk.Client[bytes]":
+        if self.pending:  # never expected: a pending reserve is only sent while no job is held
+            raise ConnectionError("a reserve is still pending on this connection")
+        return self.c
 
     def ack(self, delivery: Delivery) -> None:
-        self.c.delete(delivery.tag)
+        try:
+            self._settling().delete(delivery.tag)
+        finally:
+            self.held.discard(delivery.tag.id)
 
     def _stats(self, job: "greenstalk.Job[bytes]") -> tuple[int, int]:
-        st = self.c.stats_job(job)
+        st = self._settling().stats_job(job)
         return int(st["pri"]), int(st["ttr"])
 
     def requeue(self, delivery: Delivery) -> None:
-        pri, _ = self._stats(delivery.tag)
-        self.c.release(delivery.tag, pri, 0)
+        try:
+            pri, _ = self._stats(delivery.tag)
+            self.c.release(delivery.tag, pri, 0)
+        finally:
+            self.held.discard(delivery.tag.id)
 
     def _put(self, tube: str, payload: bytes, pri: int, delay: int, ttr: int) -> int:
         if tube != self.used:
@@ -293,19 +329,25 @@ class _BeanstalkSub(Subscription):
                 f"the retried message is {len(payload):,} bytes with its attempt and error, over the "
                 f"beanstalkd server's job size limit of {self.max_size:,} bytes"
             )
-        new = self._put(self.tube, payload, pri, _secs(delay), ttr)
-        self.c.delete(job)
+        try:
+            new = self._put(self.tube, payload, pri, _secs(delay), ttr)
+            self.c.delete(job)
+        finally:
+            self.held.discard(job.id)
         _status_map.moved((self.host, self.port, job.id), (self.host, self.port, new))
 
     def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
         job = delivery.tag
-        pri, ttr = self._stats(job)
-        if len(payload) > self.max_size:
-            self.c.bury(job, pri)  # buried in place, without the reason (see the module doc)
-            return
-        new = self._put(self.dead_target.name, payload, pri, 0, ttr)
-        self.c.bury(self.c.reserve_job(new), pri)
-        self.c.delete(job)
+        try:
+            pri, ttr = self._stats(job)
+            if len(payload) > self.max_size:
+                self.c.bury(job, pri)  # buried in place, without the reason (see the module doc)
+                return
+            new = self._put(self.dead_target.name, payload, pri, 0, ttr)
+            self.c.bury(self.c.reserve_job(new), pri)
+            self.c.delete(job)
+        finally:
+            self.held.discard(job.id)
         _status_map.moved((self.host, self.port, job.id), (self.host, self.port, new))
 
     def close(self) -> None:
