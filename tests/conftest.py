@@ -19,15 +19,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def broker_urls() -> dict[str, str]:
+def _url_lines() -> list[list[str]]:
     path = Path(os.environ.get("MQPRIMER_BROKERS_FILE", ROOT / ".run" / "brokers" / "urls"))
-    out: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                name, url = line.split(None, 1)
-                out[name] = url.strip()
-    return out
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def broker_urls() -> dict[str, str]:
+    """URL id (e.g. ``stomp-activemq``) -> URL, for every broker scripts/brokers started."""
+    return {parts[0]: parts[1] for parts in _url_lines()}
+
+
+def brokers_providing() -> dict[str, str]:
+    """URL id -> the scripts/brokers.d broker that published it (e.g. ``activemq``)."""
+    return {parts[0]: parts[2] for parts in _url_lines() if len(parts) > 2}
 
 
 def expected_brokers() -> list[str]:
@@ -46,7 +52,7 @@ def need_broker(name: str) -> str:
     """The URL of a started broker; in CI a missing one is a failure, elsewhere a skip."""
     url = broker_urls().get(name)
     if url is None:
-        msg = f"broker {name!r} is not running: start it with scripts/brokers up {name.split('-')[0]}"
+        msg = f"no {name!r} URL: the broker providing it is not running (start them with: scripts/brokers up)"
         if CI or name in expected_brokers():
             pytest.fail(msg)
         pytest.skip(msg)
