@@ -13,11 +13,13 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ._endpoint import Endpoint
-from .backend import Capabilities, Destination, Outgoing, Queue, Status, Subscription, Topic
+from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Subscription, Topic
+from .deadletters import DeadLetters
 from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, encode, make
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
 from .retry import RetryPolicy
@@ -62,7 +64,11 @@ def as_destination(dest: "str | Destination", *, pattern: bool = False) -> Desti
     if isinstance(dest, Topic):
         rx = _TOPIC_PATTERN if pattern else _TOPIC_NAME
         if not rx.match(dest.name):
-            what = "topic pattern (words, '*' or '#', dot-separated)" if pattern else "topic name (dot-separated words; no wildcards when sending)"
+            what = (
+                "topic pattern (words, '*' or '#', dot-separated)"
+                if pattern
+                else "topic name (dot-separated words; no wildcards when sending)"
+            )
             raise ValueError(f"invalid {what}: {dest.name!r}")
         return dest
     raise TypeError(f"destination must be a str (queue) or mqprimer.Topic, not {type(dest).__name__}")
@@ -85,9 +91,14 @@ def _now_iso() -> str:
 
 
 def new_id() -> str:
-    """A random (version 4) UUID string; ~5x cheaper than str(uuid.uuid4())."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
+    """A time-ordered UUID (version 7, RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
+
+    Time order keeps index inserts local in stores keyed by id (sqlite's batches run ~2x
+    faster than with random v4 ids), and it costs ~5x less than ``str(uuid.uuid4())``.
+    """
+    b = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big"))
+    b += os.urandom(10)
+    b[6] = (b[6] & 0x0F) | 0x70
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -201,9 +212,8 @@ class Connection:
                 return result
         return result
 
-    def dead_letters(self, queue: str) -> "DeadLetters":
+    def dead_letters(self, queue: str) -> DeadLetters:
         """List, replay and purge the dead letters of ``queue``."""
-        from .deadletters import DeadLetters
 
         self._check()
         as_destination(queue)
@@ -252,13 +262,7 @@ class Connection:
                 try:
                     _check_send_caps(ep.capabilities, items)
                     _check_size(self, ep, items)
-                    if len(items) == 1:
-                        it = items[0]
-                        ep.call("publish", lambda b: b.publish(
-                            it.destination, it.payload, message_id=it.message_id,
-                            priority=it.priority, delay=it.delay, ttl=it.ttl))
-                    else:
-                        ep.call("publish", lambda b: b.publish_many(items))
+                    ep.call("publish", lambda b: _publish_items(b, items))
                 except AuthenticationError as exc:
                     last = exc
                     if n == 1:
@@ -277,6 +281,15 @@ class Connection:
                 raise last
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _publish_items(backend: Backend, items: Sequence[Outgoing]) -> None:
+    if len(items) == 1:
+        it = items[0]
+        backend.publish(it.destination, it.payload, message_id=it.message_id,
+                        priority=it.priority, delay=it.delay, ttl=it.ttl)
+    else:
+        backend.publish_many(items)
 
 
 def _check_send_caps(caps: Capabilities, items: Sequence[Outgoing]) -> None:
@@ -326,7 +339,9 @@ class Producer:
             for k, v in headers.items():
                 if not isinstance(k, str) or not isinstance(v, str):
                     raise TypeError("headers must map str to str")
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9):
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
+        ):
             raise ValueError(f"priority must be an int from 0 (lowest) to 9 (most urgent), got {priority!r}")
         if delay is not None and delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay}")

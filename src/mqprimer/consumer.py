@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from .backend import NATIVE, Delivery, Destination, Queue, Subscription, Topic
 from .envelope import Envelope, decode, encode, make, replace
@@ -158,7 +159,9 @@ class Consumer:
         if caps.retry is NATIVE:
             self._settle(m, "retry", lambda sub: sub.retry(m._delivery, payload, delay))
         else:
-            self._settle(m, "retry", lambda sub: self._republish(m._sub, sub.retry_target, payload, env.id, delay, m._delivery))
+            self._settle(
+                m, "retry", lambda sub: self._republish(m._sub, sub.retry_target, payload, env.id, delay, m._delivery)
+            )
 
     def _settle_dead(self, m: Message, reason: str) -> None:
         env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
