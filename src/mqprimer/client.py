@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import threading
@@ -79,28 +80,38 @@ def is_pattern(dest: Destination) -> bool:
 
 
 _iso_cache: list[Any] = [-1, ""]
+# Message ids need uniqueness, not secrecy: a PRNG seeded from os.urandom (and reseeded in
+# forked children, so that worker processes never share a sequence) costs a fifth of a
+# urandom syscall per id.
+_rng = random.Random()
+_randbits = _rng.getrandbits
+os.register_at_fork(after_in_child=_rng.seed)
 
 
-def _now_iso() -> str:
+def _now_iso(ns: int | None = None) -> str:
     """RFC 3339 UTC time with milliseconds; the date part is formatted once per second."""
-    t = time.time()
-    sec = int(t)
+    if ns is None:
+        ns = time.time_ns()
+    sec = ns // 1_000_000_000
     if sec != _iso_cache[0]:
         _iso_cache[0], _iso_cache[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_iso_cache[1]}.{int((t - sec) * 1000):03d}Z"
+    return f"{_iso_cache[1]}.{ns // 1_000_000 % 1000:03d}Z"
 
 
-def new_id() -> str:
+_V7, _VARIANT = 0x7 << 76, 0x2 << 62
+
+
+def new_id(ns: int | None = None) -> str:
     """A time-ordered UUID (version 7, RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
 
     Time order keeps index inserts local in stores keyed by id (sqlite's batches run ~2x
-    faster than with random v4 ids), and it costs ~5x less than ``str(uuid.uuid4())``.
+    faster than with random v4 ids); it costs ~1/4 of ``str(uuid.uuid4())``.
     """
-    b = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big"))
-    b += os.urandom(10)
-    b[6] = (b[6] & 0x0F) | 0x70
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
+    ms = (ns if ns is not None else time.time_ns()) // 1_000_000
+    r = _randbits(74)
+    # 48 bits time | version 7 | 12 random bits | variant 0b10 | 62 random bits
+    v = (ms << 80) | _V7 | ((r >> 62) << 64) | _VARIANT | (r & 0x3FFF_FFFF_FFFF_FFFF)
+    h = f"{v:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -125,6 +136,7 @@ class Connection:
         self._active = 0
         self._closed = False
         self._children: list[Producer | Consumer] = []
+        self._limits: dict[int, tuple[object, tuple[int, str]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------
     def _open(self) -> None:
@@ -221,6 +233,15 @@ class Connection:
 
     # -- internals used by Producer and Consumer -------------------------------------
     def size_limit(self, ep: Endpoint) -> tuple[int, str]:
+        backend = ep.backend
+        cached = self._limits.get(id(ep))
+        if cached is not None and cached[0] is backend:
+            return cached[1]
+        limit = self._size_limit(ep)
+        self._limits[id(ep)] = (backend, limit)
+        return limit
+
+    def _size_limit(self, ep: Endpoint) -> tuple[int, str]:
         caps = ep.capabilities
         if caps.max_message_size is not None and caps.max_message_size < self.max_message_size:
             hint = f" ({caps.size_limit_hint})" if caps.size_limit_hint else ""
@@ -233,8 +254,10 @@ class Connection:
         if len(items) == 1 and ep.backend is not None:
             # fast path: the active endpoint is connected and one message goes out
             it = items[0]
-            _check_send_caps(ep.capabilities, items)
-            _check_size(self, ep, items)
+            if it.priority is not None or it.delay or type(it.destination) is not Queue or not ep.capabilities.queue:
+                _check_send_caps(ep.capabilities, items)
+            if len(it.payload) > self.size_limit(ep)[0]:
+                _check_size(self, ep, items)
             try:
                 with ep.lock:
                     backend = ep.backend
@@ -347,13 +370,14 @@ class Producer:
             raise ValueError(f"delay must be >= 0 seconds, got {delay}")
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
-        mid = id or new_id()
+        ns = time.time_ns()
+        mid = id or new_id(ns)
         expires = None
         if ttl is not None:
-            expires = int((time.time() + (delay or 0) + ttl) * 1000)
+            expires = ns // 1_000_000 + int(((delay or 0) + ttl) * 1000)
         env = make(
             id=mid, source=self._conn.source, type=type or DEFAULT_TYPE, body=body,
-            time=_now_iso(), headers=headers, expires=expires,
+            time=_now_iso(ns), headers=headers, expires=expires,
         )
         payload = encode(env, max_size=self._conn.max_message_size)
         return Outgoing(dest, payload, mid, priority, delay or None, ttl)
