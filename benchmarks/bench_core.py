@@ -1,4 +1,7 @@
-"""Core benchmarks: envelope codec, memory:// round trip. Run: .venv/bin/python benchmarks/bench_core.py
+"""Core benchmarks: envelope codec, memory:// round trip. Run: .venv/bin/python benchmarks/bench_core.py [N]
+
+Brokers left running (RabbitMQ, ActiveMQ's JVM) cost this single-threaded benchmark
+up to a third of its throughput on 2 cores: stop them (scripts/brokers down) first.
 
 The "raw" rows are the floor: orjson alone on the same document, and a bare
 queue.SimpleQueue hand-off, measured in the same run.
@@ -15,7 +18,7 @@ from pathlib import Path
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Result, latencies, report  # noqa: E402
+from _common import Result, latencies, report, timed  # noqa: E402
 
 import mqprimer  # noqa: E402
 from mqprimer.client import _now_iso  # noqa: E402
@@ -52,13 +55,18 @@ def memory_round_trip(n: int) -> list[Result]:
                 m.ack()
             for _ in range(1000):
                 op()
-            ours = latencies("memory:// send+receive+ack (1 thread)", n, op)
+
+            def loop() -> None:
+                for _ in range(n):
+                    op()
+            plain = timed("memory:// send+receive+ack, 1 thread", n, loop)
+            ours = latencies("  same, timing each message", n, op)
     q: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
     def raw() -> None:
         q.put(msgspec.json.encode(BODY))
         msgspec.json.decode(q.get())
-    return [ours, latencies("SimpleQueue put+get of JSON (raw floor)", n, raw)]
+    return [plain, ours, latencies("SimpleQueue put+get of JSON (raw floor)", n, raw)]
 
 
 if __name__ == "__main__":

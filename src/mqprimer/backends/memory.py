@@ -78,10 +78,16 @@ class _Broker:
         q = self.q(name)
         if delay > 0:
             heapq.heappush(q.delayed, (now + delay, item.seq, item))
-            self.set_status(mid, Status.DELAYED)
+            self.status[mid] = Status.DELAYED
         else:
             heapq.heappush(q.ready, (-priority, item.seq, item))
-            self.set_status(mid, Status.READY)
+            self.status[mid] = Status.READY
+
+    def wake(self) -> None:
+        # Condition.notify_all is costly even with nobody waiting; its waiter list is
+        # the cheapest way to know (the attribute has been there since Python 2)
+        if self.cond._waiters:  # type: ignore[attr-defined]
+            self.cond.notify_all()
 
     def set_status(self, mid: str, st: Status) -> None:
         self.status[mid] = st
@@ -127,7 +133,7 @@ class MemoryBackend(Backend):
                 targets = [destination.name]
             for t in targets:
                 b.put(t, message_id, payload, priority or 0, delay or 0.0, ttl)
-            b.cond.notify_all()
+            b.wake()
 
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         b = self.broker
@@ -153,12 +159,14 @@ class _MemorySub(Subscription):
         self.retry_target = Queue(qname)
         self.dead_target = Queue(f"{qname}.dead")
         self.tags: set[int] = set()
+        with broker.cond:
+            self.q = broker.q(qname)  # a queue object lives as long as any subscription to it
 
     def receive(self, timeout: float | None) -> Delivery | None:
         b = self.b
         deadline = None if timeout is None else time.monotonic() + timeout
+        q = self.q
         with b.cond:
-            q = b.q(self.qname)
             while True:
                 now = time.monotonic()
                 while q.delayed and q.delayed[0][0] <= now:
@@ -167,12 +175,12 @@ class _MemorySub(Subscription):
                 while q.ready:
                     item = heapq.heappop(q.ready)[2]
                     if item.expires is not None and item.expires <= now:
-                        b.set_status(item.mid, Status.UNKNOWN)
+                        b.status[item.mid] = Status.UNKNOWN
                         continue
                     tag = item.seq
                     q.inflight[tag] = (item, self.qname)
                     self.tags.add(tag)
-                    b.set_status(item.mid, Status.RESERVED)
+                    b.status[item.mid] = Status.RESERVED
                     return Delivery(item.payload, tag)
                 wait = None if deadline is None else deadline - now
                 if q.delayed:
@@ -183,7 +191,7 @@ class _MemorySub(Subscription):
                 b.cond.wait(wait)
 
     def _take(self, d: Delivery) -> _Item:
-        item, _ = self.b.q(self.qname).inflight.pop(d.tag)
+        item, _ = self.q.inflight.pop(d.tag)
         self.tags.discard(d.tag)
         return item
 
@@ -194,34 +202,34 @@ class _MemorySub(Subscription):
     def requeue(self, d: Delivery) -> None:
         with self.b.cond:
             item = self._take(d)
-            heapq.heappush(self.b.q(self.qname).ready, (-item.priority, item.seq, item))
-            self.b.set_status(item.mid, Status.READY)
-            self.b.cond.notify_all()
+            heapq.heappush(self.q.ready, (-item.priority, item.seq, item))
+            self.b.status[item.mid] = Status.READY
+            self.b.wake()
 
     def retry(self, d: Delivery, payload: bytes, delay: float) -> None:
         with self.b.cond:
             item = self._take(d)
             ttl = None if item.expires is None else max(item.expires - time.monotonic() - delay, 0.001)
             self.b.put(self.qname, item.mid, payload, item.priority, delay, ttl)
-            self.b.cond.notify_all()
+            self.b.wake()
 
     def dead_letter(self, d: Delivery, payload: bytes, reason: str) -> None:
         with self.b.cond:
             item = self._take(d)
             self.b.put(self.dead_target.name, item.mid, payload, 0, 0.0, None)
             self.b.set_status(item.mid, Status.DEAD)
-            self.b.cond.notify_all()
+            self.b.wake()
 
     def close(self) -> None:
         b = self.b
         with b.cond:
-            q = b.q(self.qname)
+            q = self.q
             for tag in list(self.tags):
                 item, _ = q.inflight.pop(tag)
                 heapq.heappush(q.ready, (-item.priority, item.seq, item))
-                b.set_status(item.mid, Status.READY)
+                b.status[item.mid] = Status.READY
             self.tags.clear()
             if not self.durable:
                 b.subs.pop(self.qname, None)
                 b.queues.pop(self.qname, None)
-            b.cond.notify_all()
+            b.wake()
