@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -61,6 +62,21 @@ def report(title: str, rows: list[Result], pairs: list[tuple[str, str]] = ()) ->
             print(f"ratio {ours} / {raw}: {by[ours].rate / by[raw].rate:.2f}x")
     if "--json" in sys.argv:
         print(json.dumps([asdict(r) | {"rate": r.rate} for r in rows]))
+
+
+def broker_urls() -> dict[str, str]:
+    """URL id -> URL for the brokers scripts/brokers started (.run/brokers/urls: "id url broker")."""
+    path = Path(__file__).resolve().parent.parent / ".run" / "brokers" / "urls"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {parts[0]: parts[1] for parts in (line.split() for line in lines) if len(parts) >= 2}
+
+
+def broker_url(name: str, broker: str) -> str:
+    """The URL published as ``name``, or exit saying how to start ``broker``."""
+    url = broker_urls().get(name)
+    if url is None:
+        raise SystemExit(f"no {name} URL: run scripts/brokers up {broker}, or pass --url")
+    return url
 
 
 def median_of(runs: list[float]) -> float:

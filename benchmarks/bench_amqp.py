@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import kombu  # noqa: E402
 import pika  # noqa: E402
-from _common import Result, latencies, report, timed  # noqa: E402
+from _common import Result, broker_url, latencies, report, timed  # noqa: E402
 
 import mqprimer  # noqa: E402
 
@@ -35,12 +35,7 @@ ARGS: dict[str, Any] = {"x-max-priority": 9}  # what mqprimer declares: every si
 
 
 def default_url() -> str:
-    urls = Path(__file__).resolve().parent.parent / ".run" / "brokers" / "urls"
-    for line in urls.read_text().splitlines() if urls.exists() else []:
-        name, _, url = line.partition(" ")
-        if name == "amqp":
-            return url.strip()
-    raise SystemExit("no amqp URL: run scripts/brokers up rabbitmq, or pass --url")
+    return broker_url("amqp", "rabbitmq")
 
 
 def pika_params(url: str) -> pika.URLParameters:

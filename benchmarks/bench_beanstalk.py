@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import greenstalk  # noqa: E402
-from _common import Result, report  # noqa: E402
+from _common import Result, broker_url, report  # noqa: E402
 
 import mqprimer  # noqa: E402
 
@@ -30,12 +30,7 @@ BODY = {"user": "alice", "action": "signup", "plan": "pro", "n": 12345, "tags": 
 
 
 def default_url() -> str:
-    urls = Path(__file__).resolve().parent.parent / ".run" / "brokers" / "urls"
-    for line in urls.read_text().splitlines() if urls.exists() else []:
-        name, _, url = line.partition(" ")
-        if name == "beanstalk":
-            return url.strip()
-    raise SystemExit("no beanstalk URL: run scripts/brokers up beanstalkd, or pass --url")
+    return broker_url("beanstalk", "beanstalkd")
 
 
 def raw_client(url: str, tube: str) -> "greenstalk.Client[bytes]":

@@ -23,7 +23,7 @@ from typing import Any
 import stomp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Result, latencies, report, timed  # noqa: E402
+from _common import Result, broker_urls, latencies, report, timed  # noqa: E402
 
 import mqprimer  # noqa: E402
 from mqprimer.backend import Outgoing  # noqa: E402
@@ -183,12 +183,7 @@ def send(url: str, label: str, n: int, rabbit: bool) -> list[Result]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 4000
-    urls = {}
-    path = ROOT / ".run" / "brokers" / "urls"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        name, _, url = line.partition(" ")
-        if name in ("stomp-rabbitmq", "stomp-activemq"):
-            urls[name] = url.strip()
+    urls = {k: v for k, v in broker_urls().items() if k in ("stomp-rabbitmq", "stomp-activemq")}
     if not urls:
         sys.exit("no STOMP broker running: scripts/brokers up rabbitmq activemq")
     for name, url in sorted(urls.items()):
