@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import Result, latencies, report, timed  # noqa: E402
 
 import mqprimer  # noqa: E402
-from mqprimer.client import _now_iso  # noqa: E402
+from mqprimer._ids import _now_iso  # noqa: E402
 from mqprimer.envelope import decode, encode, make  # noqa: E402
 
 BODY = {"user": "alice", "action": "signup", "plan": "pro", "n": 12345, "tags": ["a", "b"]}

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import re
 import socket
 import threading
 import time
@@ -19,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ._endpoint import Endpoint
+from ._ids import _now_iso, new_id
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Subscription, Topic
 from .deadletters import DeadLetters
+from .destinations import _QUEUE_NAME, as_destination, is_pattern
 from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, encode, make
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
 from .retry import RetryPolicy
@@ -28,9 +28,6 @@ from .url import URL
 
 log = logging.getLogger("mqprimer")
 
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
-_TOPIC_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-_TOPIC_PATTERN = re.compile(r"^([A-Za-z0-9_\-]+|\*|#)(\.([A-Za-z0-9_\-]+|\*|#))*$")
 _SOURCE = f"urn:mqprimer:{socket.gethostname()}"
 
 
@@ -41,78 +38,6 @@ def default_url() -> str:
         return env
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mqprimer"
     return f"sqlite:///{base / 'default.db'}"
-
-
-_queue_cache: dict[str, Queue] = {}
-
-
-def as_destination(dest: "str | Destination", *, pattern: bool = False) -> Destination:
-    if isinstance(dest, str):
-        cached = _queue_cache.get(dest)
-        if cached is not None:
-            return cached
-        if not _QUEUE_NAME.match(dest):
-            raise ValueError(f"invalid queue name {dest!r}: use 1-200 characters from A-Z a-z 0-9 _ . : -")
-        if len(_queue_cache) < 10_000:
-            _queue_cache[dest] = Queue(dest)
-        return Queue(dest)
-    if isinstance(dest, Queue):
-        if not _QUEUE_NAME.match(dest.name):
-            raise ValueError(
-                f"invalid queue name {dest.name!r}: use 1-200 characters from A-Z a-z 0-9 _ . : -"
-            )
-        return dest
-    if isinstance(dest, Topic):
-        rx = _TOPIC_PATTERN if pattern else _TOPIC_NAME
-        if not rx.match(dest.name):
-            what = (
-                "topic pattern (words, '*' or '#', dot-separated)"
-                if pattern
-                else "topic name (dot-separated words; no wildcards when sending)"
-            )
-            raise ValueError(f"invalid {what}: {dest.name!r}")
-        return dest
-    raise TypeError(f"destination must be a str (queue) or mqprimer.Topic, not {type(dest).__name__}")
-
-
-def is_pattern(dest: Destination) -> bool:
-    return isinstance(dest, Topic) and any(w in ("*", "#") for w in dest.name.split("."))
-
-
-_iso_cache: list[Any] = [-1, ""]
-# Message ids need uniqueness, not secrecy: a PRNG seeded from os.urandom (and reseeded in
-# forked children, so that worker processes never share a sequence) costs a fifth of a
-# urandom syscall per id.
-_rng = random.Random()
-_randbits = _rng.getrandbits
-os.register_at_fork(after_in_child=_rng.seed)
-
-
-def _now_iso(ns: int | None = None) -> str:
-    """RFC 3339 UTC time with milliseconds; the date part is formatted once per second."""
-    if ns is None:
-        ns = time.time_ns()
-    sec = ns // 1_000_000_000
-    if sec != _iso_cache[0]:
-        _iso_cache[0], _iso_cache[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_iso_cache[1]}.{ns // 1_000_000 % 1000:03d}Z"
-
-
-_V7, _VARIANT = 0x7 << 76, 0x2 << 62
-
-
-def new_id(ns: int | None = None) -> str:
-    """A time-ordered UUID (version 7, RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
-
-    Time order keeps index inserts local in stores keyed by id (sqlite's batches run ~2x
-    faster than with random v4 ids); it costs ~1/4 of ``str(uuid.uuid4())``.
-    """
-    ms = (ns if ns is not None else time.time_ns()) // 1_000_000
-    r = _randbits(74)
-    # 48 bits time | version 7 | 12 random bits | variant 0b10 | 62 random bits
-    v = (ms << 80) | _V7 | ((r >> 62) << 64) | _VARIANT | (r & 0x3FFF_FFFF_FFFF_FFFF)
-    h = f"{v:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Connection:

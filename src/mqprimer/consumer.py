@@ -37,7 +37,8 @@ class Consumer:
         subscription: str | None,
         retry_policy: RetryPolicy,
     ) -> None:
-        from .client import _Sub, is_pattern
+        from .client import _Sub
+        from .destinations import is_pattern
 
         self._conn = conn
         self.destination = destination
