@@ -65,8 +65,14 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
         for _ in range(rounds):
             tube = f"bench.{uuid.uuid4().hex[:8]}"
             raw = raw_client(url, tube)
-            sides: dict[str, list[float]] = {"mqprimer send()": [], "greenstalk put": []}
-            ops = {"mqprimer send()": lambda t=tube: p.send(t, BODY), "greenstalk put": lambda r=raw: r.put(payload)}
+            ops = {
+                "mqprimer send()": lambda t=tube: p.send(t, BODY),
+                "greenstalk put": lambda r=raw: r.put(payload),
+                # control: raw put after as much CPU work as mqprimer spends per send (~6 us);
+                # on this VM any work between round trips slows the next one down
+                "greenstalk put after 6 us of work (control)": lambda r=raw: (_spin(6e-6), r.put(payload)),
+            }
+            sides: dict[str, list[float]] = {name: [] for name in ops}
             for _ in range(0, n, chunk):
                 for name, op in ops.items():
                     lat = sides[name]
@@ -77,7 +83,7 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
             for name, lat in sides.items():
                 keep(name, len(lat), sum(lat), lat)
 
-            # the tube now holds 2n jobs: each side takes n of them
+            # the tube now holds 3n jobs: each side takes n of them, the control's are left
             with conn.consumer(tube, prefetch=100) as c:
                 spent = {"mqprimer receive()+ack()": 0.0, "greenstalk reserve+delete": 0.0}
                 for _ in range(0, n, chunk):
@@ -97,6 +103,12 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
     return list(best.values())
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None)
@@ -108,7 +120,12 @@ def main() -> None:
     report(
         "beanstalk:// vs greenstalk (best of rounds)",
         rows,
-        [("mqprimer send()", "greenstalk put"), ("mqprimer receive()+ack()", "greenstalk reserve+delete")],
+        [
+            ("mqprimer send()", "greenstalk put"),
+            ("greenstalk put after 6 us of work (control)", "greenstalk put"),
+            ("mqprimer send()", "greenstalk put after 6 us of work (control)"),
+            ("mqprimer receive()+ack()", "greenstalk reserve+delete"),
+        ],
     )
 
 
