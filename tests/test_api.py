@@ -10,6 +10,7 @@ import pytest
 
 import mqprimer
 from mqprimer import BackendNotInstalled, ConfigurationError, RetryPolicy, Topic, UnknownScheme, registry
+from mqprimer.envelope import decode
 from mqprimer.registry import BackendSpec
 
 pytestmark = pytest.mark.timeout(30)
@@ -62,10 +63,41 @@ def test_unknown_url_option_is_refused() -> None:
         mqprimer.connect("memory://x?colour=blue")
 
 
-@pytest.mark.parametrize("kwargs", [{"priority": 10}, {"priority": -1}, {"priority": 1.5}, {"delay": -1}, {"ttl": 0}])
-def test_invalid_send_options(kwargs: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"priority": 10}, {"priority": -1}, {"priority": 1.5}, {"delay": -1}, {"ttl": 0}, {"type": ""}, {"type": 5}],
+)
+@pytest.mark.parametrize("how", ["send", "build"])
+def test_invalid_send_options(kwargs: dict[str, object], how: str) -> None:
     with mqprimer.connect("memory://opts") as conn, pytest.raises(ValueError):
-        conn.producer().send("q", 1, **kwargs)  # type: ignore[arg-type]
+        getattr(conn.producer(), how)("q", 1, **kwargs)
+
+
+def test_send_writes_what_build_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """send()'s fast path writes the envelope bytes build() would, for the same id and time."""
+    bodies: list[object] = [None, 0, -1.5, "", "ünï %s %b", [1, [2, {"x": None}]], {"a": {"b": ["c", True]}}]
+    with mqprimer.connect("memory://same", source="urn:t%s ü") as conn:
+        p = conn.producer()
+        p.send("same", 0)
+        backend = conn.endpoints[0].backend
+        assert backend is not None
+        sent: list[bytes] = []
+        publish = backend.publish
+
+        def spy(destination: object, payload: bytes, **kw: object) -> None:
+            sent.append(payload)
+            publish(destination, payload, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(backend, "publish", spy)
+        for body in bodies:
+            for kind in (None, "com.example.ünï%b"):
+                p.send("same", body, type=kind, priority=3, delay=0)
+                env = decode(sent[-1])
+                assert env.body == body and env.type == (kind or "mqprimer.message")
+                built = p.build("same", body, type=kind, id=env.id)
+                assert env.time is not None and (built_time := decode(built.payload).time) is not None
+                assert built.payload.replace(built_time.encode(), env.time.encode()) == sent[-1]
+        assert len(sent) == 2 * len(bodies)
 
 
 @pytest.mark.parametrize("dest", ["", "bad name", "x" * 201, "ünï"])

@@ -16,12 +16,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ._endpoint import Endpoint
-from ._ids import _now_iso, new_id
+from ._ids import stamp
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Subscription, Topic
 from .deadletters import DeadLetters
-from .destinations import _QUEUE_NAME, as_destination, is_pattern
-from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, encode, make
+from .destinations import _QUEUE_NAME, _queue_cache, as_destination, is_pattern
+from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, encode, fresh_format, make
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
 from .retry import RetryPolicy
 from .url import URL
@@ -29,6 +31,8 @@ from .url import URL
 log = logging.getLogger("mqprimer")
 
 _SOURCE = f"urn:mqprimer:{socket.gethostname()}"
+_BINARY = (bytes, bytearray, memoryview)
+_encode_body = msgspec.json.Encoder().encode
 
 
 def default_url() -> str:
@@ -62,6 +66,7 @@ class Connection:
         self._closed = False
         self._children: list[Producer | Consumer] = []
         self._limits: dict[int, tuple[object, tuple[int, str]]] = {}
+        self._fast: tuple[Backend, int] | None = None  # see _check_one
 
     # -- lifecycle ------------------------------------------------------------------
     def _open(self) -> None:
@@ -175,20 +180,29 @@ class Connection:
 
     def publish(self, items: Sequence[Outgoing]) -> None:
         """Publish with failover across endpoints and reconnect with backoff."""
-        ep = self.endpoints[self._active]
-        if len(items) == 1 and ep.backend is not None:
-            # fast path: the active endpoint is connected and one message goes out
+        if len(items) == 1:
             it = items[0]
-            if it.priority is not None or it.delay or type(it.destination) is not Queue or not ep.capabilities.queue:
-                _check_send_caps(ep.capabilities, items)
-            if len(it.payload) > self.size_limit(ep)[0]:
-                _check_size(self, ep, items)
+            self.publish_one(it.destination, it.payload, it.message_id, it.priority, it.delay, it.ttl)
+        else:
+            self._publish_slow(items)
+
+    def publish_one(
+        self, dest: Destination, payload: bytes, message_id: str,
+        priority: int | None = None, delay: float | None = None, ttl: float | None = None,
+    ) -> None:
+        """:meth:`publish` of one message, without building an :class:`Outgoing` first."""
+        ep = self.endpoints[self._active]
+        backend = ep.backend
+        if backend is not None:
+            # fast path: the active endpoint is connected
+            fast = self._fast
+            if (fast is None or fast[0] is not backend or priority is not None or delay
+                    or dest.__class__ is not Queue or len(payload) > fast[1]):
+                self._check_one(ep, backend, Outgoing(dest, payload, message_id, priority, delay, ttl))
             try:
                 with ep.lock:
-                    backend = ep.backend
-                    if backend is not None:
-                        backend.publish(it.destination, it.payload, message_id=it.message_id,
-                                        priority=it.priority, delay=it.delay, ttl=it.ttl)
+                    if ep.backend is backend:
+                        backend.publish(dest, payload, message_id=message_id, priority=priority, delay=delay, ttl=ttl)
                         return
             except Exception as exc:
                 err = ep.translate(exc, "publish")
@@ -196,7 +210,17 @@ class Connection:
                     raise err from None
                 ep.reset()
                 log.warning("publish to %s failed (%s); reconnecting", ep.url, err)
-        self._publish_slow(items)
+        self._publish_slow([Outgoing(dest, payload, message_id, priority, delay, ttl)])
+
+    def _check_one(self, ep: Endpoint, backend: Backend, it: Outgoing) -> None:
+        """Capability and size checks; remember when plain queue messages need none."""
+        caps = backend.capabilities
+        _check_send_caps(caps, [it])
+        _check_size(self, ep, [it])
+        if caps.queue:
+            # until this backend is replaced, a message to a Queue without priority or
+            # delay and within this size is known to be acceptable
+            self._fast = (backend, self.size_limit(ep)[0])
 
     def _publish_slow(self, items: Sequence[Outgoing]) -> None:
         deadline = time.monotonic() + self.reconnect_timeout
@@ -252,6 +276,17 @@ def _check_send_caps(caps: Capabilities, items: Sequence[Outgoing]) -> None:
             caps.require("delay", "delayed delivery")
 
 
+def _check_options(priority: int | None, delay: float | None, ttl: float | None) -> None:
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
+    ):
+        raise ValueError(f"priority must be an int from 0 (lowest) to 9 (most urgent), got {priority!r}")
+    if delay is not None and delay < 0:
+        raise ValueError(f"delay must be >= 0 seconds, got {delay}")
+    if ttl is not None and ttl <= 0:
+        raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
+
+
 def _check_size(conn: Connection, ep: Endpoint, items: Sequence[Outgoing]) -> None:
     limit, what = conn.size_limit(ep)
     for it in items:
@@ -268,6 +303,8 @@ class Producer:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._closed = False
+        # type -> the envelope format of send()'s fast path (envelope.fresh_format)
+        self._formats: dict[str | None, bytes] = {}
 
     def build(
         self,
@@ -287,22 +324,18 @@ class Producer:
             for k, v in headers.items():
                 if not isinstance(k, str) or not isinstance(v, str):
                     raise TypeError("headers must map str to str")
-        if priority is not None and (
-            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
-        ):
-            raise ValueError(f"priority must be an int from 0 (lowest) to 9 (most urgent), got {priority!r}")
-        if delay is not None and delay < 0:
-            raise ValueError(f"delay must be >= 0 seconds, got {delay}")
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
-        ns = time.time_ns()
-        mid = id or new_id(ns)
+        _check_options(priority, delay, ttl)
+        if type is not None and (not isinstance(type, str) or not type):
+            raise ValueError(f"type must be a non-empty string, got {type!r}")
+        mid, now = stamp()
+        if id is not None:
+            mid = id
         expires = None
         if ttl is not None:
-            expires = ns // 1_000_000 + int(((delay or 0) + ttl) * 1000)
+            expires = int(time.time() * 1000) + int(((delay or 0) + ttl) * 1000)
         env = make(
             id=mid, source=self._conn.source, type=type or DEFAULT_TYPE, body=body,
-            time=_now_iso(ns), headers=headers, expires=expires,
+            time=now, headers=headers, expires=expires,
         )
         payload = encode(env, max_size=self._conn.max_message_size)
         return Outgoing(dest, payload, mid, priority, delay or None, ttl)
@@ -320,10 +353,40 @@ class Producer:
         id: str | None = None,
     ) -> str:
         """Send one message; return its id. Options the backend cannot honour raise UnsupportedError."""
-        self._check()
-        out = self.build(destination, body, headers=headers, type=type, priority=priority, delay=delay, ttl=ttl, id=id)
-        self._conn.publish([out])
-        return out.message_id
+        conn = self._conn
+        if self._closed or conn._closed:
+            self._check()
+        if headers or ttl is not None or id is not None or isinstance(body, _BINARY):
+            out = self.build(destination, body, headers=headers, type=type, priority=priority, delay=delay, ttl=ttl,
+                             id=id)
+            conn.publish_one(out.destination, out.payload, out.message_id, out.priority, out.delay, out.ttl)
+            return out.message_id
+        # The common case, kept short: it runs right after the previous send's round trip,
+        # when this VM's caches are cold and each step costs ~5x (see _ids.py). It writes
+        # the same bytes as build() (tests/test_envelope.py).
+        dest: Destination | None = _queue_cache.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
+        if dest is None:
+            dest = as_destination(destination)
+        if priority is not None or delay is not None:
+            _check_options(priority, delay, None)
+        fmt = self._formats.get(type)
+        if fmt is None:
+            fmt = self._format(type)
+        mid, now = stamp()
+        try:
+            payload = fmt % (mid.encode(), now.encode(), _encode_body(body))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"message body is not JSON-serialisable: {exc}") from None
+        conn.publish_one(dest, payload, mid, priority, delay or None)
+        return mid
+
+    def _format(self, type: str | None) -> bytes:
+        if type is not None and (not isinstance(type, str) or not type):
+            raise ValueError(f"type must be a non-empty string, got {type!r}")
+        fmt = fresh_format(self._conn.source, type or DEFAULT_TYPE)
+        if len(self._formats) < 1000:
+            self._formats[type] = fmt
+        return fmt
 
     def send_many(self, messages: Iterable[Outgoing | tuple[Any, Any]]) -> list[str]:
         """Send a batch (``Outgoing`` from :meth:`build`, or ``(destination, body)`` pairs).
