@@ -17,6 +17,7 @@ pytest_plugins = ["mqprimer.testing.plugin"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+RUN = Path(os.environ.get("MQPRIMER_RUN_DIR") or ROOT / ".run" / "brokers")  # scripts/brokers' runtime dir
 
 
 def _url_lines() -> list[list[str]]:
