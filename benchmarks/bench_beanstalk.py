@@ -8,6 +8,7 @@ Cases, each the best of ``--rounds``, both sides alternating in chunks of 500 op
 
 - send: mqprimer ``send()`` (envelope built and encoded, returns on ``INSERTED``) vs raw
   greenstalk ``put`` of the same envelope bytes (one round trip each).
+- send_many: batches of 100 built messages, pipelined (reported beside raw put).
 - receive + ack from a pre-filled tube: mqprimer ``receive()`` + ``ack()`` (envelope
   decoded) vs raw greenstalk ``reserve(0)`` + ``delete`` (two round trips each).
 """
@@ -83,7 +84,13 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
             for name, lat in sides.items():
                 keep(name, len(lat), sum(lat), lat)
 
-            # the tube now holds 3n jobs: each side takes n of them, the control's are left
+            # batches: pipelined puts (one write per batch, then the replies)
+            t = time.perf_counter()
+            for _ in range(0, n, 100):
+                p.send_many([p.build(tube, BODY) for _ in range(100)])
+            keep("mqprimer send_many x100", n - n % 100, time.perf_counter() - t)
+
+            # the tube now holds 4n jobs: each side takes n of them, the rest are left
             with conn.consumer(tube, prefetch=100) as c:
                 spent = {"mqprimer receive()+ack()": 0.0, "greenstalk reserve+delete": 0.0}
                 for _ in range(0, n, chunk):
@@ -124,6 +131,7 @@ def main() -> None:
             ("mqprimer send()", "greenstalk put"),
             ("greenstalk put after 6 us of work (control)", "greenstalk put"),
             ("mqprimer send()", "greenstalk put after 6 us of work (control)"),
+            ("mqprimer send_many x100", "greenstalk put"),
             ("mqprimer receive()+ack()", "greenstalk reserve+delete"),
         ],
     )

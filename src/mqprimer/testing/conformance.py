@@ -12,7 +12,7 @@ import pytest
 
 import mqprimer
 from mqprimer import MessageTooLarge, RetryPolicy, StateError, Status, Topic, UnsupportedError
-from mqprimer.backend import Queue
+from mqprimer.backend import UNSUPPORTED, Queue
 
 from .helpers import collect, unreachable_url, wait_until
 
@@ -60,6 +60,27 @@ def test_thousand_messages_no_loss_no_duplicates(conn: mqprimer.Connection, dest
         assert c.receive(timeout=0.5) is None, "more than 1000 messages arrived"
     ids = [m.id for m in got]
     assert len(set(ids)) == 1000 and set(ids) == sent
+
+
+def test_send_many_delivers_every_message_once_and_returns_ids_in_order(
+    conn: mqprimer.Connection, dest: str
+) -> None:
+    other = f"{dest}.b"
+    p = conn.producer()
+    items = [p.build(other if i % 50 == 7 else dest, {"i": i}) for i in range(1200)]  # switches queue 24 times
+    ids = p.send_many(items)
+    assert ids == [it.message_id for it in items]
+    assert p.send_many([]) == []
+    pairs = p.send_many([(dest, "pair")])
+    expected = {it.message_id for it in items if it.destination == Queue(dest)} | set(pairs)
+    expected_other = {it.message_id for it in items if it.destination == Queue(other)}
+    if conn.capabilities.status is not UNSUPPORTED:
+        assert conn.status(ids[-1]) in (Status.READY, Status.RESERVED)
+    for queue, want in ((dest, expected), (other, expected_other)):
+        with conn.consumer(queue, prefetch=100) as c:
+            got = [m.id for m in collect(c, len(want), timeout=60)]
+            assert c.receive(timeout=0.5) is None, f"more than {len(want)} messages arrived on {queue}"
+        assert len(got) == len(set(got)) and set(got) == want
 
 
 def test_competing_consumers_share_a_queue(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
