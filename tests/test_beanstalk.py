@@ -120,6 +120,23 @@ def test_job_restored_without_its_crlf_is_dead_lettered_and_the_consumer_goes_on
         assert dead[0].body == b"\0" * len(marker)
 
 
+def test_touch_keeps_a_job_past_its_ttr(url: str, q: str) -> None:
+    short = f"{url}?ttr=2"
+    with mqprimer.connect(short) as conn, mqprimer.connect(short) as other:
+        mid = conn.producer().send(q, "long job")  # put with TTR 2 s
+        with conn.consumer(q) as slow, other.consumer(q) as fast:
+            assert slow.delivery_lease == 2.0
+            m = slow.receive(timeout=5)
+            assert m is not None and m.id == mid
+            end = time.monotonic() + 5.0  # 2.5 TTRs
+            while time.monotonic() < end:
+                m.touch()
+                assert fast.receive(timeout=0.5) is None, "the touched job went to another consumer"
+            assert conn.status(mid) is Status.RESERVED
+            m.ack()  # still ours: without the touches beanstalkd answers NOT_FOUND here
+        assert conn.status(mid) is Status.UNKNOWN  # deleted
+
+
 HOLDER = """
 import sys, time, mqprimer
 c = mqprimer.connect(sys.argv[1])

@@ -224,6 +224,40 @@ def test_settling_after_the_reservation_lapsed_is_an_error(tmp_path: Path) -> No
         assert conn.status(mid) is Status.DONE
 
 
+def test_touch_keeps_a_reservation_past_its_visibility_timeout(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/mq.db?visibility_timeout=0.5"
+    with mqprimer.connect(url) as conn, mqprimer.connect(url) as other:
+        mid = conn.producer().send("work", "slow")
+        with conn.consumer("work") as slow, other.consumer("work") as fast:
+            assert slow.delivery_lease == 0.5
+            m = slow.receive(timeout=5)
+            assert m is not None
+            end = time.monotonic() + 2.0  # four visibility timeouts
+            while time.monotonic() < end:
+                m.touch()
+                assert fast.receive(timeout=0.15) is None, "the touched message went to another consumer"
+                assert conn.status(mid) is Status.RESERVED
+            m.ack()  # still ours: without the touches this raises "reservation ran out"
+        assert conn.status(mid) is Status.DONE
+
+
+def test_touch_after_the_message_went_to_another_consumer_is_an_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/mq.db?visibility_timeout=0.2"
+    with mqprimer.connect(url) as conn, mqprimer.connect(url) as other:
+        mid = conn.producer().send("work", "slow")
+        with conn.consumer("work") as slow, other.consumer("work") as fast:
+            m = slow.receive(timeout=5)
+            assert m is not None
+            wait_until(lambda: conn.status(mid) is Status.READY, what="the reservation to lapse")
+            again = fast.receive(timeout=5)
+            assert again is not None and again.id == mid
+            with pytest.raises(mqprimer.BrokerError, match="reservation ran out"):
+                m.touch()
+            with pytest.raises(mqprimer.StateError):
+                m.ack()  # lost with its lease
+            again.ack()
+
+
 def test_status_remembers_a_bounded_number_of_settled_ids(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/mq.db?status_keep=5"
     with mqprimer.connect(url) as conn:

@@ -286,3 +286,47 @@ def test_worker_on_a_topic_pattern(url: str, conn: mqprimer.Connection) -> None:
     wait_until(lambda: "i1" in seen, what="topic messages")
     assert finish(w, t, codes) == EXIT_OK
     assert [s for s in seen if s != "warm"] == ["e1", "i1"]
+
+
+def test_touch_leases_lets_a_handler_outlive_the_visibility_timeout(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/mq.db?visibility_timeout=0.6"
+    calls: list[str] = []
+
+    def slow(m: mqprimer.Message) -> None:
+        calls.append(m.id)
+        time.sleep(2.0)  # over three visibility timeouts
+
+    with mqprimer.connect(url) as conn:
+        mid = conn.producer().send("long", "job")
+        w = Worker(url, "long", slow, touch_leases=True, handle_signals=False)
+        t, codes = start(w)
+        wait_until(lambda: calls, what="the handler to start")
+        with conn.consumer("long") as other:  # a second consumer must not get the message meanwhile
+            end = time.monotonic() + 1.8
+            while time.monotonic() < end:
+                assert other.receive(timeout=0.2) is None, "the message left the worker while it ran"
+        wait_until(lambda: w.stats["ack"] == 1, what="the ack")
+        assert finish(w, t, codes) == EXIT_OK
+        assert calls == [mid] and conn.status(mid) is mqprimer.Status.DONE
+
+
+def test_without_touch_leases_a_slow_handler_loses_its_message(tmp_path: Path) -> None:
+    """The control of the test above: the lease really runs out without the touches."""
+    url = f"sqlite:///{tmp_path}/mq.db?visibility_timeout=0.3"
+    calls: list[int] = []
+
+    def slow(m: mqprimer.Message) -> None:
+        calls.append(m.attempt)
+        time.sleep(1.0)
+
+    with mqprimer.connect(url) as conn:
+        conn.producer().send("long", "job")
+        w = Worker(url, "long", slow, handle_signals=False)
+        t, codes = start(w)
+        wait_until(lambda: calls, what="the handler to start")
+        with conn.consumer("long") as other:
+            again = other.receive(timeout=5)
+            assert again is not None and again.attempt >= 2
+            again.ack()
+        wait_until(lambda: w.stats["lost"] >= 1, what="the worker to find its message lost")
+        assert finish(w, t, codes) == EXIT_OK

@@ -114,6 +114,9 @@ def add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-max", type=parse_duration, default=1.0, help="longest wait per poll when idle (default 1s)")
     p.add_argument("--reconnect-max", type=parse_duration, default=30.0,
                    help="longest wait between reconnect attempts when the broker is down (default 30s)")
+    p.add_argument("--touch-leases", action="store_true",
+                   help="renew the lease (beanstalkd TTR, sqlite visibility_timeout) of messages in flight, "
+                        "so handlers may run longer than it")
     p.add_argument("--topic", action="store_true", help="DEST is a topic or topic pattern")
     p.add_argument("--subscription", help="durable topic subscription name")
     p.set_defaults(func=cmd_worker)
@@ -132,6 +135,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         url, Topic(dest) if args.topic else dest, handler, concurrency=args.concurrency, prefetch=args.prefetch,
         retry=policy, max_messages=args.max_messages, max_memory=args.max_memory, max_time=args.max_time,
         idle_max=args.idle_max, reconnect_max=args.reconnect_max, subscription=args.subscription,
+        touch_leases=args.touch_leases,
     )
     code = worker.run()
     s = worker.stats

@@ -163,6 +163,10 @@ class Subscription(ABC):
     retry_target: Destination
     #: the queue that holds this subscription's dead letters
     dead_target: Queue
+    #: seconds an unsettled delivery stays this consumer's before the broker may give it to
+    #: another (beanstalkd's TTR, sqlite's visibility timeout); ``None``: until it is
+    #: settled or the connection closes. :meth:`touch` starts a new one.
+    delivery_lease: float | None = None
 
     @abstractmethod
     def receive(self, timeout: float | None) -> Delivery | None:
@@ -183,6 +187,15 @@ class Subscription(ABC):
     def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
         """Native dead letter: move the message (as ``payload``) to the dead letters."""
         raise UnsupportedError("native dead letters are not implemented by this backend")
+
+    def touch(self, delivery: Delivery) -> None:
+        """Keep an unsettled delivery for another :attr:`delivery_lease`.
+
+        Backends whose deliveries stay reserved until settled (``delivery_lease`` is
+        ``None``) have nothing to renew: the default does nothing. Raise if the lease has
+        already run out and the message may have gone to another consumer.
+        """
+        return None
 
     @abstractmethod
     def close(self) -> None:

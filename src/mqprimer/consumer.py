@@ -168,6 +168,30 @@ class Consumer:
         env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
         self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
 
+    def _touch(self, m: Message) -> None:
+        s = m._sub
+        with s.lock:
+            if s.sub is None or m._generation != s.generation:
+                m._mark(_State.LOST)
+                self._pending.discard(m)
+                raise ConnectionFailed(
+                    f"cannot touch message {m.id}: the connection it arrived on was lost; "
+                    "the broker will deliver it again"
+                )
+            try:
+                s.sub.touch(m._delivery)
+            except Exception as exc:
+                m._mark(_State.LOST)  # the lease is gone: the message is no longer ours to settle
+                self._pending.discard(m)
+                self._fail(s, exc, "touch", reraise=True)
+
+    @property
+    def delivery_lease(self) -> float | None:
+        """Seconds a received message stays this consumer's before the broker may give it to
+        another unless settled or :meth:`Message.touch`-ed; ``None``: until settled or closed."""
+        leases = [s.sub.delivery_lease for s in self._subs if s.sub is not None and s.sub.delivery_lease]
+        return min(leases) if leases else None
+
     def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None]) -> None:
         s = m._sub
         with s.lock:

@@ -106,6 +106,23 @@ class Message:
         self._begin(_State.DEAD)
         self._consumer._settle_dead(self, str(reason))
 
+    def touch(self) -> None:
+        """Keep this message reserved for another lease; for handlers that run long.
+
+        Where a broker gives an unsettled message to another consumer after a while
+        (beanstalkd's TTR, sqlite's ``visibility_timeout``: the consumer's
+        :attr:`~mqprimer.Consumer.delivery_lease`), this starts that time again. Elsewhere
+        messages stay reserved until settled, and ``touch`` does nothing. Safe to call
+        from a handler thread of a :class:`~mqprimer.Worker`.
+
+        Raises :class:`StateError` once settled, :class:`ConnectionFailed` if the
+        connection it arrived on was lost, and :class:`BrokerError` if the lease had
+        already run out (the message may be with another consumer now).
+        """
+        if self._state is not _State.PENDING:
+            raise StateError(f"message {self.id} is already settled ({self._state.value})")
+        self._consumer._touch(self)
+
     def fail(self, error: BaseException | str) -> None:
         """Handler failure: retry by the consumer's :class:`RetryPolicy`, then dead-letter."""
         reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"

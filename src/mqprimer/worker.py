@@ -27,6 +27,12 @@ The seed talk's "PHP daemons" slide, done right::
   is down, and never spins.
 - Logging (logger ``mqprimer.worker``): one line per message, ``outcome id destination
   attempt duration``, with the same fields in ``record.mq``; never bodies or passwords.
+- Leases: where the broker gives an unsettled message to another consumer after a while
+  (beanstalkd's TTR, sqlite's ``visibility_timeout``), a handler that runs longer loses
+  it. ``touch_leases=True`` has the owner thread :meth:`~mqprimer.Message.touch` every
+  message in flight each third of the lease, so a handler may run as long as it needs
+  (and a hung one holds its message until the process ends); handlers can also call
+  ``message.touch()`` themselves.
 - Hooks: ``before(message)`` runs on the handler thread just before the handler;
   ``after(message, outcome)`` runs on the owner thread once the message is settled.
 """
@@ -96,6 +102,7 @@ class Worker:
         after: AfterHook | None = None,
         handle_signals: bool = True,
         connect_options: dict[str, Any] | None = None,
+        touch_leases: bool = False,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {type(handler).__name__}")
@@ -123,6 +130,10 @@ class Worker:
         self.after = after
         self.handle_signals = handle_signals
         self.connect_options = dict(connect_options or {})
+        self.touch_leases = touch_leases
+        self._leases: dict[Message, float] = {}  # in flight -> when to touch it next (touch_leases)
+        self._lease_every: float | None = None
+        self._next_touch = float("inf")
         self.handled = 0  # messages settled (or lost) so far
         self.stats: dict[str, int] = {"ack": 0, "retry": 0, "dead-letter": 0, "lost": 0}
         self._received = 0
@@ -228,9 +239,15 @@ class Worker:
 
     def _consume(self, consumer: Any) -> int | None:
         idle = _IDLE_MIN
+        lease = consumer.delivery_lease if self.touch_leases else None
+        self._lease_every = lease / 3 if lease else None
+        self._leases.clear()
+        self._next_touch = float("inf")
         while True:
             if self._abort_code is not None:
                 return self._abort_code
+            if self._leases and time.monotonic() >= self._next_touch:
+                self._touch_due()
             self._settle_ready()
             self._check_limits()
             if self._draining is not None:
@@ -244,6 +261,10 @@ class Worker:
                     idle = _IDLE_MIN
                     self._received += 1
                     self._inflight += 1
+                    if self._lease_every is not None:
+                        due = time.monotonic() + self._lease_every
+                        self._leases[msg] = due
+                        self._next_touch = min(self._next_touch, due)
                     self._jobs.put(msg)
                     continue
                 if not self._inflight:
@@ -252,6 +273,23 @@ class Worker:
                 self._wait_result(_BUSY_POLL)
             else:
                 self._wait_result(0.25)
+
+    def _touch_due(self) -> None:
+        """Touch the in-flight messages whose lease is a third gone (owner thread)."""
+        assert self._lease_every is not None
+        now = time.monotonic()
+        for msg, due in list(self._leases.items()):
+            if due > now:
+                continue
+            try:
+                msg.touch()
+                self._leases[msg] = now + self._lease_every
+            except StateError:  # settled meanwhile
+                del self._leases[msg]
+            except (ConnectionFailed, BrokerError) as exc:
+                del self._leases[msg]
+                log.warning("could not renew the lease of message %s (%s); it may be delivered again", msg.id, exc)
+        self._next_touch = min(self._leases.values(), default=float("inf"))
 
     def _check_limits(self) -> None:
         if self._draining is not None:
@@ -316,6 +354,7 @@ class Worker:
     # -- settling (owner thread only) -----------------------------------------------------
     def _settle(self, msg: Message, error: BaseException | None, duration: float) -> None:
         self._inflight -= 1
+        self._leases.pop(msg, None)
         note = ""
         if self._abort_code is not None or error is _RELEASED:
             return  # left unsettled: it goes back to the broker when the consumer closes
@@ -340,6 +379,11 @@ class Worker:
                     what = "dead-letter"
         except ConnectionFailed as exc:
             what = "lost"  # the broker delivers it again
+            note = f" not_settled={quote(str(exc))}"
+        except BrokerError as exc:
+            # e.g. its lease ran out (beanstalkd NOT_FOUND, sqlite "reservation ran out"): the
+            # message is another consumer's now; this one goes on (see touch_leases)
+            what = "lost"
             note = f" not_settled={quote(str(exc))}"
         except StateError:
             if msg._state in (_State.RETURNED, _State.LOST):  # its connection went away meanwhile

@@ -55,7 +55,8 @@ class SqliteSubscription(Subscription):
         # (seq, owner) tags; buffered: (tag, payload, earlier lost deliveries, reserved at)
         self.buffer: collections.deque[tuple[tuple[int, str], bytes, int, float]] = collections.deque()
         self.unsettled: set[tuple[int, str]] = set()
-        self.lease = max(_PRIVATE_LEASE_MIN, 4 * opts.visibility_timeout)
+        self.lease = max(_PRIVATE_LEASE_MIN, 4 * opts.visibility_timeout)  # of a private topic subscription
+        self.delivery_lease = opts.visibility_timeout
         self.renew_at = 0.0
         self.housekeep_at = time.time() + HOUSEKEEP_EVERY
         self.db: sqlite3.Connection | None = connect_db(opts)
@@ -150,6 +151,18 @@ class SqliteSubscription(Subscription):
             "UPDATE mq_messages SET state = 2, payload = x'', owner = NULL WHERE seq = ? AND owner = ?", delivery.tag
         )
         self._settled(delivery, cur, "ack")
+
+    def touch(self, delivery: Delivery) -> None:
+        cur = self._db().execute(
+            "UPDATE mq_messages SET available_at = ? WHERE seq = ? AND owner = ?",
+            (time.time() + self.opts.visibility_timeout, *delivery.tag),
+        )
+        if cur.rowcount != 1:
+            self.unsettled.discard(delivery.tag)
+            raise ReservationLost(
+                f"cannot touch: the reservation ran out (visibility_timeout={self.opts.visibility_timeout:g}s) "
+                "and the message was given to another consumer or settled already"
+            )
 
     def requeue(self, delivery: Delivery) -> None:
         cur = self._db().execute(_GIVE_BACK, (time.time(), *delivery.tag))

@@ -301,6 +301,8 @@ class _BeanstalkSub(Subscription):
         self.c = client
         self.used = tube
         self.host, self.port, self.ttr = backend.host, backend.port, backend.ttr
+        # a job's TTR is set by its producer; this assumes the producer used the same ?ttr=
+        self.delivery_lease = float(backend.ttr)
         self.max_size = backend.capabilities.max_message_size or CAPABILITIES.max_message_size or 0
         self.held: set[int] = set()  # ids of the jobs this connection holds, unsettled
         self.pending = False  # a reserve sent, its answer not read yet
@@ -384,6 +386,10 @@ class _BeanstalkSub(Subscription):
                 _parse_response(line, b"DELETED")
         finally:
             self.held.discard(jid)
+
+    def touch(self, delivery: Delivery) -> None:
+        # NOT_FOUND (the TTR ran out and the job went back, or it is settled) raises
+        self._settling().touch(delivery.tag)
 
     def _stats(self, job: "greenstalk.Job[bytes]") -> tuple[int, int]:
         st = self._settling().stats_job(job)

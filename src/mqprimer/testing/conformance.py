@@ -156,6 +156,22 @@ def test_ack_removes(conn: mqprimer.Connection, dest: str) -> None:
         assert c.receive(timeout=1.0) is None
 
 
+def test_touch_keeps_the_message_until_settled(conn: mqprimer.Connection, dest: str) -> None:
+    conn.producer().send(dest, "long job")
+    with conn.consumer(dest) as c:
+        lease = c.delivery_lease
+        assert lease is None or lease > 0
+        m = _one(c)
+        m.touch()
+        m.touch()
+        assert c.receive(timeout=0.3) is None, "a touched message was delivered again"
+        m.ack()
+        with pytest.raises(StateError):
+            m.touch()
+    with conn.consumer(dest) as c:
+        assert c.receive(timeout=0.5) is None
+
+
 def test_unsettled_messages_go_back_on_close(conn: mqprimer.Connection, dest: str) -> None:
     mid = conn.producer().send(dest, "x")
     with conn.consumer(dest) as c:
