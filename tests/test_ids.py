@@ -78,12 +78,14 @@ def test_forked_processes_draw_their_own_random_bits(monkeypatch: pytest.MonkeyP
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report and exit without running pytest's teardown
-        os.write(w, f"{_ids._tail[0]} {_ids.stamp()[0]}".encode())
+        os.write(w, f"{_ids._offset} {_ids.stamp()[0]} {_ids.stamp()[0]}".encode())
         os._exit(0)
     os.close(w)
-    child_tail, child_id = os.read(r, 200).decode().split()
+    child_offset, *child_ids = os.read(r, 200).decode().split()
     os.close(r)
     os.waitpid(pid, 0)
-    parent_id = _ids.stamp()[0]
-    assert child_tail != _ids._tail[0]
-    assert child_id.endswith(child_tail) and child_id != parent_id
+    parent_ids = [_ids.stamp()[0], _ids.stamp()[0]]
+    assert int(child_offset) != _ids._offset
+    assert not set(child_ids) & set(parent_ids)
+    # the same counter values in both processes, told apart by the offset alone
+    assert {i[15:18] for i in child_ids} & {i[15:18] for i in parent_ids}
