@@ -23,6 +23,7 @@ import pika.exceptions as px
 from pika.adapters.blocking_connection import ReturnedMessage
 from pika.spec import Basic, BasicProperties
 
+from .._ids import prepare
 from ..errors import ConfigurationError
 from ..url import URL
 
@@ -295,6 +296,7 @@ class Confirmer:
             if i % 512 == 511:  # write out and take confirms in, so buffers stay bounded
                 self.link.flush()
         coalesce(self.link.conn)
+        prepare()  # the next message's id, made while RabbitMQ confirms this batch (see _ids)
         self._wait(lambda: not self._outstanding)
         if self._nacked:
             raise px.NackError([])  # the broker refused them (internal error): nothing was stored

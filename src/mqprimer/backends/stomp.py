@@ -38,6 +38,7 @@ from typing import Any
 
 from stomp.exception import StompException
 
+from .._ids import prepare
 from ..backend import (
     EMULATED,
     NATIVE,
@@ -219,6 +220,7 @@ class StompBackend(Backend):
             frames.append(encode_frame("SEND", headers, it.payload))
             rids.append(rid)
         link.write(b"".join(frames))  # the whole batch in one write, then wait for every receipt
+        prepare()  # the next message's id, made while the broker works (see _ids)
         link.wait_receipts(rids)
         for it in items:
             if isinstance(it.destination, Queue) and not it.delay:
