@@ -70,7 +70,6 @@ def test_a_prepared_stamp_from_a_past_millisecond_is_not_used(monkeypatch: pytes
     assert not _ids._ready
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_processes_draw_their_own_random_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_ids, "_time_ns", lambda: 1_800_000_000_000 * 1_000_000)  # one millisecond for both
     _ids._ready.clear()

@@ -287,6 +287,11 @@ def _check_options(priority: int | None, delay: float | None, ttl: float | None)
         raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
 
 
+def _check_type(type: str | None) -> None:
+    if type is not None and (not isinstance(type, str) or not type):
+        raise ValueError(f"type must be a non-empty string, got {type!r}")
+
+
 def _check_size(conn: Connection, ep: Endpoint, items: Sequence[Outgoing]) -> None:
     limit, what = conn.size_limit(ep)
     for it in items:
@@ -325,8 +330,7 @@ class Producer:
                 if not isinstance(k, str) or not isinstance(v, str):
                     raise TypeError("headers must map str to str")
         _check_options(priority, delay, ttl)
-        if type is not None and (not isinstance(type, str) or not type):
-            raise ValueError(f"type must be a non-empty string, got {type!r}")
+        _check_type(type)
         mid, now = stamp()
         if id is not None:
             mid = id
@@ -381,8 +385,7 @@ class Producer:
         return mid
 
     def _format(self, type: str | None) -> bytes:
-        if type is not None and (not isinstance(type, str) or not type):
-            raise ValueError(f"type must be a non-empty string, got {type!r}")
+        _check_type(type)
         fmt = fresh_format(self._conn.source, type or DEFAULT_TYPE)
         if len(self._formats) < 1000:
             self._formats[type] = fmt

@@ -169,21 +169,8 @@ class Consumer:
         self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
 
     def _touch(self, m: Message) -> None:
-        s = m._sub
-        with s.lock:
-            if s.sub is None or m._generation != s.generation:
-                m._mark(_State.LOST)
-                self._pending.discard(m)
-                raise ConnectionFailed(
-                    f"cannot touch message {m.id}: the connection it arrived on was lost; "
-                    "the broker will deliver it again"
-                )
-            try:
-                s.sub.touch(m._delivery)
-            except Exception as exc:
-                m._mark(_State.LOST)  # the lease is gone: the message is no longer ours to settle
-                self._pending.discard(m)
-                self._fail(s, exc, "touch", reraise=True)
+        # on failure the lease is gone: the message is no longer ours to settle (LOST)
+        self._settle(m, "touch", lambda sub: sub.touch(m._delivery), settles=False)
 
     @property
     def delivery_lease(self) -> float | None:
@@ -192,7 +179,8 @@ class Consumer:
         leases = [s.sub.delivery_lease for s in self._subs if s.sub is not None and s.sub.delivery_lease]
         return min(leases) if leases else None
 
-    def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None]) -> None:
+    def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None], settles: bool = True) -> None:
+        """Run ``fn`` on the subscription ``m`` arrived on; ``settles``: ``m`` is done after it."""
         s = m._sub
         with s.lock:
             if s.sub is None or m._generation != s.generation:
@@ -212,7 +200,8 @@ class Consumer:
                 m._mark(_State.LOST)
                 self._pending.discard(m)
                 self._fail(s, exc, what, reraise=True)
-        self._pending.discard(m)
+        if settles:
+            self._pending.discard(m)
 
     def _republish(self, s: "_Sub", target: Destination, payload: bytes, mid: str, delay: float, d: Delivery) -> None:
         s.ep.call("republish", lambda b: b.publish(target, payload, message_id=mid, delay=delay or None))

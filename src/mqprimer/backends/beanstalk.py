@@ -62,6 +62,7 @@ _IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error (waiting rese
 _POLL_MAX = 0.02  # longest pause between polls while a consumer holds jobs
 _WAIT = 3600  # seconds a waiting reserve may stay on the server (it is read again, not resent)
 _STATUS_KEEP = 50_000
+_PUT = b"put %d %d %d %d\r\n%b\r\n"  # priority, delay, TTR, size, body
 _PIPELINE = 500  # commands per write in publish_many: their replies (~20 bytes each) fit socket buffers
 
 CAPABILITIES = Capabilities(
@@ -222,7 +223,7 @@ class BeanstalkBackend(Backend):
             self.used_dest = destination
         # greenstalk's put, minus a copy of the job and a split of the reply: the send path
         # is measured against raw greenstalk and every step counts (docs/backend-beanstalk.md)
-        c._sock.sendall(b"put %d %d %d %d\r\n%b\r\n" % (
+        c._sock.sendall(_PUT % (  # _pri() and _secs(), inlined
             _PRI_BASE + 9 - (priority or 0), math.ceil(delay) if delay else 0, self.ttr, len(payload), payload,
         ))
         prepare()
@@ -251,7 +252,7 @@ class BeanstalkBackend(Backend):
                     out.append(b"use %b\r\n" % tube.encode("ascii"))
                     expect.append((b"USING", None))
                     self.used, self.used_dest = tube, None
-                out.append(b"put %d %d %d %d\r\n%b\r\n" % (
+                out.append(_PUT % (
                     _pri(it.priority), _secs(it.delay), self.ttr, len(it.payload), it.payload,
                 ))
                 expect.append((b"INSERTED", it))
