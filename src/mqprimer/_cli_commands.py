@@ -10,7 +10,17 @@ import time
 import uuid
 from typing import Any
 
-from .cli import EXIT_FAILED, EXIT_OK, UsageError, emit, non_negative, positive_int, progress_for, show_url, split_url
+from ._cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    emit,
+    non_negative,
+    positive_int,
+    progress_for,
+    show_url,
+    split_url,
+)
 
 _BATCH = 100  # messages per confirmed batch in bulk sends
 

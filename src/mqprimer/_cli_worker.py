@@ -17,7 +17,17 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any
 
-from .cli import EXIT_OK, UsageError, emit, non_negative, positive_int, progress_for, show_url, split_url
+from ._cli_common import (
+    EXIT_OK,
+    UsageError,
+    emit,
+    non_negative,
+    positive_int,
+    progress_for,
+    show_url,
+    split_url,
+    url_arg,
+)
 
 log = logging.getLogger("mqprimer.cli")
 
@@ -163,7 +173,6 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     import mqprimer
 
     from .backend import Outgoing, Queue
-    from .cli import url_arg
     from .envelope import encode, replace
     from .errors import ConnectionFailed
 

@@ -23,21 +23,29 @@ Errors are one line on stderr, never a traceback (``MQPRIMER_DEBUG=1`` shows it)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any, NoReturn, TextIO
+from typing import NoReturn
 
+from . import _cli_commands, _cli_worker
+from ._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOPERM,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    UsageError,
+)
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MQError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_UNAVAILABLE, EXIT_NOPERM, EXIT_INTERRUPTED = 69, 77, 130
-
-
-class UsageError(Exception):
-    """Bad input from the command line: one line, exit code 2."""
+# Each command module exposes add_<command>(subparsers, common) functions; a new command
+# module adds its functions here (and imports only _cli_common, never this module).
+COMMANDS = (
+    _cli_commands.add_send, _cli_commands.add_consume, _cli_worker.add_worker, _cli_commands.add_status,
+    _cli_commands.add_dead_letters, _cli_worker.add_bridge, _cli_commands.add_doctor, _cli_commands.add_backends,
+    _cli_commands.add_bench,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,123 +55,8 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-# -- helpers shared by the commands ------------------------------------------------------
-def is_url(text: str) -> bool:
-    return "://" in text
-
-
-def url_arg(text: str) -> "str | list[str]":
-    """One URL, or a list when the argument is several comma-separated URLs."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) > 1 and all(is_url(p) for p in parts):
-        return parts
-    return text
-
-
-def split_url(pos: list[str], names: Sequence[str], optional: Sequence[str] = ()) -> tuple[Any, list[str]]:
-    """``[URL] NAME... [OPTIONAL...]`` → (url, values); the URL defaults to ``MQPRIMER_URL``."""
-    from .client import default_url
-
-    if pos and is_url(pos[0]):
-        url: Any = url_arg(pos[0])
-        pos = pos[1:]
-    else:
-        url = url_arg(default_url())
-    if not len(names) <= len(pos) <= len(names) + len(optional):
-        want = " ".join([*names, *(f"[{o}]" for o in optional)])
-        raise UsageError(f"expected [URL] {want}, got {len(pos)} argument(s) after the URL")
-    return url, pos
-
-
-def show_url(url: Any) -> str:
-    from .url import URL
-
-    urls = url if isinstance(url, list) else [url]
-    out = []
-    for u in urls:
-        try:
-            out.append(str(URL.parse(u)))
-        except MQError:
-            out.append("<invalid URL>")
-    return ", ".join(out)
-
-
-def emit(args: argparse.Namespace, human: str, data: Any) -> None:
-    """Print ``data`` as JSON with ``--json``, else the human text."""
-    if getattr(args, "json", False):
-        print(json.dumps(data, default=str, ensure_ascii=False))
-    elif human:
-        print(human)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-class Progress:
-    """``label: done/total rate`` on stderr, redrawn at most 10 times a second.
-
-    Shown only when stderr is a terminal, or with ``--progress``.
-    """
-
-    def __init__(self, label: str, total: int | None = None, *, enabled: bool | None = None,
-                 stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.start = time.monotonic()
-        self._last = 0.0
-        self._drawn = False
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.enabled:
-            now = time.monotonic()
-            if now - self._last >= 0.1:
-                self._last = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self.done / max(now - self.start, 1e-6)
-        of = f"/{self.total}" if self.total is not None else ""
-        self.stream.write(f"\r{self.label}: {self.done}{of}  {rate:,.0f} msg/s ")
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        if self.enabled and (self._drawn or self.done):
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def progress_for(args: argparse.Namespace, label: str, total: int | None = None) -> Progress:
-    return Progress(label, total, enabled=True if getattr(args, "progress", False) else None)
-
-
 # -- the parser ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import _cli_commands as c
-    from . import _cli_worker as w
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     common.add_argument("--progress", action="store_true", help="show progress on stderr even when not a terminal")
@@ -182,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqprimer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for register in (c.add_send, c.add_consume, w.add_worker, c.add_status, c.add_dead_letters, w.add_bridge,
-                     c.add_doctor, c.add_backends, c.add_bench):
+    for register in COMMANDS:
         register(sub, common)
     return parser
 
@@ -233,8 +125,6 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
 def _setup_logging(args: argparse.Namespace) -> None:
     import logging
 
-    from ._cli_worker import JsonFormatter
-
     if args.quiet:
         level = logging.WARNING
     elif args.verbose >= 1:
@@ -243,7 +133,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         level = logging.INFO if args.command in ("worker", "bridge") else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     if args.json:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(_cli_worker.JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -258,8 +148,4 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m mqprimer.cli`: run the importable module, so that its classes are the ones
-    # the command modules import (not a second copy living in __main__)
-    from mqprimer.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())
