@@ -153,3 +153,8 @@ activemq_kill() {
   for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
   rm -f "$f"
 }
+
+activemq_pids() {
+  local pid; pid=$(pid_of "$(_amq_dir)/activemq.pid")
+  if alive "$pid"; then echo "$pid"; fi
+}

@@ -89,3 +89,12 @@ beanstalkd_kill() {
     rm -f "$d/$i.pid"
   done
 }
+
+# the running instances' pids (MQPRIMER_BEANSTALKD_INSTANCE limits them to one)
+beanstalkd_pids() {
+  local i pid
+  for i in $(_bs_instances); do
+    pid=$(pid_of "$(_bs_dir)/$i.pid")
+    if alive "$pid"; then echo "$pid"; fi
+  done
+}

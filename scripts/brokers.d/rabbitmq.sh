@@ -178,3 +178,9 @@ _rmq_locked() { mkdir -p "$RUN"; ( flock -w 300 9 || die "rabbitmq: harness lock
 rabbitmq_up() { _rmq_locked _rmq_up; }
 rabbitmq_down() { _rmq_locked _rmq_down; }
 rabbitmq_kill() { _rmq_locked _rmq_kill; }
+
+# The Erlang VM's pid (freeze/thaw; the launching shell only relays signals)
+rabbitmq_pids() {
+  local pid; pid=$(pid_of "$RUN/rabbitmq/rabbitmq.pid")
+  if alive "$pid"; then echo "$pid"; fi
+}
