@@ -16,7 +16,7 @@ import time
 import uuid
 
 from ..backend import Delivery, Destination, Queue, Subscription, Topic
-from .sqlite import HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
+from ._sqlite_db import HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
 
 _MIN_NAP, _MAX_NAP = 0.005, 0.05  # adaptive poll interval: sqlite has no notifications
 _PRIVATE_LEASE_MIN = 60.0  # a private subscription lives this long without a receive() call
