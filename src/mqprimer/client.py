@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,7 +19,8 @@ import msgspec
 
 from ._endpoint import Endpoint
 from ._ids import stamp
-from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Subscription, Topic
+from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Topic
+from .consumer import Consumer
 from .deadletters import DeadLetters
 from .destinations import _QUEUE_NAME, _queue_cache, as_destination, is_pattern
 from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, encode, fresh_format, make
@@ -102,6 +102,10 @@ class Connection:
     def _check(self) -> None:
         if self._closed:
             raise StateError("the connection is closed")
+
+    def _detach(self, child: object) -> None:
+        """Forget a closed producer or consumer."""
+        self._children = [c for c in self._children if c is not child]
 
     # -- public --------------------------------------------------------------------
     @property
@@ -416,23 +420,5 @@ class Producer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-class _Sub:
-    """A consumer's subscription on one endpoint, rebuilt after reconnects."""
-
-    __slots__ = ("ep", "sub", "generation", "next_try", "backoff", "down_since", "destination", "lock")
-
-    def __init__(self, ep: Endpoint, destination: Destination) -> None:
-        self.ep = ep
-        self.sub: Subscription | None = None
-        self.generation = 0
-        self.next_try = 0.0
-        self.backoff = 0.05
-        self.down_since: float | None = None
-        self.destination = destination
-        self.lock = threading.RLock()
-
-
-from .consumer import Consumer  # noqa: E402  (Consumer needs the names above)
 
 __all__ = ["Connection", "Consumer", "Producer", "as_destination", "default_url", "is_pattern"]

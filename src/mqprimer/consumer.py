@@ -10,20 +10,36 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
-from .backend import NATIVE, Delivery, Destination, Queue, Subscription, Topic
+from ._endpoint import Endpoint
+from ._sub import _Sub
+from .backend import NATIVE, Capabilities, Delivery, Destination, Queue, Subscription, Topic
+from .destinations import is_pattern
 from .envelope import Envelope, decode, encode, make, replace
 from .errors import ConnectionFailed, EnvelopeError, MessageTooLarge, StateError, UnsupportedError
 from .message import Message, _State
 from .retry import RetryPolicy
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import Connection, _Sub
-
 log = logging.getLogger("mqprimer")
 _SLICE = 0.25  # longest a blocking receive holds a subscription, so close() is prompt
+
+
+class Owner(Protocol):
+    """What a consumer uses of its :class:`~mqprimer.Connection` (which imports this module)."""
+
+    max_message_size: int
+    reconnect_timeout: float
+    source: str
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def endpoints(self) -> Sequence[Endpoint]: ...
+
+    def _detach(self, child: object) -> None: ...
 
 
 class Consumer:
@@ -31,15 +47,12 @@ class Consumer:
 
     def __init__(
         self,
-        conn: "Connection",
+        conn: Owner,
         destination: Destination,
         prefetch: int,
         subscription: str | None,
         retry_policy: RetryPolicy,
     ) -> None:
-        from .client import _Sub
-        from .destinations import is_pattern
-
         self._conn = conn
         self.destination = destination
         self.prefetch = prefetch
@@ -116,7 +129,7 @@ class Consumer:
             if msg is not None:
                 yield msg
 
-    def _receive_from(self, s: "_Sub", timeout: float) -> Message | None:
+    def _receive_from(self, s: _Sub, timeout: float) -> Message | None:
         with s.lock:
             sub = s.sub
             if sub is None:
@@ -130,7 +143,7 @@ class Consumer:
                 return None
             return self._wrap(s, sub, delivery)
 
-    def _wrap(self, s: "_Sub", sub: Subscription, d: Delivery) -> Message | None:
+    def _wrap(self, s: _Sub, sub: Subscription, d: Delivery) -> Message | None:
         try:
             env = decode(d.payload, max(self._conn.max_message_size, len(d.payload) if d.payload else 0))
         except EnvelopeError as exc:
@@ -203,12 +216,12 @@ class Consumer:
         if settles:
             self._pending.discard(m)
 
-    def _republish(self, s: "_Sub", target: Destination, payload: bytes, mid: str, delay: float, d: Delivery) -> None:
+    def _republish(self, s: _Sub, target: Destination, payload: bytes, mid: str, delay: float, d: Delivery) -> None:
         s.ep.call("republish", lambda b: b.publish(target, payload, message_id=mid, delay=delay or None))
         assert s.sub is not None
         s.sub.ack(d)
 
-    def _bury(self, s: "_Sub", sub: Subscription, d: Delivery, env: Envelope) -> None:
+    def _bury(self, s: _Sub, sub: Subscription, d: Delivery, env: Envelope) -> None:
         caps = s.ep.capabilities
         payload = encode(env, max_size=1 << 62, original=d.payload if env.type != "mqprimer.invalid" else None)
         if caps.dead_letter is NATIVE:
@@ -219,7 +232,7 @@ class Consumer:
             log.warning("message %s dropped: %s has no dead letters (reason: %s)", env.id, caps.name, env.reason)
             sub.ack(d)
 
-    def _dead_raw(self, s: "_Sub", sub: Subscription, d: Delivery, reason: str) -> None:
+    def _dead_raw(self, s: _Sub, sub: Subscription, d: Delivery, reason: str) -> None:
         """Dead-letter a payload that is not an envelope, wrapped so that it can be inspected."""
         log.warning("dead-lettering a message on %s: %s", _name(self.destination), reason)
         env = make(
@@ -228,14 +241,14 @@ class Consumer:
         )
         self._call(s, "dead-letter", lambda: self._bury(s, sub, d, env))
 
-    def _call(self, s: "_Sub", what: str, fn: Callable[[], None]) -> None:
+    def _call(self, s: _Sub, what: str, fn: Callable[[], None]) -> None:
         try:
             fn()
         except Exception as exc:
             self._fail(s, exc, what)
 
     # -- connection loss ------------------------------------------------------------
-    def _subscribe(self, s: "_Sub") -> None:
+    def _subscribe(self, s: _Sub) -> None:
         with s.lock:
             s.sub = s.ep.call(
                 "subscribe",
@@ -245,7 +258,7 @@ class Consumer:
             s.backoff = 0.05
             s.down_since = None
 
-    def _fail(self, s: "_Sub", exc: BaseException, what: str, reraise: bool = False) -> None:
+    def _fail(self, s: _Sub, exc: BaseException, what: str, reraise: bool = False) -> None:
         err = s.ep.translate(exc, what)
         if not isinstance(err, ConnectionFailed):
             raise err from None
@@ -298,10 +311,7 @@ class Consumer:
                         sub.close()
                     except Exception as exc:
                         log.debug("closing subscription on %s: %s", s.ep.url, s.ep.scrub(str(exc)))
-        try:
-            self._conn._children.remove(self)
-        except ValueError:
-            pass
+        self._conn._detach(self)
 
     @property
     def closed(self) -> bool:

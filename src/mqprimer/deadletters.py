@@ -8,16 +8,14 @@ messages in ``<queue>.dead`` and this module consumes that queue.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
+from ._endpoint import Endpoint
 from .backend import Backend, DeadLetterStore, Outgoing, Queue
+from .consumer import Consumer
 from .envelope import Envelope, decode, encode, make, replace
 from .errors import ConnectionFailed, EnvelopeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import Connection
-    from .consumer import Consumer
 
 _FIRST_WAIT = 1.0  # how long an empty dead-letter queue is waited on before it counts as empty
 _NEXT_WAIT = 0.3
@@ -25,10 +23,23 @@ T = TypeVar("T")
 log = logging.getLogger("mqprimer")
 
 
+class _Conn(Protocol):
+    """What dead-letter handling uses of a :class:`~mqprimer.Connection` (which imports this module)."""
+
+    @property
+    def endpoints(self) -> Sequence[Endpoint]: ...
+
+    def consumer(self, destination: str, *, prefetch: int) -> Consumer: ...
+
+    def publish(self, items: Sequence[Outgoing]) -> None: ...
+
+    def _check(self) -> None: ...
+
+
 class DeadLetters:
     """The dead letters of one queue (``conn.dead_letters("thumbnails")``)."""
 
-    def __init__(self, conn: "Connection", queue: str) -> None:
+    def __init__(self, conn: _Conn, queue: str) -> None:
         self._conn = conn
         self.queue = queue
         self.dead_queue = f"{queue}.dead"
@@ -91,14 +102,13 @@ class DeadLetters:
         native = self._native(replay)
         if native is not None:
             return sum(native)
-        producer = self._conn.producer()
         n = 0
         with self._consumer(100) as consumer:
             for msg in _drain(consumer, None):
                 if ids is not None and msg.id not in ids:
                     continue  # left unsettled: back in the dead-letter queue on close
                 env = replace(msg.envelope, attempt=1, reason=None, origin=None)
-                producer._check()
+                self._conn._check()
                 payload = encode(env, 1 << 62, original=msg._delivery.payload)
                 self._conn.publish([Outgoing(Queue(self.queue), payload, env.id)])
                 msg.ack()
@@ -119,11 +129,11 @@ class DeadLetters:
                 n += 1
         return n
 
-    def _consumer(self, prefetch: int) -> "Consumer":
+    def _consumer(self, prefetch: int) -> Consumer:
         return self._conn.consumer(self.dead_queue, prefetch=max(1, min(prefetch, 1000)))
 
 
-def _drain(consumer: "Consumer", limit: int | None):  # type: ignore[no-untyped-def]
+def _drain(consumer: Consumer, limit: int | None):  # type: ignore[no-untyped-def]
     wait = _FIRST_WAIT
     seen = 0
     while limit is None or seen < limit:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import StateError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._sub import _Sub
     from .backend import Delivery, Destination
-    from .client import Consumer, _Sub
     from .envelope import Envelope
+    from .retry import RetryPolicy
+
+
+class _Settler(Protocol):
+    """What a message asks of the :class:`~mqprimer.Consumer` it came from (which imports this module)."""
+
+    retry_policy: "RetryPolicy"
+
+    def _settle_ack(self, m: "Message") -> None: ...
+
+    def _settle_retry(self, m: "Message", delay: float, error: str | None) -> None: ...
+
+    def _settle_dead(self, m: "Message", reason: str) -> None: ...
+
+    def _touch(self, m: "Message") -> None: ...
 
 
 class _State(enum.Enum):
@@ -31,7 +46,7 @@ class Message:
     __slots__ = ("_consumer", "_sub", "_delivery", "_generation", "envelope", "_state")
 
     def __init__(
-        self, consumer: "Consumer", sub: "_Sub", delivery: "Delivery", envelope: "Envelope", generation: int
+        self, consumer: _Settler, sub: "_Sub", delivery: "Delivery", envelope: "Envelope", generation: int
     ) -> None:
         self._consumer = consumer
         self._sub = sub
