@@ -101,6 +101,9 @@ class Capabilities:
     topic: Support = UNSUPPORTED
     patterns: Support = UNSUPPORTED  # wildcard topic subscriptions
     priority: Support = UNSUPPORTED  # 0 (lowest, default) .. 9 (most urgent)
+    # how many priorities the broker tells apart: 0..9 fall into this many equal bands,
+    # band = priority * priority_levels // 10; order holds between bands, FIFO within one
+    priority_levels: int = 10
     delay: Support = UNSUPPORTED
     ttl: Support = EMULATED  # at least the portable expiry check on receive
     retry: Support = EMULATED

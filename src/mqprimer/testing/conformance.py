@@ -277,10 +277,20 @@ def test_priority_order(conn: mqprimer.Connection, dest: str) -> None:
         with pytest.raises(UnsupportedError):
             p.send(dest, "x", priority=5)
         return
-    for prio in (1, 9, 0, 5):
-        p.send(dest, prio, priority=prio)
+    # exactly the declared number of levels: 0..9 fall into `priority_levels` bands; the
+    # lowest and highest priority of each band, least urgent band first, must come out band
+    # by band from the most urgent, and within a band in the order sent
+    levels = conn.capabilities.priority_levels
+    bands: dict[int, list[int]] = {}
+    for prio in range(10):
+        bands.setdefault(prio * levels // 10, []).append(prio)
+    sent = {b: sorted({ps[0], ps[-1]}) for b, ps in bands.items()}
+    for b in sorted(sent):
+        for prio in sent[b]:
+            p.send(dest, prio, priority=prio)
+    expect = [prio for b in sorted(sent, reverse=True) for prio in sent[b]]
     with conn.consumer(dest, prefetch=10) as c:
-        assert [m.body for m in collect(c, 4)] == [9, 5, 1, 0]
+        assert [m.body for m in collect(c, len(expect))] == expect
 
 
 def test_delay_is_never_early(conn: mqprimer.Connection, dest: str) -> None:
