@@ -163,6 +163,7 @@ class Connection:
 
         self._check()
         as_destination(queue)
+        self.capabilities.require("dead_letter", "dead letters")
         return DeadLetters(self, queue)
 
     # -- internals used by Producer and Consumer -------------------------------------
@@ -201,7 +202,7 @@ class Connection:
             # fast path: the active endpoint is connected
             fast = self._fast
             if (fast is None or fast[0] is not backend or priority is not None or delay
-                    or dest.__class__ is not Queue or len(payload) > fast[1]):
+                    or dest.__class__ is not Queue or len(payload) > fast[1] or ttl is not None):
                 self._check_one(ep, backend, Outgoing(dest, payload, message_id, priority, delay, ttl))
             try:
                 with ep.lock:
@@ -222,8 +223,8 @@ class Connection:
         _check_send_caps(caps, [it])
         _check_size(self, ep, [it])
         if caps.queue:
-            # until this backend is replaced, a message to a Queue without priority or
-            # delay and within this size is known to be acceptable
+            # until this backend is replaced, a message to a Queue without priority, delay
+            # or ttl and within this size is known to be acceptable
             self._fast = (backend, self.size_limit(ep)[0])
 
     def _publish_slow(self, items: Sequence[Outgoing]) -> None:
@@ -278,6 +279,8 @@ def _check_send_caps(caps: Capabilities, items: Sequence[Outgoing]) -> None:
             caps.require("priority", "message priority")
         if it.delay:
             caps.require("delay", "delayed delivery")
+        if it.ttl is not None:
+            caps.require("ttl", "message expiry (ttl)")
 
 
 def _check_options(priority: int | None, delay: float | None, ttl: float | None) -> None:

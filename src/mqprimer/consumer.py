@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from ._endpoint import Endpoint
 from ._sub import _Sub
@@ -66,6 +66,8 @@ class Consumer:
             caps.require("topic", "publish-subscribe (Topic destinations)")
             if is_pattern(destination):
                 caps.require("patterns", "wildcard topic patterns ('*', '#')")
+        else:
+            caps.require("queue", "queues (point-to-point destinations); use a Topic")
         self._subs: list[_Sub] = [_Sub(ep, destination) for ep in conn.endpoints]
         self._single = self._subs[0] if len(self._subs) == 1 else None
         errors: list[ConnectionFailed] = []
@@ -165,9 +167,11 @@ class Consumer:
 
     def _settle_retry(self, m: Message, delay: float, error: str | None) -> None:
         caps = m._sub.ep.capabilities
+        if not caps.retry:
+            _refuse(m, f"the {caps.name} backend does not support retry; message {m.id} is still unsettled: "
+                    "ack or dead-letter it (with Message.fail, use RetryPolicy(max_attempts=1))")
         if delay and not caps.delay:
-            m._mark(_State.PENDING)
-            raise UnsupportedError(f"the {caps.name} backend cannot delay a retry; use retry() without a delay")
+            _refuse(m, f"the {caps.name} backend cannot delay a retry; use retry() without a delay")
         env = replace(m.envelope, attempt=m.attempt + 1, error=error or m.envelope.error)
         payload = encode(env, max_size=1 << 62, original=m._delivery.payload)
         if caps.retry is NATIVE:
@@ -178,6 +182,10 @@ class Consumer:
             )
 
     def _settle_dead(self, m: Message, reason: str) -> None:
+        caps = m._sub.ep.capabilities
+        if not caps.dead_letter:
+            _refuse(m, f"the {caps.name} backend does not support dead letters; message {m.id} is still "
+                    "unsettled: ack it, or retry it where retry is supported")
         env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
         self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
 
@@ -228,12 +236,21 @@ class Consumer:
             sub.dead_letter(d, payload, env.reason or "")
         elif caps.dead_letter:
             self._republish(s, sub.dead_target, payload, env.id, 0.0, d)
-        else:
-            log.warning("message %s dropped: %s has no dead letters (reason: %s)", env.id, caps.name, env.reason)
-            sub.ack(d)
+        else:  # callers check first; never drop a message for want of a dead-letter queue
+            raise UnsupportedError(f"the {caps.name} backend does not support dead letters")
 
     def _dead_raw(self, s: _Sub, sub: Subscription, d: Delivery, reason: str) -> None:
         """Dead-letter a payload that is not an envelope, wrapped so that it can be inspected."""
+        caps = s.ep.capabilities
+        if not caps.dead_letter:
+            # nowhere to put it, and dropping it would lose it: it stays unsettled (the broker
+            # has it back when this consumer closes) and this consumer goes on
+            log.warning(
+                "a message on %s is not an mqprimer envelope (%s) and the %s backend has no dead letters: "
+                "left unsettled, it goes back to the broker when this consumer closes",
+                _name(self.destination), reason, caps.name,
+            )
+            return
         log.warning("dead-lettering a message on %s: %s", _name(self.destination), reason)
         env = make(
             id=str(uuid.uuid4()), source=self._conn.source, type="mqprimer.invalid",
@@ -322,6 +339,12 @@ class Consumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refuse(m: Message, why: str) -> NoReturn:
+    """Refuse an outcome before anything is done: the message stays unsettled, nothing is lost."""
+    m._mark(_State.PENDING)
+    raise UnsupportedError(why)
 
 
 def _name(dest: Destination) -> str:

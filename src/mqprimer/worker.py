@@ -380,6 +380,11 @@ class Worker:
         except ConnectionFailed as exc:
             what = "lost"  # the broker delivers it again
             note = f" not_settled={quote(str(exc))}"
+        except UnsupportedError as exc:
+            # the backend can neither retry nor dead-letter it: it stays unsettled and goes back
+            # to the broker when the consumer closes, rather than being dropped
+            what = "lost"
+            note = f" not_settled={quote(str(exc))}"
         except BrokerError as exc:
             # e.g. its lease ran out (beanstalkd NOT_FOUND, sqlite "reservation ran out"): the
             # message is another consumer's now; this one goes on (see touch_leases)

@@ -12,9 +12,11 @@ import pytest
 
 import mqprimer
 from mqprimer import MessageTooLarge, RetryPolicy, StateError, Status, Topic, UnsupportedError
-from mqprimer.backend import UNSUPPORTED, Queue
+from mqprimer.backend import FEATURES, UNSUPPORTED, Queue
 
+from .fake import fake_scheme
 from .helpers import collect, unreachable_url, wait_until
+from .refusals import check_refused
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -195,6 +197,7 @@ def test_double_settle_raises(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_retry_redelivers_with_next_attempt(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "retry")
     mid = conn.producer().send(dest, {"k": 1}, headers={"h": "1"})
     with conn.consumer(dest) as c:
         _one(c).retry()
@@ -207,6 +210,7 @@ def test_retry_redelivers_with_next_attempt(conn: mqprimer.Connection, dest: str
 
 
 def test_retry_delay_is_honoured(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "retry")
     conn.producer().send(dest, "x")
     with conn.consumer(dest) as c:
         m = _one(c)
@@ -224,6 +228,7 @@ def test_retry_delay_is_honoured(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_dead_letter_lands_with_reason_and_replays(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "dead_letter")
     mid = conn.producer().send(dest, {"bad": True})
     with conn.consumer(dest) as c:
         _one(c).dead_letter("bad image")
@@ -241,6 +246,7 @@ def test_dead_letter_lands_with_reason_and_replays(conn: mqprimer.Connection, de
 
 
 def test_dead_letters_purge(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "dead_letter")
     p = conn.producer()
     for i in range(3):
         p.send(dest, i)
@@ -254,6 +260,8 @@ def test_dead_letters_purge(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_retry_exhaustion_dead_letters_after_exactly_max_attempts(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "retry")
+    _unsupported(conn, "dead_letter")
     mid = conn.producer().send(dest, "poison")
     attempts = []
     policy = RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)
@@ -310,6 +318,7 @@ def test_delay_is_never_early(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_expired_messages_are_never_delivered(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "ttl")
     p = conn.producer()
     p.send(dest, "short", ttl=0.3)
     p.send(dest, "long", ttl=60)
@@ -379,11 +388,44 @@ def test_closed_producer_and_consumer_raise(conn: mqprimer.Connection, dest: str
         c.receive(timeout=0.1)
 
 
-def test_topic_refused_on_queue_only_backend(conn: mqprimer.Connection, topic_root: str) -> None:
-    if conn.capabilities.topic:
-        return
-    with pytest.raises(UnsupportedError, match=conn.capabilities.name):
-        conn.consumer(Topic(topic_root))
+# -- capabilities, both ways -----------------------------------------------------------------
+def _unsupported(conn: mqprimer.Connection, feature: str) -> None:
+    """Skip a test of ``feature`` where it is declared unsupported (the refusal is proven below)."""
+    if getattr(conn.capabilities, feature) is UNSUPPORTED:
+        pytest.skip(f"{feature} declared unsupported: refusal checked by test_every_feature_is_allowed_or_refused")
+
+
+def test_every_feature_is_allowed_or_refused(conn: mqprimer.Connection, dest: str, topic_root: str) -> None:
+    """A declared feature gets past the portable layer; an undeclared one raises and loses nothing."""
+    caps = conn.capabilities
+    p = conn.producer()
+    target = dest if caps.queue else Topic(f"{topic_root}.allowed")
+    for feature in FEATURES:
+        if getattr(caps, feature) is UNSUPPORTED:
+            check_refused(conn, feature, f"{dest}-{feature}", f"{topic_root}.{feature}")
+            continue
+        # the positive direction, cheaply (the feature's own test proves it works)
+        if feature == "queue":
+            conn.consumer(dest).close()
+        elif feature in ("topic", "patterns"):
+            conn.consumer(Topic(f"{topic_root}.*" if feature == "patterns" else topic_root)).close()
+        elif feature in ("priority", "delay", "ttl"):
+            option = {"priority": {"priority": 1}, "delay": {"delay": 0.05}, "ttl": {"ttl": 60.0}}[feature]
+            assert p.send(target, feature, **option)  # type: ignore[arg-type]
+        elif feature == "status":
+            assert isinstance(conn.status("no-such-message"), Status)
+        elif feature == "dead_letter" and caps.queue:
+            assert isinstance(conn.dead_letters(dest).list(limit=0), list)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_portable_layer_refuses_each_feature_a_backend_declares_unsupported(
+    feature: str, dest: str, topic_root: str
+) -> None:
+    """On the fake backend (memory underneath) declaring only ``feature`` unsupported."""
+    with fake_scheme(), mqprimer.connect(f"fake://{dest}?unsupported={feature}") as conn:
+        assert getattr(conn.capabilities, feature) is UNSUPPORTED
+        check_refused(conn, feature, dest, topic_root)
 
 
 # -- availability ---------------------------------------------------------------------------
