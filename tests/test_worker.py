@@ -330,3 +330,29 @@ def test_without_touch_leases_a_slow_handler_loses_its_message(tmp_path: Path) -
             again.ack()
         wait_until(lambda: w.stats["lost"] >= 1, what="the worker to find its message lost")
         assert finish(w, t, codes) == EXIT_OK
+
+
+def test_a_failure_the_backend_cannot_retry_or_dead_letter_stays_with_the_broker() -> None:
+    """On a backend declaring retry and dead letters unsupported, a failing handler's message
+    is neither dropped nor does it stop the worker: it goes back to the broker on close."""
+    from mqprimer.testing.fake import fake_scheme
+
+    url = f"fake://w{uuid.uuid4().hex[:8]}?unsupported=retry,dead_letter"
+    with fake_scheme(), mqprimer.connect(url) as conn:
+        p = conn.producer()
+        bad, good = p.send("jobs", "boom"), p.send("jobs", "ok")
+
+        def handle(m: mqprimer.Message) -> None:
+            if m.body == "boom":
+                raise ValueError("handler failed")
+
+        w = Worker(url, "jobs", handle, retry=FAST, handle_signals=False)
+        t, codes = start(w)
+        wait_until(lambda: w.handled >= 2, what="both messages handled")
+        assert finish(w, t, codes) == EXIT_OK
+        assert w.stats == {"ack": 1, "retry": 0, "dead-letter": 0, "lost": 1}
+        with conn.consumer("jobs") as c:
+            m = c.receive(timeout=5)
+            assert m is not None and m.id == bad and m.id != good, "the failed message was lost"
+            m.ack()
+            assert c.receive(timeout=0.2) is None
