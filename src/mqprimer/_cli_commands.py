@@ -72,10 +72,11 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     url, (dest, *rest) = split_url(args.pos, ["DEST"], ["BODY"])
     headers = {}
-    for h in args.header:
+    for n, h in enumerate(args.header, 1):
         key, sep, value = h.partition("=")
         if not sep or not key:
-            raise UsageError(f"header {h!r} must be KEY=VALUE")
+            # not echoed: a header value can be a token
+            raise UsageError(f"--header number {n} must be KEY=VALUE (a non-empty key, then '=')")
         headers[key] = value
     opts = {"headers": headers or None, "type": args.type, "priority": args.priority, "delay": args.delay,
             "ttl": args.ttl}

@@ -177,9 +177,9 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     from .errors import ConnectionFailed
 
     src_url, src_dest, dst_url, dst_dest = args.pos
-    for u in (src_url, dst_url):
-        if "://" not in u:
-            raise UsageError(f"{u!r} is not a URL (bridge takes SRC_URL SRC_DEST DST_URL DST_DEST)")
+    for u, which in ((src_url, "SRC_URL"), (dst_url, "DST_URL")):
+        if "://" not in u:  # not echoed: it may be a URL with a password and a typo
+            raise UsageError(f"{which} is not a URL (no scheme://); bridge takes SRC_URL SRC_DEST DST_URL DST_DEST")
     stop = _StopFlag()
     forwarded = 0
     progress = progress_for(args, "forwarding", args.count)

@@ -23,7 +23,7 @@ from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status
 from .consumer import Consumer
 from .deadletters import DeadLetters
 from .destinations import _QUEUE_NAME, _queue_cache, as_destination, is_pattern
-from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, encode, fresh_format, make
+from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, body_error, encode, fresh_format, make
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
 from .retry import RetryPolicy
 from .url import URL
@@ -387,7 +387,7 @@ class Producer:
         try:
             payload = fmt % (mid.encode(), now.encode(), _encode_body(body))
         except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"message body is not JSON-serialisable: {exc}") from None
+            raise body_error(exc) from None
         conn.publish_one(dest, payload, mid, priority, delay or None)
         return mid
 

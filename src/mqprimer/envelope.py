@@ -27,6 +27,7 @@ when mqprimer re-encodes the message for a retry or a dead letter.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -73,7 +74,10 @@ class Envelope(msgspec.Struct, omit_defaults=True, rename={
         if self.data is not UNSET and self.data_base64 is not UNSET:
             raise ValueError("envelope has both 'data' and 'data_base64'")
         if self.headers_json is not None:
-            _headers_decoder.decode(self.headers_json)
+            try:
+                _headers_decoder.decode(self.headers_json)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                raise ValueError("mqheaders must be a JSON object of strings") from None
 
     @property
     def body(self) -> Any:
@@ -109,7 +113,10 @@ def make(
     error: str | None = None,
 ) -> Envelope:
     """A new envelope; ``bytes`` bodies go to ``data_base64``, everything else to ``data``."""
-    hj = _plain_encoder.encode(headers).decode("utf-8") if headers else None
+    try:
+        hj = _plain_encoder.encode(headers).decode("utf-8") if headers else None
+    except (TypeError, ValueError):
+        raise TypeError("headers must map str to str (valid Unicode, no unpaired surrogates)") from None
     if isinstance(body, (bytes, bytearray, memoryview)):
         return Envelope(SPECVERSION, id, source, type, time=time, datacontenttype=BYTES_TYPE, data_base64=bytes(body),
                         attempt=attempt, headers_json=hj, expires=expires, reason=reason, origin=origin, error=error)
@@ -163,13 +170,30 @@ def encode(env: Envelope, max_size: int = DEFAULT_MAX_SIZE, original: bytes | No
                 doc.setdefault(k, v)
             out = _plain_encoder.encode(doc)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"message body is not JSON-serialisable: {exc}") from None
+        raise body_error(exc) from None
     if len(out) > max_size:
         raise MessageTooLarge(
             f"message {env.id} is {len(out):,} bytes encoded, over the limit of {max_size:,} bytes; "
             "send a reference (a path or URL) instead of the data, or raise the limit"
         )
     return out
+
+
+_SAFE_ENCODE_ERRORS = re.compile(
+    r"Encoding objects of type [\w.]+ is unsupported|Only dicts with str-like or number-like keys are supported"
+    r"|[\w ]*out of range"
+)
+
+
+def body_error(exc: BaseException) -> TypeError:
+    """Why a body cannot be encoded, without quoting any of it."""
+    if isinstance(exc, UnicodeError):
+        why = "a string in it is not valid Unicode (an unpaired surrogate)"
+    elif _SAFE_ENCODE_ERRORS.fullmatch(str(exc)):
+        why = str(exc)
+    else:
+        why = type(exc).__name__
+    return TypeError(f"message body is not JSON-serialisable: {why}")
 
 
 def decode(payload: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
@@ -192,6 +216,29 @@ def decode(payload: bytes | bytearray | memoryview | str, max_size: int = DEFAUL
         raise EnvelopeError(f"not a valid envelope: {type(exc).__name__}") from None
 
 
+# msgspec's messages that carry no input data: the types and field names in them come from
+# the schema. Anything else (an enum mismatch quotes the value it got) is described anew.
+_SAFE_MESSAGES = re.compile(
+    r"Expected `\w+`(?:, got `\w+`| of length [<>]=? ?\d+| [<>]=? ?-?\d+)?"
+    r"|Object missing required field `\w+`|Invalid base64 encoded string|Number out of range"
+    r"|Input data was truncated|Integer value out of range|Duplicate field `?\w+`?"
+    r"|JSON is malformed: [a-z ]+ \(byte \d+\)|envelope has both 'data' and 'data_base64'"
+    r"|mqheaders must be a JSON object of strings"
+)
+_FIELD_PATH = re.compile(r"\$(?:\.(?:" + "|".join(sorted(_KNOWN)) + r")|\[\.\.\.\]|\[\d+\])*")
+
+
 def _short(exc: Exception) -> str:
-    # msgspec's messages name the field and the expected type; they quote no payload data.
-    return str(exc)[:120]
+    """msgspec's error, reduced to which field and what was wrong with it: never a value."""
+    text, _, path = str(exc).partition(" - at `")
+    path = path[:-1] if path.endswith("`") else path
+    if text.startswith("Invalid enum value"):
+        what = "not an allowed value" + (f' (must be "{SPECVERSION}")' if path == "$.specversion" else "")
+    elif _SAFE_MESSAGES.fullmatch(text):
+        what = text
+    else:
+        what = "invalid value"
+    if not path:
+        return what
+    where = path if _FIELD_PATH.fullmatch(path) else "a nested value"
+    return f"{what} - at `{where}`"

@@ -38,9 +38,10 @@ class URL:
             raise InvalidURL(f"a connection URL must be a str, not {type(text).__name__}")
         m = _SCHEME.match(text.strip())
         if not m:
+            # the text is not echoed: a URL that does not parse may still hold a password
             raise InvalidURL(
                 "malformed connection URL: expected 'scheme://host[:port]/...', "
-                f"e.g. 'amqp://guest:guest@127.0.0.1:5672/' (got {_redact(text)!r})"
+                "e.g. 'amqp://guest:guest@127.0.0.1:5672/'"
             )
         scheme, rest = m.group(1).lower(), m.group(2)
         rest, _, _fragment = rest.partition("#")
@@ -56,11 +57,11 @@ class URL:
         hosts: list[tuple[str, int | None]] = []
         if netloc:
             for part in netloc.split(","):
-                hosts.append(_parse_host(part, text))
+                hosts.append(_parse_host(part, scheme))
         try:
             query = tuple(parse_qsl(query_text, keep_blank_values=True, strict_parsing=False))
-        except ValueError as exc:  # pragma: no cover - parse_qsl is lenient
-            raise InvalidURL(f"malformed query string in {_redact(text)!r}: {exc}") from None
+        except ValueError:  # pragma: no cover - parse_qsl is lenient
+            raise InvalidURL(f"malformed query string in a {scheme}:// URL") from None
         return cls(scheme, username, password, tuple(hosts), unquote(path), query)
 
     # -- accessors -------------------------------------------------------------------
@@ -115,22 +116,27 @@ class URL:
         raise TypeError("URL is not iterable; use str(url)")
 
 
-def _parse_host(part: str, text: str) -> tuple[str, int | None]:
+# Host errors do not quote the URL: when a password holds '/', '#', '?' or '@', the parts
+# split at the wrong place and what looks like a host or port is part of the password.
+_ENCODE_HINT = "; percent-encode '/', '#', '?' and '@' in a user name or password (%2F, %23, %3F, %40)"
+
+
+def _parse_host(part: str, scheme: str) -> tuple[str, int | None]:
     if part.startswith("["):
         end = part.find("]")
         if end < 0:
-            raise InvalidURL(f"malformed IPv6 host in {_redact(text)!r}")
+            raise InvalidURL(f"malformed IPv6 host in a {scheme}:// URL: expected [address]:port{_ENCODE_HINT}")
         host, rest = part[1:end], part[end + 1 :]
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port_text = part.partition(":")
     if not host:
-        raise InvalidURL(f"empty host in {_redact(text)!r}")
+        raise InvalidURL(f"empty host in a {scheme}:// URL (one of its comma-separated hosts){_ENCODE_HINT}")
     port: int | None = None
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise InvalidURL(
-                f"invalid port {port_text!r} in {_redact(text)!r}: must be a number from 1 to 65535"
+                f"invalid port in a {scheme}:// URL: it must be a number from 1 to 65535{_ENCODE_HINT}"
             )
         port = int(port_text)
     return host, port
