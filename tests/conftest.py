@@ -8,6 +8,7 @@ expected but has no URL, or cannot be reached, fails the run; it is never skippe
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -53,10 +54,23 @@ def need_broker(name: str) -> str:
     """The URL of a started broker; in CI a missing one is a failure, elsewhere a skip."""
     url = broker_urls().get(name)
     if url is None:
-        msg = f"no {name!r} URL: the broker providing it is not running (start them with: scripts/brokers up)"
-        if CI or name in expected_brokers():
+        # `name` is a URL id (amqp, beanstalk-ha); the run expects brokers (rabbitmq, beanstalkd)
+        broker = brokers_providing().get(name) or harness_url_ids().get(name)
+        msg = (f"no {name!r} URL: the broker providing it ({broker or 'unknown'}) is not running "
+               "(start them with: scripts/brokers up)")
+        if CI or broker in expected_brokers():
             pytest.fail(msg)
         pytest.skip(msg)
     return url
+
+
+def harness_url_ids() -> dict[str, str]:
+    """URL id -> broker, as the harness declares them (``add_url ID ...`` in scripts/brokers.d/BROKER.sh):
+    which broker should have published a URL that is missing."""
+    out: dict[str, str] = {}
+    for script in sorted((ROOT / "scripts" / "brokers.d").glob("*.sh")):
+        for m in re.finditer(r"^\s*add_url\s+([\w.+-]+)", script.read_text(), re.MULTILINE):
+            out.setdefault(m.group(1), script.stem)
+    return out
 
 

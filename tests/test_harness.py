@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
+
+import conftest
 from conftest import brokers_providing, expected_brokers
 
 
@@ -16,3 +20,18 @@ def test_every_expected_broker_published_a_url() -> None:
 def test_ci_expects_every_broker() -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         assert expected_brokers(), "CI=true but MQPRIMER_EXPECT_BROKERS is empty: run the suite through scripts/test"
+
+
+def test_a_missing_url_of_an_expected_broker_fails_even_outside_ci(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """need_broker takes URL ids (amqp); the run expects brokers (rabbitmq): the two are matched."""
+    empty = tmp_path / "urls"
+    empty.write_text("")
+    monkeypatch.setenv("MQPRIMER_BROKERS_FILE", str(empty))
+    monkeypatch.setenv("MQPRIMER_EXPECT_BROKERS", "rabbitmq")
+    monkeypatch.setattr(conftest, "CI", False)
+    with pytest.raises(pytest.fail.Exception, match="rabbitmq"):
+        conftest.need_broker("amqp")
+    with pytest.raises(pytest.skip.Exception):
+        conftest.need_broker("beanstalk")  # beanstalkd is not expected by this run
