@@ -47,7 +47,26 @@ def pytest_configure(config: pytest.Config) -> None:
         tmp = tempfile.mkdtemp(prefix="mqprimer-conformance-")
         specs = ["memory=memory://conformance", f"sqlite=sqlite:///{tmp}/conformance.db"]
         specs += [f"{name}={url}" for name, url in broker_urls().items()]
+        specs += [f"zmq-tcp=zmq+tcp://127.0.0.1:{free_port_pair()}", f"zmq-ipc=zmq+ipc://{tmp}/zmq.sock"]
         config.option.mq_url = specs
+
+
+def free_port_pair() -> int:
+    """A loopback port P with P+1 free too (zmq+tcp:// uses P for queues, P+1 for topics)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port < 65535:
+                try:
+                    with socket.socket() as b:
+                        b.bind(("127.0.0.1", port + 1))
+                        return port
+                except OSError:
+                    continue
+    raise RuntimeError("no two consecutive free loopback ports")
 
 
 def need_broker(name: str) -> str:

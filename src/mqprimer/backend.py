@@ -112,6 +112,9 @@ class Capabilities:
     confirmed_send: bool = True
     persistent: bool = False
     guarantee: str = "at-least-once"  # or "at-most-once"
+    # no broker process (ZeroMQ): connecting cannot fail because a peer is absent; peers
+    # find each other when both are up, so "broker down at connect" does not apply
+    brokerless: bool = False
     max_message_size: int | None = None
     size_limit_hint: str = ""  # how to raise the broker's own limit
     notes: str = ""

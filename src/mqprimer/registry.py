@@ -37,7 +37,8 @@ BUILTIN: dict[str, BackendSpec] = {
         BackendSpec("beanstalk", "mqprimer.backends.beanstalk:BeanstalkBackend", "beanstalk", "greenstalk"),
         BackendSpec("gearman", "mqprimer.backends.gearman:GearmanBackend", "gearman", "pygearman"),
         BackendSpec("xmpp", "mqprimer.backends.xmpp:XmppBackend", "xmpp", "slixmpp"),
-        BackendSpec("zmq", "mqprimer.backends.zeromq:ZmqBackend", "zmq", "pyzmq"),
+        BackendSpec("zmq+tcp", "mqprimer.backends.zeromq:ZmqBackend", "zmq", "pyzmq"),
+        BackendSpec("zmq+ipc", "mqprimer.backends.zeromq:ZmqBackend", "zmq", "pyzmq"),
     )
 }
 

@@ -1,0 +1,456 @@
+"""``zmq+tcp://HOST:PORT`` and ``zmq+ipc:///PATH``: ZeroMQ via pyzmq. No broker: sockets.
+
+How mqprimer maps onto ZeroMQ (docs/backend-zeromq.md has the diagrams):
+
+- A queue is a PUSH/PULL pipeline on the URL's address (fair queuing across the PULL
+  peers); a topic is PUB/SUB on a second address (``PORT+1``, ``?pub_port=``; ipc:
+  ``PATH.pub``). One frame per message: ``name NUL envelope``. SUB filters are byte
+  prefixes, so a topic subscription filters on ``name NUL`` (``orders`` never matches
+  ``ordersX``); ``*``/``#`` patterns subscribe to their literal prefix and match the rest
+  here, exactly (declared emulated).
+- Who binds is explicit: ``?bind=consumer`` (default: PULL binds, PUSH connects, so a
+  producer can send before its consumer exists: a connecting PUSH queues in its pipe up
+  to ``hwm``), ``bind=producer`` (one producer, many workers: the classic ventilator) or
+  ``bind=none`` (both connect to a ``mqprimer zmq-device``). Topics: the publisher binds
+  and subscribers connect, except with ``bind=none`` (a forwarder device in between): a
+  bound SUB never saw a connecting PUB's first messages here.
+- Every connection of one process that uses one address shares one socket (a second bind
+  of the same address would fail), and messages read from it wait in this process for
+  whichever local consumer takes their queue. ack removes nothing (the message left the
+  network when it was read); an unsettled message goes back to this process's buffer on
+  close and is lost with the process. retry puts the new copy back into that buffer;
+  dead letters are kept in this process (``conn.dead_letters(q)``), bounded, lost with it.
+- At-most-once, not persistent, no confirmation. PUB drops while a subscriber joins and at
+  the HWM; the first publish of a socket waits up to ``join`` seconds for a subscriber.
+- ``?ack=1``: acknowledged mode (``_zmq_link``): the producer binds a ROUTER and keeps each
+  message until a consumer acks it; at-least-once while the producer process lives.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import ClassVar
+
+import zmq
+
+from ..backend import (
+    EMULATED,
+    NATIVE,
+    UNSUPPORTED,
+    Backend,
+    Capabilities,
+    DeadLetterStore,
+    Delivery,
+    Destination,
+    Queue,
+    Subscription,
+    Topic,
+)
+from ..envelope import decode, encode, replace
+from ..errors import EnvelopeError, UnsupportedError
+from ..topics import matches
+from ..url import URL
+from . import _zmq_link as link
+
+log = logging.getLogger("mqprimer")
+_SLICE = 0.05  # longest one reader holds a shared socket while waiting
+_BATCH = 512  # messages moved from a socket to the buffers per read
+_DEAD_KEEP = 10_000
+
+CAPABILITIES = Capabilities(
+    name="zeromq",
+    topic=NATIVE,
+    patterns=EMULATED,
+    ttl=EMULATED,
+    retry=NATIVE,
+    dead_letter=NATIVE,
+    confirmed_send=False,
+    persistent=False,
+    guarantee="at-most-once",
+    brokerless=True,
+    notes="no broker: messages live in socket buffers and the receiving process; a killed consumer loses what "
+    "it had buffered; PUB drops while subscribers join; retry and dead letters stay in the consumer's process",
+)
+ACK_CAPABILITIES = Capabilities(
+    name="zeromq-ack",
+    topic=UNSUPPORTED,
+    ttl=EMULATED,
+    retry=NATIVE,
+    dead_letter=NATIVE,
+    confirmed_send=False,
+    persistent=False,
+    guarantee="at-least-once",
+    brokerless=True,
+    notes="?ack=1: the producer process is the store (ROUTER/DEALER, credit = prefetch); unacked messages go to "
+    "another consumer when one is silent for `lease` s; lost if the producer process dies",
+)
+CAPABILITY_ROWS = [CAPABILITIES, ACK_CAPABILITIES]
+
+
+class _Hub:
+    """One socket of this process for one (kind, address), shared by every backend using it."""
+
+    def __init__(self, key: tuple[int, str, bool], sock: zmq.Socket[bytes]) -> None:
+        self.key = key
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.refs = 0
+        self.queues: dict[bytes, deque[bytes]] = {}  # PULL: messages read, by queue
+        self.subs: list[_TopicSub] = []  # SUB: local subscriptions
+        self.joined = False  # PUB: a subscriber was seen (or join timed out)
+
+    def read(self, wait: float) -> None:
+        """Move what the socket has into the buffers, waiting up to ``wait`` s. With the lock held."""
+        sock = self.sock
+        if wait > 0 and not sock.poll(int(wait * 1000) or 1):
+            return
+        recv = sock.recv
+        for _ in range(_BATCH):
+            try:
+                raw = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            name, _, payload = raw.partition(b"\0")
+            if self.subs:
+                for sub in self.subs:
+                    if sub.wants(name):
+                        sub.buf.append(payload)
+                continue
+            q = self.queues.get(name)
+            if q is None:
+                q = self.queues[name] = deque(maxlen=sock.rcvhwm)  # a queue no local consumer took yet
+            q.append(payload)
+
+    def wait_for_subscriber(self, join: float) -> None:
+        """PUB's slow joiner: a fresh socket waits (once) up to ``join`` s for a first subscription."""
+        deadline = time.monotonic() + join
+        while not self.joined:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.sock.poll(int(left * 1000) or 1):
+                self.joined = True
+        while self.sock.poll(0):
+            self.sock.recv()  # subscription notices: read so they never pile up
+
+
+_hubs: dict[tuple[int, str, bool], _Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+_unbound: dict[str, float] = {}  # address -> when this process closed a socket bound to it
+
+
+def _bind_again(s: link.Settings, kind: int, addr: str) -> zmq.Socket[bytes]:
+    """Bind ``addr``; libzmq closes listeners asynchronously, so one this process closed a
+    moment ago may still hold the address: only then wait for it, briefly."""
+    deadline = _unbound.get(addr, 0.0) + 2.0
+    while True:
+        try:
+            return link.socket(s, kind, addr, True)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
+def _acquire(s: link.Settings, kind: int, addr: str, bind: bool) -> _Hub:
+    key = (kind, addr, bind)
+    with _hubs_lock:
+        hub = _hubs.get(key)
+        if hub is None:
+            sock = _bind_again(s, kind, addr) if bind else link.socket(s, kind, addr, False)
+            hub = _hubs[key] = _Hub(key, sock)
+            if kind == zmq.XPUB:
+                hub.sock.xpub_verbose = True
+        hub.refs += 1
+        return hub
+
+
+def _release(hub: _Hub) -> None:
+    with _hubs_lock:
+        hub.refs -= 1
+        if hub.refs == 0:
+            _hubs.pop(hub.key, None)
+            with hub.lock:
+                hub.sock.close()
+            if hub.key[2]:
+                _unbound[hub.key[1]] = time.monotonic()
+
+
+
+_dead: dict[tuple[str, str], deque[bytes]] = {}  # (address, queue) -> dead letters kept in this process
+
+
+class ZmqBackend(Backend):
+    capabilities = CAPABILITIES
+    connection_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    url_params = link.OPTIONS
+
+    def __init__(self, url: URL) -> None:
+        super().__init__(url)
+        self.s = link.parse(url)
+        if self.s.ack:
+            self.capabilities = ACK_CAPABILITIES
+        self.hubs: dict[tuple[int, bool], _Hub] = {}
+        self.store: link.AckStore | None = None
+        self.closed = False
+
+    def open(self) -> None:
+        link.warn_if_exposed(self.url, self.s)
+        link.context()
+
+    def _hub(self, kind: int, bind: bool) -> _Hub:
+        hub = self.hubs.get((kind, bind))
+        if hub is None:
+            addr = self.s.topic_addr if kind in (zmq.XPUB, zmq.SUB) else self.s.queue_addr
+            hub = self.hubs[(kind, bind)] = _acquire(self.s, kind, addr, bind)
+        return hub
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for hub in self.hubs.values():
+            _release(hub)
+        self.hubs.clear()
+        if self.store is not None:
+            _release_store(self.store, self.s.linger_ms / 1000)
+
+    def publish(
+        self, destination: Destination, payload: bytes, *, message_id: str,
+        priority: int | None = None, delay: float | None = None, ttl: float | None = None,
+    ) -> None:
+        if destination.__class__ is Queue:
+            if self.s.ack:
+                store = self.store or self._store()
+                store.put(destination.name.encode(), payload)
+                return
+            hub = self.hubs.get((zmq.PUSH, self.s.producer_binds)) or self._hub(zmq.PUSH, self.s.producer_binds)
+            with hub.lock:
+                hub.sock.send(destination.name.encode() + b"\0" + payload)
+            return
+        hub = self._hub(zmq.XPUB, self.s.bind != "none")
+        with hub.lock:
+            if not hub.joined:
+                hub.wait_for_subscriber(self.s.join)
+            hub.sock.send(destination.name.encode() + b"\0" + payload)
+
+    def _store(self) -> link.AckStore:
+        self.store = _acquire_store(self.s)
+        if self.store.error is not None:
+            raise self.store.error
+        return self.store
+
+    def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
+        if subscription is not None:
+            raise UnsupportedError("the zeromq backend has no durable (named) topic subscriptions: nothing keeps "
+                                   "messages while no subscriber is connected; omit subscription=")
+        if self.s.ack:
+            if isinstance(destination, Topic):
+                raise UnsupportedError("zeromq acknowledged mode (ack=1) has no topics; use a URL without ack=1")
+            return _AckSub(self.s, destination, prefetch)
+        if isinstance(destination, Topic):
+            return _TopicSub(self._hub(zmq.SUB, False), destination)
+        return _QueueSub(self._hub(zmq.PULL, self.s.consumer_binds), destination, self.s.queue_addr)
+
+    def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
+        if self.s.ack:
+            return None  # the producer's store keeps them under <queue>.dead: the portable store reads it
+        return _LocalDead(self, queue)
+
+
+_stores: dict[str, tuple[link.AckStore, int]] = {}
+_stores_lock = threading.Lock()
+
+
+def _acquire_store(s: link.Settings) -> link.AckStore:
+    with _stores_lock:
+        store, refs = _stores.get(s.queue_addr) or (link.AckStore(s), 0)
+        _stores[s.queue_addr] = (store, refs + 1)
+        return store
+
+
+def _release_store(store: link.AckStore, wait: float) -> None:
+    with _stores_lock:
+        _, refs = _stores[store.s.queue_addr]
+        if refs > 1:
+            _stores[store.s.queue_addr] = (store, refs - 1)
+            return
+        del _stores[store.s.queue_addr]
+    store.close(wait)
+
+
+class _QueueSub(Subscription):
+    def __init__(self, hub: _Hub, destination: Destination, addr: str) -> None:
+        self.hub = hub
+        self.destination = destination
+        self.retry_target = Queue(destination.name)
+        self.dead_target = Queue(f"{destination.name}.dead")
+        self.addr = addr
+        with hub.lock:
+            self.buf = hub.queues.setdefault(destination.name.encode(), deque(maxlen=hub.sock.rcvhwm))
+        self.unsettled: dict[int, bytes] = {}
+        self.tags = itertools.count()
+
+    def receive(self, timeout: float | None) -> Delivery | None:
+        buf = self.buf
+        if not buf:
+            hub = self.hub
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not buf:
+                with hub.lock:
+                    if buf:
+                        break
+                    left = _SLICE if deadline is None else min(deadline - time.monotonic(), _SLICE)
+                    hub.read(left)
+                if not buf and deadline is not None and time.monotonic() >= deadline:
+                    return None
+        try:
+            payload = buf.popleft()
+        except IndexError:  # another local consumer took it meanwhile
+            return None
+        tag = next(self.tags)
+        self.unsettled[tag] = payload
+        return Delivery(payload, tag)
+
+    def ack(self, delivery: Delivery) -> None:
+        del self.unsettled[delivery.tag]
+
+    def requeue(self, delivery: Delivery) -> None:
+        self.buf.appendleft(self.unsettled.pop(delivery.tag))
+
+    def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        del self.unsettled[delivery.tag]
+        self.buf.append(payload)
+
+    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        self.unsettled.pop(delivery.tag, None)
+        _dead.setdefault((self.addr, self.destination.name), deque(maxlen=_DEAD_KEEP)).append(payload)
+
+    def close(self) -> None:
+        for payload in reversed(list(self.unsettled.values())):
+            self.buf.appendleft(payload)  # back to this process's buffer, in their order
+        self.unsettled.clear()
+
+
+class _TopicSub(Subscription):
+    def __init__(self, hub: _Hub, destination: Topic) -> None:
+        self.hub = hub
+        self.destination = destination
+        words = destination.name.split(".")
+        literal = list(itertools.takewhile(lambda w: w not in ("*", "#"), words))
+        self.exact = destination.name.encode() if len(literal) == len(words) else None
+        self.prefix = (destination.name + "\0").encode() if self.exact else ".".join(literal).encode()
+        safe = destination.name.replace("*", "_star").replace("#", "_hash")
+        self.retry_target = Queue(safe)
+        self.dead_target = Queue(f"{safe}.dead")
+        self.buf: deque[bytes] = deque(maxlen=hub.sock.rcvhwm)
+        self.unsettled: dict[int, bytes] = {}
+        self.tags = itertools.count()
+        with hub.lock:
+            hub.sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
+            hub.subs.append(self)
+
+    def wants(self, name: bytes) -> bool:
+        if self.exact is not None:
+            return name == self.exact
+        return name.startswith(self.prefix) and matches(self.destination.name, name.decode("utf-8", "replace"))
+
+    receive = _QueueSub.receive
+    ack = _QueueSub.ack
+    requeue = _QueueSub.requeue
+    retry = _QueueSub.retry
+
+    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        self.unsettled.pop(delivery.tag, None)
+        log.warning("zeromq: dead letter of a topic subscription dropped (reason: %s)", reason[:200])
+
+    def close(self) -> None:
+        with self.hub.lock:
+            if self in self.hub.subs:
+                self.hub.subs.remove(self)
+                self.hub.sock.setsockopt(zmq.UNSUBSCRIBE, self.prefix)
+        self.unsettled.clear()  # a private subscription ends with its consumer
+
+
+class _AckSub(Subscription):
+    def __init__(self, s: link.Settings, destination: Destination, prefetch: int) -> None:
+        self.destination = destination
+        self.retry_target = Queue(destination.name)
+        self.dead_target = Queue(f"{destination.name}.dead")
+        self.delivery_lease = s.lease
+        self.rx = link.AckReceiver(s, destination.name, prefetch)
+        self.unsettled: set[bytes] = set()
+
+    def receive(self, timeout: float | None) -> Delivery | None:
+        got = self.rx.receive(timeout)
+        if got is None:
+            return None
+        self.unsettled.add(got[0])
+        return Delivery(got[1], got[0])
+
+    def ack(self, delivery: Delivery) -> None:
+        self.unsettled.discard(delivery.tag)
+        self.rx.send(b"A", delivery.tag)
+
+    def requeue(self, delivery: Delivery) -> None:
+        self.unsettled.discard(delivery.tag)
+        self.rx.send(b"Y", delivery.tag, delivery.payload)
+
+    def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        self.unsettled.discard(delivery.tag)
+        self.rx.send(b"Y", delivery.tag, payload)
+
+    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        self.unsettled.discard(delivery.tag)
+        self.rx.send(b"D", delivery.tag, payload)
+
+    def touch(self, delivery: Delivery) -> None:
+        self.rx.beat()
+
+    def close(self) -> None:
+        self.rx.close(sorted(self.unsettled))
+        self.unsettled.clear()
+
+
+class _LocalDead(DeadLetterStore):
+    """Dead letters a plain-mode consumer of this process kept for ``queue``."""
+
+    def __init__(self, backend: ZmqBackend, queue: str) -> None:
+        self.backend = backend
+        self.queue = queue
+        self.q = _dead.setdefault((backend.s.queue_addr, queue), deque(maxlen=_DEAD_KEEP))
+
+    def list(self, limit: int) -> list[bytes]:
+        return list(itertools.islice(self.q, limit))
+
+    def replay(self, limit: int | None, ids: set[str] | None = None) -> int:
+        n = 0
+        for payload in list(self.q):
+            if limit is not None and n >= limit:
+                break
+            body, mid = _fresh(payload)
+            if ids is not None and mid not in ids:
+                continue
+            self.backend.publish(Queue(self.queue), body, message_id=mid or "replayed")
+            self.q.remove(payload)
+            n += 1
+        return n
+
+    def purge(self) -> int:
+        n = len(self.q)
+        self.q.clear()
+        return n
+
+
+def _fresh(body: bytes) -> tuple[bytes, str | None]:
+    """The payload to replay (attempt 1, no reason or origin) and its message id."""
+    try:
+        env = decode(body, max(len(body), 1))
+    except EnvelopeError:
+        return body, None
+    return encode(replace(env, attempt=1, reason=None, origin=None), 1 << 62, original=body), env.id
