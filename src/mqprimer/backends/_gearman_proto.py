@@ -101,7 +101,7 @@ class Link:
     def fill(self) -> None:
         """One ``recv``: blocks up to the I/O timeout; EOF is a lost connection."""
         try:
-            data = self.sock.recv(262144)
+            data = self.sock.recv(65536)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise TimeoutError("gearmand did not answer within the I/O timeout") from None
         if not data:
