@@ -95,7 +95,7 @@ CAPABILITY_ROWS = [CAPABILITIES, ACK_CAPABILITIES]
 class _Hub:
     """One socket of this process for one (kind, address), shared by every backend using it."""
 
-    def __init__(self, key: tuple[int, str, bool], sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, key: tuple[int, str, bool, link.Settings], sock: zmq.Socket[bytes]) -> None:
         self.key = key
         self.sock = sock
         self.lock = threading.Lock()
@@ -137,7 +137,7 @@ class _Hub:
             self.sock.recv()  # subscription notices: read so they never pile up
 
 
-_hubs: dict[tuple[int, str, bool], _Hub] = {}
+_hubs: dict[tuple[int, str, bool, link.Settings], _Hub] = {}  # sockets differ by settings (keys)
 _hubs_lock = threading.Lock()
 
 
@@ -158,7 +158,7 @@ def _bind_again(s: link.Settings, kind: int, addr: str) -> zmq.Socket[bytes]:
 
 
 def _acquire(s: link.Settings, kind: int, addr: str, bind: bool) -> _Hub:
-    key = (kind, addr, bind)
+    key = (kind, addr, bind, s)
     with _hubs_lock:
         hub = _hubs.get(key)
         if hub is None:

@@ -1,0 +1,221 @@
+"""ZeroMQ between real processes: fair queuing, fan-out, prefix safety, a SIGKILLed consumer
+(plain mode: loss measured; acknowledged mode: nothing lost), peers absent or restarted, CURVE.
+
+The peer processes are this file run as a script (``python tests/test_zeromq.py ROLE ...``):
+each writes one line per message it handled to its output file, flushed, so the test can poll.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the peer processes --------------------------------------------------------------------
+def _peer(argv: list[str]) -> None:
+    import mqprimer
+
+    role, url, dest, out = argv[:4]
+    delay = float(argv[4]) if len(argv) > 4 else 0.0
+    with mqprimer.connect(url) as conn, open(out, "a", buffering=1) as f:
+        target = mqprimer.Topic(dest) if role == "subscribe" else dest
+        with conn.consumer(target, prefetch=10) as c:
+            f.write("ready\n")
+            while True:
+                m = c.receive(timeout=30)
+                if m is None:
+                    return
+                if delay:
+                    time.sleep(delay)  # a slow handler: messages pile up in this process
+                m.ack()
+                f.write(json.dumps({"id": m.id, "topic": m.body.get("topic"), "attempt": m.attempt}) + "\n")
+
+
+class Peer:
+    def __init__(self, tmp: Path, name: str, role: str, url: str, dest: str, delay: float = 0.0) -> None:
+        self.out = tmp / f"{name}.out"
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        self.proc = subprocess.Popen([sys.executable, __file__, role, url, dest, str(self.out), str(delay)], env=env)
+
+    def lines(self) -> list[dict[str, object]]:
+        if not self.out.exists():
+            return []
+        return [json.loads(x) for x in self.out.read_text().splitlines() if x.startswith("{")]
+
+    def ids(self) -> list[str]:
+        return [str(x["id"]) for x in self.lines()]
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"peer exited early with {self.proc.returncode}")
+        return self.out.exists() and self.out.read_text().startswith("ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[list[Peer]]:
+    started: list[Peer] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def _port() -> int:
+    from conftest import free_port_pair
+
+    return free_port_pair()
+
+
+def _start(peers: list[Peer], tmp: Path, name: str, role: str, url: str, dest: str, delay: float = 0.0) -> Peer:
+    p = Peer(tmp, name, role, url, dest, delay)
+    peers.append(p)
+    return p
+
+
+# -- the tests -----------------------------------------------------------------------------
+def test_fair_queuing_across_worker_processes(tmp_path: Path, peers: list[Peer]) -> None:
+    import mqprimer
+    from mqprimer.testing import wait_until
+
+    url = f"zmq+tcp://127.0.0.1:{_port()}?bind=producer"  # one producer binds, workers connect
+    workers = [_start(peers, tmp_path, f"w{i}", "consume", url, "jobs") for i in range(3)]
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        wait_until(lambda: all(w.ready() for w in workers), timeout=20, what="three workers")
+        warm = []  # one at a time until each worker has one: then all three are connected
+        deadline = time.monotonic() + 20
+        while not all(w.ids() for w in workers):
+            assert time.monotonic() < deadline, "a worker never got a message"
+            warm.append(p.send("jobs", {"warm": True}))
+            time.sleep(0.02)
+        sent = [p.send("jobs", {"i": i}) for i in range(600)]
+        wait_until(lambda: sum(len(w.ids()) for w in workers) == len(warm) + 600, timeout=20, what="every message")
+    got = [i for w in workers for i in w.ids()]
+    assert sorted(got) == sorted(warm + sent), "lost or duplicated messages"
+    shares = [len(set(w.ids()) & set(sent)) for w in workers]
+    assert min(shares) >= 150, f"PUSH did not share the work fairly: {shares}"  # round robin: 200 each
+
+
+def test_pub_sub_fan_out_and_prefix_safety(tmp_path: Path, peers: list[Peer]) -> None:
+    import mqprimer
+    from mqprimer import Topic
+    from mqprimer.testing import wait_until
+
+    url = f"zmq+tcp://127.0.0.1:{_port()}"  # the publisher binds PORT+1, subscribers connect
+    subs = [_start(peers, tmp_path, f"s{i}", "subscribe", url, "orders") for i in range(2)]
+    other = _start(peers, tmp_path, "x", "subscribe", url, "ordersX")
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        wait_until(lambda: all(s.ready() for s in (*subs, other)), timeout=20, what="three subscribers")
+        deadline = time.monotonic() + 20
+        while not all(s.ids() for s in (*subs, other)):  # PUB drops until each subscription arrived
+            assert time.monotonic() < deadline, "a subscriber never joined"
+            p.send(Topic("orders"), {"topic": "probe"})
+            p.send(Topic("ordersX"), {"topic": "probeX"})
+            time.sleep(0.02)
+        sent = [p.send(Topic("orders"), {"topic": "orders"}) for _ in range(100)]
+        sent_x = [p.send(Topic("ordersX"), {"topic": "ordersX"}) for _ in range(50)]
+        for s in subs:
+            wait_until(lambda s=s: set(sent) <= set(s.ids()), timeout=20, what="fan-out to every subscriber")
+        wait_until(lambda: set(sent_x) <= set(other.ids()), timeout=20, what="the ordersX subscriber")
+    for s in subs:
+        assert {x["topic"] for x in s.lines()} == {"probe", "orders"}, "orders matched ordersX"
+    assert {x["topic"] for x in other.lines()} == {"probeX", "ordersX"}, "ordersX matched orders"
+
+
+def test_plain_mode_sigkilled_consumer_loses_what_it_buffered(tmp_path: Path, peers: list[Peer]) -> None:
+    """Documented loss: the messages a killed PULL process had read are gone. Then a new
+    consumer (the peer restarted) gets what was still in the producer's pipe, and new ones."""
+    import mqprimer
+    from mqprimer.testing import wait_until
+
+    url = f"zmq+ipc://{tmp_path}/jobs.sock"
+    first = _start(peers, tmp_path, "first", "consume", url, "jobs", delay=0.005)
+    wait_until(first.ready, timeout=20, what="the first consumer")
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        sent = [p.send("jobs", {"i": i}) for i in range(2000)]
+        wait_until(lambda: len(first.ids()) >= 50, timeout=20, what="50 handled")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        handled_first = first.ids()
+        second = _start(peers, tmp_path, "second", "consume", url, "jobs")  # binds the same path again
+        wait_until(second.ready, timeout=20, what="the restarted consumer")
+        after = [p.send("jobs", {"i": i}) for i in range(100)]
+        wait_until(lambda: set(after) <= set(second.ids()), timeout=20, what="messages sent after the restart")
+    got = handled_first + second.ids()
+    assert len(got) == len(set(got)), "a message was delivered twice"
+    lost = set(sent) - set(got)
+    print(f"plain mode: consumer SIGKILLed after {len(handled_first)} handled; {len(lost)} of {len(sent)} lost")
+    assert lost, "plain mode is at-most-once: a killed consumer's buffer must be lost (documented)"
+
+
+def test_ack_mode_sigkilled_consumer_loses_nothing(tmp_path: Path, peers: list[Peer]) -> None:
+    import mqprimer
+    from mqprimer.testing import wait_until
+
+    url = f"zmq+tcp://127.0.0.1:{_port()}?ack=1&lease=0.5&linger=5"
+    # the consumer starts first: the producer (which binds) is absent at its start
+    first = _start(peers, tmp_path, "first", "consume", url, "jobs", delay=0.01)
+    wait_until(first.ready, timeout=20, what="the first consumer")
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        sent = [p.send("jobs", {"i": i}) for i in range(300)]
+        wait_until(lambda: len(first.ids()) >= 30, timeout=20, what="30 handled")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = _start(peers, tmp_path, "second", "consume", url, "jobs")
+        wait_until(lambda: set(sent) <= set(first.ids()) | set(second.ids()), timeout=30, what="every message")
+    redelivered = [x for x in second.lines() if x["attempt"] != 1]
+    print(f"ack mode: consumer SIGKILLed after {len(first.ids())}; all {len(sent)} handled; "
+          f"{len(set(first.ids()) & set(second.ids()))} duplicate(s), {len(redelivered)} counted as redelivered")
+
+
+@pytest.mark.parametrize("case", ["right keys", "wrong server key", "no key", "client not allowed"])
+def test_curve(tmp_path: Path, case: str) -> None:
+    import zmq.auth
+
+    import mqprimer
+
+    for name in ("server", "client", "other"):
+        zmq.auth.create_certificates(tmp_path, name)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes((tmp_path / "client.key").read_bytes())
+    port = _port()
+    server = f"zmq+tcp://127.0.0.1:{port}?curve_secret={tmp_path}/server.key_secret&curve_allow={allowed}"
+    client = {
+        "right keys": f"?curve_secret={tmp_path}/client.key_secret&curve_server={tmp_path}/server.key",
+        "wrong server key": f"?curve_secret={tmp_path}/client.key_secret&curve_server={tmp_path}/other.key",
+        "no key": "",
+        "client not allowed": f"?curve_secret={tmp_path}/other.key_secret&curve_server={tmp_path}/server.key",
+    }[case]
+    with mqprimer.connect(server) as srv, srv.consumer("secret") as c:
+        with mqprimer.connect(f"zmq+tcp://127.0.0.1:{port}{client}?linger=0".replace("?linger", "&linger")
+                              if client else f"zmq+tcp://127.0.0.1:{port}?linger=0") as cl:
+            mid = cl.producer().send("secret", {"pin": 1234})
+            m = c.receive(timeout=3 if case == "right keys" else 1.5)
+            if case == "right keys":
+                assert m is not None and m.id == mid
+                m.ack()
+            else:
+                assert m is None, f"{case}: a message got through"
+
+
+if __name__ == "__main__":
+    _peer(sys.argv[1:])
