@@ -7,6 +7,7 @@ come from pygearman, the raw client the benchmarks compare against.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -292,3 +293,27 @@ def test_prefetch_bounds_jobs_held_at_once(url: str, q: str) -> None:
                 m.ack()
             rest = collect(c, 7)
         assert sorted(m.body for m in held + rest) == list(range(10))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mqprimer", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_dead_letters_and_doctor(url: str, q: str) -> None:
+    with mqprimer.connect(url) as conn:
+        ids = [conn.producer().send(q, i) for i in range(2)]
+        with conn.consumer(q) as c:
+            for m in collect(c, 2, ack=False):
+                m.dead_letter(f"bad {m.body}")
+    listed = cli("dead-letters", url, q, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert sorted((r["id"], r["reason"]) for r in rows) == sorted([(ids[0], "bad 0"), (ids[1], "bad 1")])
+    assert cli("dead-letters", url, q, "replay", ids[0]).returncode == 0
+    with mqprimer.connect(url) as conn, conn.consumer(q) as c:
+        assert [(m.id, m.attempt) for m in collect(c, 1)] == [(ids[0], 1)]
+    assert cli("dead-letters", url, q, "purge", "--yes").returncode == 0
+    assert admin_status(url, f"{q}.dead") == (0, 0)
+    doctor = json.loads(cli("doctor", url, "--json").stdout)
+    checks = {c["check"]: c["detail"] for c in doctor["checks"]}
+    assert doctor["ok"] and checks["server"].startswith("gearmand 1.1") and "libsqlite3" in checks["persistence"]

@@ -327,6 +327,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 check("round trip", True, f"sent, received and acked one message on {dest}", t)
             except MQError as exc:
                 check("round trip", False, str(exc), t)
+            t = time.monotonic()
+            try:  # what the backend can tell about the server (gearmand: version, persistence)
+                for topic, text in conn.endpoints[0].call("server info", lambda b: b.server_info()).items():
+                    check(topic, True, text, t)
+            except MQError as exc:
+                check("server info", False, str(exc), t)
     ok = all(c["ok"] for c in checks)
     if args.json:
         print(json.dumps({"url": show_url(url), "ok": ok, "checks": checks, "capabilities": caps}))

@@ -238,6 +238,10 @@ class Backend(ABC):
     auth_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     #: URL query parameters the backend understands; any other one is refused
     url_params: ClassVar[frozenset[str]] = frozenset()
+    #: the URL query parameter that sets :attr:`Subscription.delivery_lease` in seconds (a
+    #: whole number is accepted), if the lease can be set; the conformance suite shortens the
+    #: lease with it to prove that :meth:`Subscription.touch` renews it
+    lease_param: ClassVar[str | None] = None
 
     def __init__(self, url: URL) -> None:
         self.url = url
@@ -292,3 +296,8 @@ class Backend(ABC):
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
         """A native dead-letter store for ``queue``, or ``None`` for the portable one."""
         return None
+
+    def server_info(self) -> dict[str, str]:
+        """What the broker says about itself (version, settings that decide durability), as
+        short ``topic: text`` lines for ``mqprimer doctor``; empty when there is nothing."""
+        return {}

@@ -246,6 +246,6 @@ class GearmanBackend(Backend):
         pid = link.text(b"getpid").decode("utf-8", "replace")
         return {
             "server": f"gearmand {version.removeprefix('OK ')} (pid {pid.removeprefix('OK ')})",
-            "persistence": "not reported by gearmand: send() is durable only if gearmand runs with a "
-            "persistent queue (-q libsqlite3 --libsqlite3-db=FILE, or MySQL/Postgres/redis)",
+            "persistence": "unknown: gearmand does not say which queue it keeps jobs in; send() is durable "
+            "only with a persistent one (-q libsqlite3 --libsqlite3-db=FILE, or MySQL, Postgres, redis)",
         }
