@@ -171,6 +171,7 @@ class BeanstalkBackend(Backend):
     # asserts on a reply cut mid-line
     connection_errors = (OSError, AssertionError)
     url_params: ClassVar[frozenset[str]] = frozenset({"ttr"})
+    lease_param = "ttr"
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)

@@ -58,6 +58,7 @@ class SqliteBackend(Backend):
     # OperationalError: cannot open / locked / disk I/O; OSError: cannot create the directory.
     connection_errors: ClassVar[tuple[type[BaseException], ...]] = (sqlite3.OperationalError, OSError)
     url_params = frozenset({"visibility_timeout", "synchronous", "busy_timeout", "status_keep"})
+    lease_param = "visibility_timeout"
 
     db: sqlite3.Connection | None = None
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import mqprimer
-from mqprimer import MessageTooLarge, RetryPolicy, StateError, Status, Topic, UnsupportedError
+from mqprimer import MessageTooLarge, RetryPolicy, StateError, Status, Topic, UnsupportedError, registry
 from mqprimer.backend import FEATURES, UNSUPPORTED, Queue
 
 from .fake import fake_scheme
@@ -158,20 +158,68 @@ def test_ack_removes(conn: mqprimer.Connection, dest: str) -> None:
         assert c.receive(timeout=1.0) is None
 
 
-def test_touch_keeps_the_message_until_settled(conn: mqprimer.Connection, dest: str) -> None:
-    conn.producer().send(dest, "long job")
-    with conn.consumer(dest) as c:
-        lease = c.delivery_lease
-        assert lease is None or lease > 0
-        m = _one(c)
-        m.touch()
-        m.touch()
-        assert c.receive(timeout=0.3) is None, "a touched message was delivered again"
-        m.ack()
-        with pytest.raises(StateError):
-            m.touch()
-    with conn.consumer(dest) as c:
-        assert c.receive(timeout=0.5) is None
+SHORT_LEASE = 2  # seconds: the lease the touch test sets through Backend.lease_param
+
+
+def _short_lease_url(mq_url: str) -> str:
+    """``mq_url`` with its delivery lease shortened, where the backend declares how."""
+    url = mqprimer.URL.parse(mq_url)
+    param = registry.get(url.scheme).lease_param
+    if param is None:
+        return mq_url
+    return url.with_query(**{param: str(SHORT_LEASE)}).render(hide_password=False)
+
+
+def test_touch_keeps_a_message_past_its_lease_and_without_touch_it_goes_back(mq_url: str, dest: str) -> None:
+    url = _short_lease_url(mq_url)
+    with mqprimer.connect(url) as conn, mqprimer.connect(url) as other:
+        _unsupported(conn, "queue")
+        p = conn.producer()
+        mid = p.send(dest, "long job")
+        with conn.consumer(dest, prefetch=1) as c:
+            lease = c.delivery_lease
+            assert lease is None or 0 < lease <= 10, (
+                f"a {lease:.0f} s lease is too long to test: declare the URL option that sets it as "
+                "the backend's lease_param"
+            )
+            m = _one(c)
+            assert m.id == mid
+            thief = other.consumer(dest, prefetch=1)
+            try:
+                m.touch()
+                touches = True
+            except UnsupportedError:  # a lease the broker cannot renew (gearman's job timeout)
+                touches = lease is None
+            if touches:
+                # held well past the lease (or 1 s where there is none), touched every quarter lease
+                step = (lease or 1.0) / 4
+                deadline = time.monotonic() + (lease + 1.0 if lease else 1.0)
+                while time.monotonic() < deadline:
+                    m.touch()
+                    got = thief.receive(timeout=step)
+                    assert got is None, "a touched message went to another consumer"
+            m.ack()
+            with pytest.raises(StateError):
+                m.touch()
+            assert thief.receive(timeout=0.3) is None, "an acked message was delivered again"
+            # (closed before the next send: a consumer waiting on beanstalkd would take it)
+            thief.close()
+            if lease is None:
+                return  # reserved until settled: test_unsettled_messages_go_back_on_close
+            # without touch, the lease runs out and the message goes to the other consumer
+            late = p.send(dest, "abandoned")
+            m2 = _one(c)
+            assert m2.id == late
+            thief = other.consumer(dest, prefetch=1)
+            deadline = time.monotonic() + 5 * lease + 5
+            got = None
+            while got is None and time.monotonic() < deadline:
+                got = thief.receive(timeout=0.5)
+            assert got is not None and got.id == late, "the message stayed with a consumer whose lease ran out"
+            got.ack()
+            thief.close()
+            with pytest.raises(mqprimer.MQError):
+                m2.ack()  # the lease was lost: it is the other consumer's message now
 
 
 def test_unsettled_messages_go_back_on_close(conn: mqprimer.Connection, dest: str) -> None:
