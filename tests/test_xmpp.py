@@ -10,6 +10,7 @@ import base64
 import logging
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -282,3 +283,26 @@ def test_cut_connection_named_subscription_catches_up(url: str, topic: Topic) ->
             got = _drain_until(c, during, 30)
             assert during <= got, f"{len(during - got)} items published during the cut never arrived"
             assert proxy.connections >= 2, "the consumer did not reconnect through the proxy"
+
+
+_SHUTDOWN = """
+import sys, mqprimer
+from mqprimer import Topic
+conn = mqprimer.connect(sys.argv[1])
+c = conn.consumer(Topic(sys.argv[2]), subscription="noise")
+conn.producer().send(Topic(sys.argv[2]), 1)
+assert c.receive(timeout=5) is not None
+if sys.argv[3] == "close":
+    c.close()
+    conn.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "exit without closing"])
+def test_shutdown_is_quiet(url: str, topic: Topic, how: str) -> None:
+    r = subprocess.run([sys.executable, "-W", "default", "-c", _SHUTDOWN, url, topic.name, how.split()[0]],
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    for noise in ("Event loop is closed", "Task was destroyed", "Traceback", "never awaited", "unclosed"):
+        assert noise not in r.stderr, r.stderr[-2000:]
