@@ -317,3 +317,21 @@ def test_cli_dead_letters_and_doctor(url: str, q: str) -> None:
     doctor = json.loads(cli("doctor", url, "--json").stdout)
     checks = {c["check"]: c["detail"] for c in doctor["checks"]}
     assert doctor["ok"] and checks["server"].startswith("gearmand 1.1") and "libsqlite3" in checks["persistence"]
+
+
+def test_two_servers_fail_over_on_send_and_consume_from_both(q: str) -> None:
+    ha = need_broker("gearman-ha")
+    with mqprimer.connect(ha, reconnect_timeout=5) as conn:
+        p = conn.producer()
+        with conn.consumer(q) as c:
+            with killed("a"):
+                during = p.send(q, "while a is down")  # fails over to b
+                m = c.receive(timeout=10)
+                assert m is not None and m.id == during
+                m.ack()
+            late = p.send(q, "to b, due later", delay=1)  # b serves the producer now
+            direct = mqprimer.connect(need_broker("gearman"))  # instance a, back again
+            early = direct.producer().send(q, "to a")
+            got = {m.id for m in collect(c, 2, timeout=15)}
+            direct.close()
+    assert got == {late, early}

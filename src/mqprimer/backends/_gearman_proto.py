@@ -180,6 +180,7 @@ class GearmanSub(Subscription):
         self.answered = 0
         self.empty = False  # the last grab found nothing: sleep until woken
         self.sleeping = False  # PRE_SLEEP sent, no NOOP since
+        self.regrab_at = 0.0  # when a sleeping consumer grabs anyway (delayed jobs), epoch s
         self.burst = 1
         self.errors: list[GearmanError] = []
 
@@ -247,18 +248,20 @@ class GearmanSub(Subscription):
                 self.sent += n
                 self.burst = min(self.burst * 2, _BURST_MAX)
                 continue
-            if not self.sleeping:
-                self.link.send(_PRE_SLEEP)
-                self.sleeping = True
             # gearmand wakes no worker when a delayed job falls due (due times are whole
             # seconds): an idle consumer asks again just after each whole second
             now = time.time()
-            tick = math.floor(now) + 1.005 - now
+            if not self.sleeping:
+                self.link.send(_PRE_SLEEP)
+                self.sleeping = True
+                self.regrab_at = math.floor(now) + 1.005
+            elif now >= self.regrab_at:
+                self.empty = self.sleeping = False
+                continue
+            tick = self.regrab_at - now
             if self._wait(min(left, tick)):
                 self._take()
-            elif tick <= left:
-                self.empty = self.sleeping = False
-            else:
+            elif left < tick:
                 return None
 
     # -- settling --------------------------------------------------------------------
