@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mqprimer.testing.control import BrokerControl, ScriptedControl, brokerless
+
 pytest_plugins = ["mqprimer.testing.plugin"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +51,13 @@ def pytest_configure(config: pytest.Config) -> None:
         specs += [f"{name}={url}" for name, url in broker_urls().items()]
         specs += [f"zmq-tcp=zmq+tcp://127.0.0.1:{free_port_pair()}", f"zmq-ipc=zmq+ipc://{tmp}/zmq.sock"]
         config.option.mq_url = specs
+    if not config.getoption("mq_battery"):
+        # the reliability battery: every backend once; the TLS variants of a URL reach the same
+        # broker through the same driver (the conformance suite runs on them)
+        tmp = tempfile.mkdtemp(prefix="mqprimer-battery-")
+        specs = ["memory=memory://battery", f"sqlite=sqlite:///{tmp}/battery.db"]
+        specs += [f"{name}={url}" for name, url in broker_urls().items() if not _is_tls_twin(name, url)]
+        config.option.mq_battery = specs
 
 
 def free_port_pair() -> int:
@@ -67,6 +76,32 @@ def free_port_pair() -> int:
                 except OSError:
                     continue
     raise RuntimeError("no two consecutive free loopback ports")
+
+
+def _is_tls_twin(url_id: str, url: str) -> bool:
+    """amqps://, stomp+ssl://, the id ``xmpps`` beside ``xmpp``...: the TLS twin of a URL the
+    battery already runs (same broker, same driver)."""
+    from mqprimer.registry import BUILTIN
+
+    scheme = url.split("://", 1)[0]
+    return (scheme.endswith(("+ssl", "+tls")) or (scheme.endswith("s") and scheme[:-1] in BUILTIN)
+            or (url_id.endswith("s") and url_id[:-1] in broker_urls()))
+
+
+@pytest.fixture
+def mq_control(mq_target: tuple[str, str]) -> BrokerControl:
+    """The battery's broker control: ``scripts/brokers kill|up|freeze|thaw NAME`` for the broker
+    that published the URL; memory:// and sqlite:// have none (the battery records why)."""
+    url_id, url = mq_target
+    control = brokerless(url)
+    if control is None:
+        broker = brokers_providing().get(url_id)
+        if broker is None:
+            pytest.fail(f"no broker of scripts/brokers published the URL id {url_id!r}")
+        # beanstalk-ha, gearman-ha: host lists of the broker(s) behind another id
+        twin = url_id[:-3] if url_id.endswith("-ha") and url_id[:-3] in broker_urls() else ""
+        control = ScriptedControl(url, broker, [str(ROOT / "scripts" / "brokers")], same_as=twin)
+    return control
 
 
 def need_broker(name: str) -> str:

@@ -1,16 +1,14 @@
 """beanstalk:// beyond the conformance suite, on a real beanstalkd: crashes, leases, burying.
 
-Instance ``a`` of the harness serves ``beanstalk``; the fault tests SIGKILL it and start it
-again (``scripts/brokers up beanstalkd``) before they end.
+Instance ``a`` of the harness serves ``beanstalk``; the damaged-binlog test SIGKILLs it and
+starts it again (``scripts/brokers up beanstalkd``) before it ends. The faults every backend
+shares (broker and consumer SIGKILL, frozen server, cut connection) are in tests/test_battery.py.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import pytest
 import mqprimer
 from conftest import ROOT, RUN, need_broker
 from mqprimer import RetryPolicy, Status
-from mqprimer.testing.helpers import collect, wait_until
+from mqprimer.testing.helpers import collect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,36 +65,6 @@ def tube_stats(client: "greenstalk.Client[bytes]", tube: str) -> dict[str, int]:
     return {k: int(st[f"current-jobs-{k}"]) for k in ("ready", "reserved", "buried", "delayed")}  # type: ignore[literal-required]
 
 
-def test_server_sigkill_keeps_every_inserted_job(url: str, q: str) -> None:
-    confirmed: list[str] = []
-    stop = threading.Event()
-
-    def produce(p: mqprimer.Producer) -> None:
-        for i in range(20_000):
-            if stop.is_set():
-                return
-            confirmed.append(p.send(q, {"i": i}))  # returns once beanstalkd said INSERTED
-
-    with mqprimer.connect(url, reconnect_timeout=30) as conn:
-        t = threading.Thread(target=produce, args=(conn.producer(),))
-        t.start()
-        try:
-            wait_until(lambda: len(confirmed) >= 200, what="200 confirmed sends")
-            with killed("a"):
-                at_kill = len(confirmed)
-            wait_until(lambda: len(confirmed) >= at_kill + 200, timeout=30, what="sends after the restart")
-        finally:
-            stop.set()
-            t.join(30)
-        total = len(set(confirmed))
-        with conn.consumer(q, prefetch=50) as c:
-            got = {m.id for m in collect(c, total, timeout=60)}
-            while (m := c.receive(timeout=0.5)) is not None:  # the put cut by the kill may be there twice
-                got.add(m.id)
-                m.ack()
-    assert set(confirmed) <= got, f"{len(set(confirmed) - got)} confirmed (INSERTED) jobs lost"
-
-
 def test_job_restored_without_its_crlf_is_dead_lettered_and_the_consumer_goes_on(url: str, q: str) -> None:
     """After a SIGKILL, beanstalkd can restore the job it was writing with a body of NULs, CRLF
     included (seen in the test above, about 1 run in 5). Damaging a binlog by hand makes that
@@ -135,38 +103,6 @@ def test_touch_keeps_a_job_past_its_ttr(url: str, q: str) -> None:
             assert conn.status(mid) is Status.RESERVED
             m.ack()  # still ours: without the touches beanstalkd answers NOT_FOUND here
         assert conn.status(mid) is Status.UNKNOWN  # deleted
-
-
-HOLDER = """
-import sys, time, mqprimer
-c = mqprimer.connect(sys.argv[1])
-cons = c.consumer(sys.argv[2])
-held = [cons.receive(timeout=10) for _ in range(int(sys.argv[3]))]
-print(" ".join(m.id for m in held), flush=True)
-time.sleep(300)
-"""
-
-
-def test_consumer_sigkill_returns_reserved_jobs_at_once(url: str, q: str) -> None:
-    with mqprimer.connect(url) as conn:
-        p = conn.producer()
-        sent = {p.send(q, i) for i in range(5)}
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, url, q, "5"], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            held = set(proc.stdout.readline().split())
-            assert held == sent
-            with conn.consumer(q) as c:
-                assert c.receive(timeout=0.3) is None, "reserved jobs must not be redelivered while held"
-                os.kill(proc.pid, signal.SIGKILL)
-                start = time.monotonic()
-                again = {m.id for m in collect(c, 5, timeout=10)}
-                # the TTR is 60 s: back this fast only because the connection closed
-                assert time.monotonic() - start < 5
-        finally:
-            proc.kill()
-            proc.wait()
-    assert again == sent
 
 
 def test_poison_and_foreign_jobs_are_buried_with_reason_consumer_keeps_going(url: str, q: str) -> None:

@@ -2,13 +2,13 @@
 
 A URL listing several hosts gives a producer that fails over to the next server and a
 consumer that consumes from all of them, settling each message on the server it came from.
-The fault test SIGKILLs server ``a`` mid-stream and starts it again from its binlog.
+Mid-stream failover (server ``a`` refusing connections) and a SIGKILL of both servers are in
+the reliability battery (tests/test_battery.py, id ``beanstalk-ha``).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -16,8 +16,8 @@ import pytest
 import mqprimer
 from conftest import need_broker
 from mqprimer import Status
-from mqprimer.testing.helpers import collect, wait_until
-from test_beanstalk import killed, raw, tube_stats
+from mqprimer.testing.helpers import collect
+from test_beanstalk import raw, tube_stats
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,65 +65,6 @@ def test_consumer_takes_from_every_server_and_settles_on_the_origin(ha_url: str,
     for i in (0, 1):  # each dead letter is buried on the server its message came from
         assert tube_stats(raw(ha_url, i), f"{q}.dead")["buried"] == 1
         assert tube_stats(raw(ha_url, i), q) == {"ready": 0, "reserved": 0, "buried": 0, "delayed": 0}
-
-
-def test_one_server_killed_mid_stream_nothing_lost(ha_url: str, q: str) -> None:
-    confirmed: list[str] = []
-    received: list[str] = []
-    stop_producing, stop_consuming = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with mqprimer.connect(ha_url, reconnect_timeout=30) as conn:
-                p = conn.producer()
-                i = 0
-                while not stop_producing.is_set() and i < 5000:
-                    confirmed.append(p.send(q, {"i": i}))
-                    i += 1
-                    time.sleep(0.001)  # a steady stream, not a burst
-        except BaseException as exc:
-            errors.append(exc)
-
-    def consume() -> None:
-        try:
-            with mqprimer.connect(ha_url, reconnect_timeout=30) as conn, conn.consumer(q, prefetch=20) as c:
-                while not stop_consuming.is_set():
-                    m = c.receive(timeout=0.2)
-                    if m is None:
-                        continue
-                    try:
-                        m.ack()
-                        received.append(m.id)
-                    except mqprimer.ConnectionFailed:
-                        pass  # its server died: the job is delivered again after the restart
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
-    for t in threads:
-        t.start()
-    try:
-        wait_until(lambda: len(received) >= 200, timeout=30, what="200 messages through both servers")
-        with killed("a"):
-            at_kill_sent, at_kill_got = len(confirmed), len(received)
-            # server a is down: the producer goes on through b, the consumer keeps consuming from b
-            wait_until(lambda: len(confirmed) >= at_kill_sent + 300, timeout=30, what="sends failing over to b")
-            wait_until(lambda: len(received) >= at_kill_got + 300, timeout=30, what="consuming from b alone")
-            assert int(raw(ha_url, 1).stats_tube(q)["total-jobs"]) >= 300, "the producer did not fail over to b"
-        stop_producing.set()
-        threads[0].join(30)
-        want = set(confirmed)
-        wait_until(lambda: want <= set(received), timeout=60, what="every confirmed message after the restart")
-    finally:
-        stop_producing.set()
-        stop_consuming.set()
-        for t in threads:
-            t.join(30)
-    assert not errors, errors
-    duplicates = len(received) - len(set(received))
-    assert duplicates <= 25, f"{duplicates} duplicates: more than the jobs in flight when the server died"
-    assert tube_stats(raw(ha_url, 0), q)["ready"] == 0 and tube_stats(raw(ha_url, 1), q)["ready"] == 0
 
 
 @pytest.mark.timeout(60)

@@ -155,14 +155,23 @@ def _connect(host: str, port: int, use: str | None = None, watch: str | None = N
         # a blocking socket with kernel-side timeouts: Python's own socket timeout would add
         # a poll() before every send and receive (measured: ~0.6x the throughput)
         sock.settimeout(None)
-        tv = struct.pack("ll", int(_IO_TIMEOUT), 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        # the handshake (use/watch, open()'s stats) gets the connect timeout: a hung server
+        # would otherwise hold every reconnect attempt for the whole I/O timeout
+        _io_timeout(sock, _CONNECT_TIMEOUT)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return greenstalk.Client(sock, encoding=None, use=use or "default", watch=watch or "default")
+        client = greenstalk.Client(sock, encoding=None, use=use or "default", watch=watch or "default")
+        if use or watch:
+            _io_timeout(sock, _IO_TIMEOUT)
+        return client
     except BaseException:
         sock.close()
         raise
+
+
+def _io_timeout(sock: socket.socket, seconds: float) -> None:
+    tv = struct.pack("ll", int(seconds), 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class BeanstalkBackend(Backend):
@@ -191,6 +200,7 @@ class BeanstalkBackend(Backend):
         self.client = _connect(self.host, self.port)
         self.used, self.used_dest = "default", None
         limit = int(self.client.stats()["max-job-size"])
+        _io_timeout(self.client._sock, _IO_TIMEOUT)
         if limit != CAPABILITIES.max_message_size:
             hint = f"this server was started with -z {limit}; {CAPABILITIES.size_limit_hint}"
             self.capabilities = dataclasses.replace(CAPABILITIES, max_message_size=limit, size_limit_hint=hint)

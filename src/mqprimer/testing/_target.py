@@ -1,0 +1,73 @@
+"""The battery's target: one backend under test, its control, its figures (see :mod:`.battery`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import mqprimer
+from mqprimer.backend import Capabilities
+
+from .control import BrokerControl, Figures
+
+FAULTS = (
+    "broker SIGKILL mid-stream", "broker down at connect", "consumer SIGKILL", "frozen broker",
+    "cut connection", "failover, consume from all", "poison and foreign input", "wrong credentials",
+    "writer SIGKILL mid-transaction", "killed between copy and ack (retry)",
+    "killed between copy and ack (dead letter)", "native TTL", "broker size limit",
+)
+
+
+@dataclass
+class Target:
+    id: str
+    control: BrokerControl
+    caps: Capabilities
+    figures: Figures
+    queue: str
+
+    @property
+    def url(self) -> str:
+        return self.control.url
+
+    @property
+    def at_least_once(self) -> bool:
+        return self.caps.guarantee == "at-least-once"
+
+    def only_for_lists(self, fault: str) -> None:
+        """N/A on a host-list twin of another target (:attr:`BrokerControl.same_as`)."""
+        if self.control.same_as:
+            self.na(fault, f"same broker and driver as {self.control.same_as}: see its figures")
+
+    def na(self, fault: str, reason: str) -> None:
+        self.figures.not_applicable(self.id, fault, reason)
+        pytest.skip(f"N/A ({fault}): {reason}")
+
+    def record(self, fault: str, started: float, **numbers: Any) -> None:
+        self.figures.record(self.id, fault, guarantee=self.caps.guarantee, wall_s=time.monotonic() - started,
+                            **numbers)
+
+
+@pytest.fixture
+def target(mq_target: tuple[str, str], mq_control: BrokerControl, mq_figures: Figures) -> Iterator[Target]:
+    with mqprimer.connect(mq_control.url) as conn:
+        caps = conn.capabilities
+    yield Target(mq_target[0], mq_control, caps, mq_figures, f"rb{uuid.uuid4().hex[:12]}")
+
+
+def _assert_guarantee(t: Target, fig: dict[str, Any], *, broker_died: bool) -> None:
+    """What the backend's declared guarantee allows for a fault (see the module docstring)."""
+    if t.at_least_once and (t.caps.persistent or not broker_died):
+        assert fig["lost"] == 0, f"{fig['lost']} confirmed messages lost on an at-least-once backend: {fig}"
+    if not t.at_least_once:
+        assert fig["duplicated"] == 0, f"duplicates on an at-most-once backend: {fig}"
+
+
+def _not_secret(t: Target, text: str) -> None:
+    password = mqprimer.URL.parse(t.url).password
+    assert not password or password not in text, "the password leaked into an error message"
