@@ -148,6 +148,38 @@ def test_retry_policy_backoff() -> None:
             RetryPolicy(**bad)  # type: ignore[arg-type]
 
 
-def test_handler_outcome_exceptions() -> None:
-    assert mqprimer.Retry(delay=5).delay == 5
-    assert mqprimer.DeadLetter("bad").reason == "bad"
+def test_handler_outcome_exceptions_choose_the_outcome() -> None:
+    """A handler raising Retry(delay=...) gets its message again after that delay; one raising
+    DeadLetter(reason) puts it in the dead letters with that reason."""
+    import threading
+    import time
+    import uuid
+
+    from mqprimer.testing.helpers import wait_until
+    from mqprimer.worker import Worker
+
+    url = f"memory://outcomes-{uuid.uuid4().hex[:8]}"
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        retried, dead = p.send("jobs", "retry"), p.send("jobs", "dead")
+        seen: dict[str, list[tuple[int, float]]] = {retried: [], dead: []}
+
+        def handle(m: mqprimer.Message) -> None:
+            seen[m.id].append((m.attempt, time.monotonic()))
+            if m.body == "retry" and m.attempt == 1:
+                raise mqprimer.Retry(delay=0.4)
+            if m.body == "dead":
+                raise mqprimer.DeadLetter("bad image")
+
+        w = Worker(url, "jobs", handle, handle_signals=False)
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        try:
+            wait_until(lambda: w.handled >= 3, what="the retry and the dead letter")
+        finally:
+            w.stop()
+            t.join(15)
+        (a1, t1), (a2, t2) = seen[retried]
+        assert (a1, a2) == (1, 2) and t2 - t1 >= 0.4 - 0.02, "Retry(delay=0.4) came back early"
+        assert [a for a, _ in seen[dead]] == [1], "DeadLetter was retried"
+        assert [(e.id, e.reason) for e in conn.dead_letters("jobs").list()] == [(dead, "bad image")]
