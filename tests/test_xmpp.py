@@ -306,3 +306,39 @@ def test_shutdown_is_quiet(url: str, topic: Topic, how: str) -> None:
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     for noise in ("Event loop is closed", "Task was destroyed", "Traceback", "never awaited", "unclosed"):
         assert noise not in r.stderr, r.stderr[-2000:]
+
+
+_TAKEOVER = """
+import sys, mqprimer
+from mqprimer import Topic
+with mqprimer.connect(sys.argv[1]) as conn, conn.consumer(Topic(sys.argv[2]), subscription="takeover") as c:
+    print("ready", flush=True)
+    for _ in range(5):
+        m = c.receive(timeout=10)
+        m.ack()
+    print("done", flush=True)
+    sys.stdin.read()  # until SIGKILLed
+"""
+
+
+def test_a_named_subscription_outlives_its_consumer_process(url: str, topic: Topic) -> None:
+    """The cursor is in the account's private storage: after a SIGKILLed consumer, another
+    process taking the name over gets every item published meanwhile (and maybe repeats)."""
+    child = subprocess.Popen([sys.executable, "-c", _TAKEOVER, url, topic.name], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with mqprimer.connect(url) as conn:
+            p = conn.producer()
+            first = {p.send(topic, i) for i in range(5)}
+            assert child.stdout.readline().strip() == "done"
+            child.kill()
+            child.wait(10)
+            during = {p.send(topic, i) for i in range(10)}  # nobody subscribed under the name now
+            with conn.consumer(topic, subscription="takeover") as c:
+                got = _drain_until(c, during, 15)
+        assert during <= got, f"{len(during - got)} items published while the name had no consumer were lost"
+        assert got <= first | during
+    finally:
+        child.kill()
+        child.wait(10)

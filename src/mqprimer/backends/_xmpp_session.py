@@ -234,7 +234,8 @@ class Session:
     def iq(self, to: str, body: str, what: str, kind: str = "set") -> ET.Element:
         """Send one IQ and wait for its result (IqError, ConnectionError or TimeoutError otherwise)."""
         iq_id = self.next_id()
-        fut = self.send_iq(iq_id, f"<iq type='{kind}' id='{iq_id}' to={quoteattr(to)}>{body}</iq>", what)
+        dest = f" to={quoteattr(to)}" if to else ""  # no "to": the account itself
+        fut = self.send_iq(iq_id, f"<iq type='{kind}' id='{iq_id}'{dest}>{body}</iq>", what)
         return wait(fut, self.timeout, what)
 
     def close(self) -> None:

@@ -38,7 +38,8 @@ import xml.etree.ElementTree as ET
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import ClassVar
-from xml.sax.saxutils import quoteattr
+from urllib.parse import quote
+from xml.sax.saxutils import escape, quoteattr
 
 from slixmpp.xmlstream.tostring import tostring
 
@@ -68,6 +69,8 @@ _STANZA_LIMIT = 250_000  # Prosody's c2s_stanza_size_limit is 262,144 bytes by d
 _WINDOW = 64  # publishes in flight in publish_many
 _TIMEOUT = 10.0
 _SEEN_KEEP = 20_000
+_SAVE_EVERY = 1.0
+PRIVATE = "jabber:iq:private"
 # characters XML 1.0 cannot carry (a JSON text only has them inside strings)
 _NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -133,7 +136,9 @@ def _config_form(persist: bool, max_items: str) -> str:
             f"<value>{PUBSUB}#node_config</value></field>{body}</x></configure>")
 
 
-# named subscription -> (node, last settled item id): the cursor catch-up starts from
+# named subscription -> the last item it settled in order ("" = none yet): where catch-up
+# starts. Kept here and, every _SAVE_EVERY seconds and on close, in the account's private
+# XML storage (XEP-0049), so that another process can take the name over.
 _cursors: dict[tuple[str, str, str, str], str] = {}
 _cursors_lock = threading.Lock()
 
@@ -312,6 +317,10 @@ class _XmppSub(Subscription):
         self.order: OrderedDict[int, tuple[str, bool]] = OrderedDict()  # tag -> (item id, settled)
         self.tags = iter(range(1, 1 << 62))
         self.key = (backend.host, str(backend.port), backend.service, f"{node}\0{name}") if name else None
+        self.cursor_ns = f"urn:mqprimer:cursor:{quote(backend.service)}/{quote(node)}/{quote(name or '')}"
+        self.alias: dict[int, int] = {}  # tag of a retried copy -> tag of the delivery it replaced
+        self.saved: str | None = None
+        self.saved_at = 0.0
         self.lost = False
         self.s = backend.new_session(on_items=self._items, on_lost=self._lost)
         try:
@@ -350,16 +359,44 @@ class _XmppSub(Subscription):
             self.lost = True
             self.cond.notify_all()
 
+    def _fetch(self, max_items: str = "") -> list[tuple[str, ET.Element | None]]:
+        res = self.s.iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><items node={quoteattr(self.node)}{max_items}/>"
+                        "</pubsub>", f"fetch items of {self.node}", kind="get")
+        return [(it.get("id", ""), next(iter(it), None)) for it in res.iter(f"{{{PUBSUB}}}item")]
+
+    def _load_cursor(self) -> str | None:
+        res = self.s.iq("", f"<query xmlns='{PRIVATE}'><cursor xmlns={quoteattr(self.cursor_ns)}/></query>",
+                        "read the subscription cursor", kind="get")
+        el = res.find(f"{{{PRIVATE}}}query/{{{self.cursor_ns}}}cursor")
+        text = None if el is None else el.text
+        return text[1:] if text and text[0] == "~" else None
+
+    def _save_cursor(self, cursor: str, wait_for_it: bool) -> None:
+        # "~" first: Prosody treats an element with no content as a removal (and "" is a cursor)
+        body = f"<query xmlns='{PRIVATE}'><cursor xmlns={quoteattr(self.cursor_ns)}>~{escape(cursor)}</cursor></query>"
+        if wait_for_it:
+            self.s.iq("", body, "save the subscription cursor")
+        else:  # fire and forget: a lost save only means redeliveries after a crash
+            iq_id = self.s.next_id()
+            self.s.send_iq(iq_id, f"<iq type='set' id='{iq_id}'>{body}</iq>", "save the subscription cursor")
+        self.saved, self.saved_at = cursor, time.monotonic()
+
     def _catch_up(self) -> None:
         """Deliver the node's items after this named subscription's cursor (see the module doc)."""
         assert self.key is not None
         with _cursors_lock:
             cursor = _cursors.get(self.key)
         if cursor is None:
-            return  # a new name: it starts now
-        res = self.s.iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><items node={quoteattr(self.node)}/></pubsub>",
-                        f"fetch items of {self.node}", kind="get")
-        items = [(it.get("id", ""), next(iter(it), None)) for it in res.iter(f"{{{PUBSUB}}}item")]
+            cursor = self._load_cursor()
+        if cursor is None:  # a new name: it starts now, from the node's latest item
+            latest = self._fetch(" max_items='1'")
+            cursor = latest[-1][0] if latest else ""
+            self._save_cursor(cursor, True)
+            with _cursors_lock:
+                _cursors.setdefault(self.key, cursor)
+            return
+        self.saved = cursor
+        items = self._fetch()
         ids = [i for i, _ in items]
         start = ids.index(cursor) + 1 if cursor in ids else 0
         with self.cond:
@@ -389,6 +426,8 @@ class _XmppSub(Subscription):
     def _settle(self, d: Delivery) -> None:
         with self.cond:
             tag, item_id = d.tag
+            while tag in self.alias:  # a retried copy settles the delivery it stands for
+                tag = self.alias.pop(tag)
             if tag in self.order:
                 self.order[tag] = (item_id, True)
             cursor = None
@@ -400,6 +439,8 @@ class _XmppSub(Subscription):
         if cursor is not None and self.key is not None:
             with _cursors_lock:
                 _cursors[self.key] = cursor
+            if time.monotonic() - self.saved_at > _SAVE_EVERY and self.b.persist:
+                self._save_cursor(cursor, False)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery)
@@ -411,10 +452,13 @@ class _XmppSub(Subscription):
             self.cond.notify_all()
 
     def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        # the copy waits here, in process; the cursor stays before the original until the
+        # copy is settled, so a crash meanwhile redelivers it (as attempt 1) to a named subscription
         with self.cond:
-            self.ready.append(Delivery(payload, (next(self.tags), delivery.tag[1])))
+            tag = next(self.tags)
+            self.alias[tag] = delivery.tag[0]
+            self.ready.append(Delivery(payload, (tag, delivery.tag[1])))
             self.cond.notify_all()
-        self._settle(delivery)
 
     def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
         dead = f"{self.node}.dead"
@@ -427,6 +471,11 @@ class _XmppSub(Subscription):
         s = self.s
         try:
             if not self.lost and s.lost is None:
+                if self.key is not None and self.b.persist:
+                    with _cursors_lock:
+                        cursor = _cursors.get(self.key)
+                    if cursor is not None and cursor != self.saved:
+                        self._save_cursor(cursor, True)
                 s.iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><unsubscribe node={quoteattr(self.node)} "
                      f"jid={quoteattr(s.jid)}/></pubsub>", f"unsubscribe from {self.node}")
         except Exception:
