@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import ClassVar
 
 import zmq
@@ -103,6 +104,7 @@ class _Hub:
         self.queues: dict[bytes, deque[bytes]] = {}  # PULL: messages read, by queue
         self.subs: list[_TopicSub] = []  # SUB: local subscriptions
         self.joined = False  # PUB: a subscriber was seen (or join timed out)
+        self.private = False  # this backend's own socket, never shared
 
     def read(self, wait: float) -> None:
         """Move what the socket has into the buffers, waiting up to ``wait`` s. With the lock held."""
@@ -159,6 +161,13 @@ def _bind_again(s: link.Settings, kind: int, addr: str) -> zmq.Socket[bytes]:
 
 def _acquire(s: link.Settings, kind: int, addr: str, bind: bool) -> _Hub:
     key = (kind, addr, bind, s)
+    if kind == zmq.PUSH and not bind:
+        # a connecting PUSH is this backend's own (several connects are fine): no lock per send,
+        # the portable layer already serialises calls into one backend
+        own = _Hub(key, link.socket(s, kind, addr, False))
+        own.refs = 1
+        own.private = True
+        return own
     with _hubs_lock:
         hub = _hubs.get(key)
         if hub is None:
@@ -171,6 +180,9 @@ def _acquire(s: link.Settings, kind: int, addr: str, bind: bool) -> _Hub:
 
 
 def _release(hub: _Hub) -> None:
+    if hub.private:
+        hub.sock.close()
+        return
     with _hubs_lock:
         hub.refs -= 1
         if hub.refs == 0:
@@ -180,6 +192,10 @@ def _release(hub: _Hub) -> None:
             if hub.key[2]:
                 _unbound[hub.key[1]] = time.monotonic()
 
+
+
+def _not_open(data: bytes) -> object:  # pragma: no cover - heads is empty until the socket is open
+    raise RuntimeError("zmq PUSH socket not open")
 
 
 _dead: dict[tuple[str, str], deque[bytes]] = {}  # (address, queue) -> dead letters kept in this process
@@ -198,6 +214,11 @@ class ZmqBackend(Backend):
         self.hubs: dict[tuple[int, bool], _Hub] = {}
         self.store: link.AckStore | None = None
         self.closed = False
+        self.heads: dict[str, bytes] = {}  # queue name -> frame head, once the PUSH socket is open
+        self.theads: dict[str, bytes] = {}  # topic name -> frame head
+        self.pub: _Hub | None = None
+        self.push_lock: threading.Lock | None = None
+        self.push_send: Callable[[bytes], object] = _not_open
 
     def open(self) -> None:
         link.warn_if_exposed(self.url, self.s)
@@ -214,6 +235,8 @@ class ZmqBackend(Backend):
         if self.closed:
             return
         self.closed = True
+        self.heads.clear()
+        self.pub = None
         for hub in self.hubs.values():
             _release(hub)
         self.hubs.clear()
@@ -224,20 +247,43 @@ class ZmqBackend(Backend):
         self, destination: Destination, payload: bytes, *, message_id: str,
         priority: int | None = None, delay: float | None = None, ttl: float | None = None,
     ) -> None:
+        # the hot path: a known queue on the open PUSH socket (one dict lookup, one concat)
+        head = self.heads.get(destination.name) if destination.__class__ is Queue else None
+        if head is not None:
+            lock = self.push_lock
+            if lock is None:
+                self.push_send(head + payload)
+            else:
+                with lock:
+                    self.push_send(head + payload)
+            return
         if destination.__class__ is Queue:
             if self.s.ack:
                 store = self.store or self._store()
                 store.put(destination.name.encode(), payload)
                 return
-            hub = self.hubs.get((zmq.PUSH, self.s.producer_binds)) or self._hub(zmq.PUSH, self.s.producer_binds)
+            hub = self._hub(zmq.PUSH, self.s.producer_binds)
+            self.push_lock, self.push_send = (None if hub.private else hub.lock), hub.sock.send
+            head = destination.name.encode() + b"\0"
+            if len(self.heads) < 10_000:
+                self.heads[destination.name] = head
             with hub.lock:
-                hub.sock.send(destination.name.encode() + b"\0" + payload)
+                hub.sock.send(head + payload)
             return
-        hub = self._hub(zmq.XPUB, self.s.bind != "none")
+        hub = self.pub or self._pub()
+        head = self.theads.get(destination.name)
+        if head is None:
+            head = destination.name.encode() + b"\0"
+            if len(self.theads) < 10_000:
+                self.theads[destination.name] = head
         with hub.lock:
             if not hub.joined:
                 hub.wait_for_subscriber(self.s.join)
-            hub.sock.send(destination.name.encode() + b"\0" + payload)
+            hub.sock.send(head + payload)
+
+    def _pub(self) -> _Hub:
+        self.pub = self._hub(zmq.XPUB, self.s.bind != "none")
+        return self.pub
 
     def _store(self) -> link.AckStore:
         self.store = _acquire_store(self.s)
