@@ -186,6 +186,43 @@ def test_ack_mode_sigkilled_consumer_loses_nothing(tmp_path: Path, peers: list[P
           f"{len(set(first.ids()) & set(second.ids()))} duplicate(s), {len(redelivered)} counted as redelivered")
 
 
+def test_many_to_many_through_zmq_device(tmp_path: Path, peers: list[Peer]) -> None:
+    """Two producers, two workers and a subscriber, all connecting to `mqprimer zmq-device`."""
+    import mqprimer
+    from mqprimer import Topic
+    from mqprimer.testing import wait_until
+
+    front = f"zmq+tcp://127.0.0.1:{_port()}?bind=none"
+    back = f"zmq+tcp://127.0.0.1:{_port()}?bind=none"
+    device = subprocess.Popen([sys.executable, "-m", "mqprimer.cli", "zmq-device", front, back],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    try:
+        assert device.stdout is not None and "queues tcp://" in device.stdout.readline()
+        workers = [_start(peers, tmp_path, f"w{i}", "consume", back, "jobs") for i in range(2)]
+        listener = _start(peers, tmp_path, "sub", "subscribe", back, "news")
+        with mqprimer.connect(front) as a, mqprimer.connect(front) as b:
+            wait_until(lambda: all(w.ready() for w in (*workers, listener)), timeout=20, what="the peers")
+            deadline = time.monotonic() + 20
+            warm = []
+            while not all(w.ids() for w in workers) or not listener.ids():
+                assert time.monotonic() < deadline, "no path through the device"
+                warm.append(a.producer().send("jobs", {"warm": 1}))
+                a.producer().send(Topic("news"), {"topic": "probe"})
+                time.sleep(0.02)
+            sent = [c.producer().send("jobs", {"i": i}) for i in range(100) for c in (a, b)]
+            news = [b.producer().send(Topic("news"), {"topic": "news"}) for _ in range(20)]
+            wait_until(lambda: sorted(i for w in workers for i in w.ids()) == sorted(warm + sent), timeout=20,
+                       what="every job exactly once")
+            wait_until(lambda: set(news) <= set(listener.ids()), timeout=20, what="the news through the forwarder")
+        assert all(len(set(w.ids()) & set(sent)) >= 50 for w in workers), "the streamer did not share the work"
+        device.send_signal(signal.SIGTERM)
+        assert device.wait(10) == 0
+    finally:
+        if device.poll() is None:
+            device.kill()
+            device.wait(10)
+
+
 @pytest.mark.parametrize("case", ["right keys", "wrong server key", "no key", "client not allowed"])
 def test_curve(tmp_path: Path, case: str) -> None:
     import zmq.auth
