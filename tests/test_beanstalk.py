@@ -20,6 +20,7 @@ import pytest
 import mqprimer
 from conftest import ROOT, RUN, need_broker
 from mqprimer import RetryPolicy, Status
+from mqprimer.envelope import decode
 from mqprimer.testing.helpers import collect
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,14 +140,16 @@ def test_priority_delay_and_ttr_reach_beanstalkd(url: str, q: str) -> None:
         p = conn.producer()
         urgent, plain, late = p.send(q, 1, priority=9), p.send(q, 2), p.send(q, 3, delay=0.2)
     client = raw(url, tube=q)
-    jobs = {}
-    for kind, job in (("urgent", client.peek_ready()), ("late", client.peek_delayed())):
-        jobs[kind] = client.stats_job(job)
+    ready, delayed = client.peek_ready(), client.peek_delayed()
+    # the ids send() returned are the ids of the jobs beanstalkd holds
+    assert (decode(ready.body).id, decode(delayed.body).id) == (urgent, late)
+    jobs = {"urgent": client.stats_job(ready), "late": client.stats_job(delayed)}
     assert (jobs["urgent"]["pri"], jobs["urgent"]["ttr"]) == (1024, 7)
     assert jobs["late"]["delay"] == 1, "delays are whole seconds, rounded up"
-    client.delete(jobs["urgent"]["id"])
-    assert client.stats_job(client.peek_ready())["pri"] == 1033, "no priority = mqprimer 0 = 1033"
-    assert urgent and plain and late
+    client.delete(ready)
+    nxt = client.peek_ready()
+    assert decode(nxt.body).id == plain
+    assert client.stats_job(nxt)["pri"] == 1033, "no priority = mqprimer 0 = 1033"
 
 
 def test_ttr_is_a_lease_an_expired_one_is_redelivered(url: str, q: str) -> None:
