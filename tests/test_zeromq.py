@@ -254,5 +254,50 @@ def test_curve(tmp_path: Path, case: str) -> None:
                 assert m is None, f"{case}: a message got through"
 
 
+def test_bound_push_with_no_worker_fails_clearly_after_send_timeout() -> None:
+    import mqprimer
+
+    url = f"zmq+tcp://127.0.0.1:{_port()}?bind=producer&send_timeout=0.3"
+    start = time.monotonic()
+    with mqprimer.connect(url) as conn, pytest.raises(mqprimer.errors.BrokerError, match="send_timeout=0.3s"):
+        conn.producer().send("jobs", {"nobody": "connected"})
+    assert time.monotonic() - start < 5
+
+
+def test_bad_urls_name_what_is_wrong(tmp_path: Path) -> None:
+    import mqprimer
+
+    for url, words in [
+        ("zmq+tcp://127.0.0.1", "one host and port"),
+        ("zmq+ipc://", "socket path"),
+        ("zmq+tcp://127.0.0.1:5555?bind=sideways", "bind='sideways'"),
+        ("zmq+tcp://127.0.0.1:5555?ack=1&bind=consumer", "needs bind=producer"),
+        ("zmq+tcp://127.0.0.1:5555?hwm=0", "hwm='0'"),
+        (f"zmq+tcp://127.0.0.1:5555?curve_secret={tmp_path}/none", "existing key file"),
+        ("zmq+tcp://127.0.0.1:5555?prefetch=3", "unknown option"),
+    ]:
+        with pytest.raises(mqprimer.errors.ConfigurationError, match=words.replace("?", r"\?")):
+            mqprimer.connect(url)
+    with mqprimer.connect("zmq+tcp://127.0.0.1:5555") as conn:
+        with pytest.raises(mqprimer.UnsupportedError, match="durable"):
+            conn.consumer(mqprimer.Topic("a"), subscription="billing")
+        for option in ({"priority": 5}, {"delay": 1.0}):
+            with pytest.raises(mqprimer.UnsupportedError):
+                conn.producer().send("q", 1, **option)  # type: ignore[arg-type]
+    with mqprimer.connect("zmq+tcp://127.0.0.1:5555?ack=1") as conn:
+        with pytest.raises(mqprimer.UnsupportedError, match="zeromq-ack .* publish-subscribe"):
+            conn.producer().send(mqprimer.Topic("a"), 1)
+
+
+@pytest.mark.timeout(120)
+def test_pipeline_example(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]), TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "examples.pipeline", "--workers", "3", "--tasks", "60"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "60/60 results" in r.stdout and r.stdout.count("worker pid ") == 3, r.stdout
+    assert "workers exited with [0, 0, 0]" in r.stdout
+
+
 if __name__ == "__main__":
     _peer(sys.argv[1:])

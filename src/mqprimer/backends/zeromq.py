@@ -251,11 +251,14 @@ class ZmqBackend(Backend):
         head = self.heads.get(destination.name) if destination.__class__ is Queue else None
         if head is not None:
             lock = self.push_lock
-            if lock is None:
-                self.push_send(head + payload)
-            else:
-                with lock:
+            try:
+                if lock is None:
                     self.push_send(head + payload)
+                else:
+                    with lock:
+                        self.push_send(head + payload)
+            except zmq.Again:
+                raise zmq.ZMQError(errno.EAGAIN, self._full()) from None
             return
         if destination.__class__ is Queue:
             if self.s.ack:
@@ -267,8 +270,11 @@ class ZmqBackend(Backend):
             head = destination.name.encode() + b"\0"
             if len(self.heads) < 10_000:
                 self.heads[destination.name] = head
-            with hub.lock:
-                hub.sock.send(head + payload)
+            try:
+                with hub.lock:
+                    hub.sock.send(head + payload)
+            except zmq.Again:
+                raise zmq.ZMQError(errno.EAGAIN, self._full()) from None
             return
         hub = self.pub or self._pub()
         head = self.theads.get(destination.name)
@@ -280,6 +286,12 @@ class ZmqBackend(Backend):
             if not hub.joined:
                 hub.wait_for_subscriber(self.s.join)
             hub.sock.send(head + payload)
+
+    def _full(self) -> str:
+        who = "no consumer is connected yet (bind=producer) or " if self.s.producer_binds else ""
+        return (f"no peer took the message within send_timeout={self.s.send_timeout_ms / 1000:g}s: {who}the "
+                f"consumers are not reading and the pipe is at its high-water mark (hwm={self.s.hwm}); "
+                "raise send_timeout or hwm in the URL, or start a consumer")
 
     def _pub(self) -> _Hub:
         self.pub = self._hub(zmq.XPUB, self.s.bind != "none")

@@ -1,0 +1,1 @@
+"""The seed's parallel pipeline on ZeroMQ: one producer (ventilator), several workers, one sink."""
