@@ -342,3 +342,18 @@ def test_a_named_subscription_outlives_its_consumer_process(url: str, topic: Top
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_an_account_that_may_not_create_nodes_gets_an_error_naming_the_right(url: str, topic: Topic) -> None:
+    u = mqprimer.URL.parse(url)
+    limited = mqprimer.URL(u.scheme, "limited", "limited-secret", u.hosts, u.path, u.query).render(hide_password=False)
+    with mqprimer.connect(limited) as conn:
+        for attempt in (lambda: conn.producer().send(topic, 1), lambda: conn.consumer(topic)):
+            with pytest.raises(mqprimer.AuthenticationError, match="may not create pubsub node") as info:
+                attempt()
+            assert "admins" in str(info.value) and "limited@localhost" in str(info.value)
+    with mqprimer.connect(url) as admin, admin.consumer(topic):  # the node exists now
+        with mqprimer.connect(limited) as conn, conn.consumer(topic) as c:
+            mid = admin.producer().send(topic, "to everyone")
+            m = c.receive(timeout=5)
+            assert m is not None and m.id == mid

@@ -1,4 +1,5 @@
-"""One XMPP client session for the xmpp backend: slixmpp on an asyncio loop in a thread it owns.
+"""The xmpp backend's plumbing: one XMPP client session (slixmpp on an asyncio loop in a
+thread it owns), the wire format of items, URL settings, and the dead-letter node.
 
 slixmpp is asyncio-only. Each :class:`Session` runs one ``ClientXMPP`` on its own event loop
 in a daemon thread; the blocking driver calls in from other threads, and every slixmpp call
@@ -20,24 +21,39 @@ What slixmpp would do by itself and this module stops:
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import ipaddress
 import itertools
 import logging
+import re
 import ssl
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 from xml.sax.saxutils import quoteattr
 
 from slixmpp import ClientXMPP
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
+from slixmpp.xmlstream.tostring import tostring
+
+from ..backend import DeadLetterStore
+from ..envelope import decode, encode, replace
+from ..errors import ConfigurationError, EnvelopeError
+from ..url import URL
 
 PUBSUB = "http://jabber.org/protocol/pubsub"
 EVENT = "http://jabber.org/protocol/pubsub#event"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 _IQ_PREFIX = "mq"
+DEFAULT_PORT = 5222
+JSON_NS = "urn:xmpp:json:0"
+B64_NS = "urn:mqprimer:0"
+# characters XML 1.0 cannot carry (a JSON text only has them inside strings)
+_NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 class _NoStanzas(logging.Filter):
@@ -271,3 +287,162 @@ def wait(fut: "concurrent.futures.Future[ET.Element]", timeout: float, what: str
         return fut.result(timeout)
     except concurrent.futures.TimeoutError:
         raise TimeoutError(f"no answer to {what} within {timeout:.0f}s") from None
+
+
+# -- the wire format -------------------------------------------------------------------
+def item_xml(mid: str, payload: bytes) -> str:
+    try:
+        text = payload.decode("utf-8")
+        if _NOT_XML.search(text):
+            raise ValueError
+        inner = f"<json xmlns='{JSON_NS}'>" + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        inner += "</json>"
+    except ValueError:  # also UnicodeDecodeError
+        inner = f"<base64 xmlns='{B64_NS}'>{base64.b64encode(payload).decode('ascii')}</base64>"
+    return f"<item id={quoteattr(mid)}>{inner}</item>"
+
+
+def payload_of(el: ET.Element | None) -> bytes:
+    """The bytes an item carries: our JSON or base64 element, else the XML of a foreign item."""
+    if el is None:
+        return b""
+    if el.tag == f"{{{JSON_NS}}}json":
+        return (el.text or "").encode("utf-8")
+    if el.tag == f"{{{B64_NS}}}base64":
+        try:
+            return base64.b64decode(el.text or "", validate=True)
+        except ValueError:
+            pass
+    return tostring(el).encode("utf-8")
+
+
+def config_form(persist: bool, max_items: str) -> str:
+    fields = {"pubsub#persist_items": "1" if persist else "0", "pubsub#max_items": max_items,
+              "pubsub#notification_type": "headline"}
+    body = "".join(f"<field var='{k}'><value>{v}</value></field>" for k, v in fields.items())
+    return (f"<configure><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
+            f"<value>{PUBSUB}#node_config</value></field>{body}</x></configure>")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an ``xmpp://`` URL asks for (see docs/backend-xmpp.md for each option)."""
+
+    host: str
+    port: int
+    jid: str  # the bare JID of the account
+    service: str
+    tls: bool
+    cafile: str | None
+    persist: bool
+    max_items: str
+    timeout: float
+
+    @classmethod
+    def of(cls, url: URL) -> "Settings":
+        if len(url.hosts) > 1:
+            raise ConfigurationError(f"{url}: one backend serves one host; use mqprimer.connect() for a host list")
+        host = url.host or "127.0.0.1"
+        if not url.username or url.password is None:
+            raise ConfigurationError(f"{url}: the xmpp backend needs an account: xmpp://user:password@host/service")
+        user = url.username
+        domain = url.param("domain") or (user.split("@", 1)[1] if "@" in user else host)
+        tls = url.param("tls", "starttls")
+        if tls not in ("starttls", "none"):
+            raise ConfigurationError(f"{url}: tls must be 'starttls' (the default) or 'none', got {tls!r}")
+        if tls == "none" and not _loopback(host):
+            raise ConfigurationError(
+                f"{url}: tls=none (plaintext) is only allowed to a loopback address; use STARTTLS with cafile="
+            )
+        persist = url.param("persist", "1")
+        if persist not in ("0", "1"):
+            raise ConfigurationError(f"{url}: persist must be 0 or 1, got {persist!r}")
+        max_items = url.param("max_items", "1000") or ""
+        if not (max_items.isdigit() and int(max_items) >= 1) and max_items != "max":
+            raise ConfigurationError(f"{url}: max_items must be a whole number >= 1 or 'max', got {max_items!r}")
+        try:
+            timeout = float(url.param("timeout", "10") or "")
+        except ValueError:
+            timeout = 0.0
+        if not timeout > 0:
+            raise ConfigurationError(f"{url}: timeout must be a number of seconds > 0")
+        return cls(host, url.port or DEFAULT_PORT, user if "@" in user else f"{user}@{domain}",
+                   url.path.strip("/") or f"pubsub.{domain}", tls == "starttls", url.param("cafile"),
+                   persist == "1", max_items, timeout)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Publisher(Protocol):
+    """What :class:`DeadNode` needs of the backend."""
+
+    service: str
+
+    def live_session(self) -> Session: ...
+
+    def publish_to(self, s: Session, node: str, mid: str, payload: bytes) -> None: ...
+
+
+def message_id(payload: bytes) -> str | None:
+    try:
+        return decode(payload, max(len(payload), 1)).id
+    except EnvelopeError:
+        return None
+
+
+class DeadNode(DeadLetterStore):
+    """Dead letters of topic ``q``: the items of node ``q.dead`` (oldest first)."""
+
+    def __init__(self, backend: "Publisher", queue: str) -> None:
+        self.b = backend
+        self.queue = queue
+        self.node = f"{queue}.dead"
+
+    def _items(self) -> list[tuple[str, bytes]]:
+        s = self.b.live_session()
+        try:
+            res = s.iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><items node={quoteattr(self.node)}/></pubsub>",
+                       f"list {self.node}", kind="get")
+        except IqError as exc:
+            if exc.condition == "item-not-found":
+                return []
+            raise
+        return [(it.get("id", ""), payload_of(next(iter(it), None))) for it in res.iter(f"{{{PUBSUB}}}item")]
+
+    def _retract(self, item_id: str) -> None:
+        self.b.live_session().iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><retract node={quoteattr(self.node)}>"
+                             f"<item id={quoteattr(item_id)}/></retract></pubsub>", f"retract from {self.node}")
+
+    def list(self, limit: int) -> list[bytes]:
+        return [p for _, p in self._items()[:limit]]
+
+    def replay(self, limit: int | None, ids: set[str] | None = None) -> int:
+        n = 0
+        s = self.b.live_session()
+        for item_id, payload in self._items():
+            if limit is not None and n >= limit:
+                break
+            try:
+                env = decode(payload, max(len(payload), 1))
+                mid, body = env.id, encode(replace(env, attempt=1, reason=None, origin=None), 1 << 62, original=payload)
+            except EnvelopeError:
+                mid, body = item_id, payload
+            if ids is not None and mid not in ids:
+                continue
+            self.b.publish_to(s, self.queue, mid, body)  # confirmed before the dead copy goes
+            self._retract(item_id)
+            n += 1
+        return n
+
+    def purge(self) -> int:
+        items = self._items()
+        for item_id, _ in items:
+            self._retract(item_id)
+        return len(items)

@@ -1,36 +1,20 @@
-"""``xmpp://user[:password]@host[:port]/SERVICE?domain=D&cafile=CA``: XMPP publish-subscribe
-(XEP-0060) via slixmpp. See docs/backend-xmpp.md.
+"""``xmpp://user:password@host[:port]/SERVICE?domain=D&cafile=CA``: XMPP publish-subscribe
+(XEP-0060) via slixmpp. Topic-only; the mapping and what holds are in docs/backend-xmpp.md.
 
-Topic-only. How mqprimer maps onto XEP-0060:
-
-- A topic is a pubsub node of SERVICE (default ``pubsub.<domain>``); the account is
-  ``user@domain`` (``domain`` defaults to the host; a user name with ``@`` is a bare JID).
-  A message is one item whose item id is the message id (a re-sent message replaces its
-  item); the payload is the envelope in ``<json xmlns='urn:xmpp:json:0'>`` (XEP-0335), or
-  base64 in ``<base64 xmlns='urn:mqprimer:0'>`` for bytes that XML cannot carry. The publish
-  IQ's result is the confirmation.
-- Nodes are created by mqprimer on first use (publish or subscribe) with ``persist_items``
-  and ``max_items`` from the URL (``persist=1``, ``max_items=1000``). An account that may not
-  create nodes gets AuthenticationError naming the right it lacks.
-- Each consumer is its own session (resource ``mq-<random>``) that sends presence and
-  subscribes that full JID: notifications are at-most-once. A *named* subscription
-  (``subscription="billing"``) on a persisted node also keeps a cursor (the last item settled
-  in order) in this process; when it is subscribed again (after a lost connection, a server
-  restart, or a new consumer of that name) it first fetches the node's items and delivers
-  those after the cursor that it has not seen: nothing confirmed is lost while the cursor is
-  still among the node's last ``max_items`` items; duplicates are possible.
-- ack: nothing to tell the server. retry: redelivered by this subscription, in process.
-  dead letter: published (confirmed) to node ``<topic>.dead``, which the dead-letter API
-  lists, replays (to the topic) and purges. Queues, patterns, priority, delay, status:
-  refused.
+- A topic is a node of SERVICE; a message is one item whose id is the message id; the
+  publish IQ's result confirms it. mqprimer creates nodes where the account may.
+- Each consumer is a session of its own that sends presence and subscribes its full JID:
+  notifications are at-most-once. A *named* subscription on a persisted node keeps a cursor
+  (the last item settled in order; in process and in the account's private storage) and,
+  whenever it subscribes, first delivers the node's items after it: nothing confirmed is lost
+  while the cursor is among the node's last ``max_items`` items; duplicates are possible.
+- ack: nothing to tell the server; retry: queued again in the consumer; dead letter:
+  published (confirmed) to node ``<topic>.dead``.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import ipaddress
-import re
 import threading
 import time
 import uuid
@@ -40,8 +24,6 @@ from collections.abc import Sequence
 from typing import ClassVar
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
-
-from slixmpp.xmlstream.tostring import tostring
 
 from ..backend import (
     EMULATED,
@@ -57,22 +39,27 @@ from ..backend import (
     Subscription,
     Topic,
 )
-from ..envelope import decode, encode, replace
-from ..errors import AuthenticationError, ConfigurationError, EnvelopeError, MessageTooLarge, UnsupportedError
+from ..errors import AuthenticationError, MessageTooLarge, UnsupportedError
 from ..url import URL
-from ._xmpp_session import PUBSUB, IqError, Session, XmppAuthError, wait
+from ._xmpp_session import (
+    PUBSUB,
+    DeadNode,
+    IqError,
+    Session,
+    Settings,
+    XmppAuthError,
+    config_form,
+    item_xml,
+    message_id,
+    payload_of,
+    wait,
+)
 
-DEFAULT_PORT = 5222
-JSON_NS = "urn:xmpp:json:0"
-B64_NS = "urn:mqprimer:0"
 _STANZA_LIMIT = 250_000  # Prosody's c2s_stanza_size_limit is 262,144 bytes by default
 _WINDOW = 64  # publishes in flight in publish_many
-_TIMEOUT = 10.0
 _SEEN_KEEP = 20_000
 _SAVE_EVERY = 1.0
 PRIVATE = "jabber:iq:private"
-# characters XML 1.0 cannot carry (a JSON text only has them inside strings)
-_NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 CAPABILITIES = Capabilities(
     name="xmpp",
@@ -102,40 +89,6 @@ def _node(dest: Destination) -> str:
     return dest.name
 
 
-def _item(mid: str, payload: bytes) -> str:
-    try:
-        text = payload.decode("utf-8")
-        if _NOT_XML.search(text):
-            raise ValueError
-        inner = f"<json xmlns='{JSON_NS}'>" + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        inner += "</json>"
-    except ValueError:  # also UnicodeDecodeError
-        inner = f"<base64 xmlns='{B64_NS}'>{base64.b64encode(payload).decode('ascii')}</base64>"
-    return f"<item id={quoteattr(mid)}>{inner}</item>"
-
-
-def payload_of(el: ET.Element | None) -> bytes:
-    """The bytes an item carries: our JSON or base64 element, else the XML of a foreign item."""
-    if el is None:
-        return b""
-    if el.tag == f"{{{JSON_NS}}}json":
-        return (el.text or "").encode("utf-8")
-    if el.tag == f"{{{B64_NS}}}base64":
-        try:
-            return base64.b64decode(el.text or "", validate=True)
-        except ValueError:
-            pass
-    return tostring(el).encode("utf-8")
-
-
-def _config_form(persist: bool, max_items: str) -> str:
-    fields = {"pubsub#persist_items": "1" if persist else "0", "pubsub#max_items": max_items,
-              "pubsub#notification_type": "headline"}
-    body = "".join(f"<field var='{k}'><value>{v}</value></field>" for k, v in fields.items())
-    return (f"<configure><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
-            f"<value>{PUBSUB}#node_config</value></field>{body}</x></configure>")
-
-
 # named subscription -> the last item it settled in order ("" = none yet): where catch-up
 # starts. Kept here and, every _SAVE_EVERY seconds and on close, in the account's private
 # XML storage (XEP-0049), so that another process can take the name over.
@@ -148,40 +101,14 @@ class XmppBackend(Backend):
     connection_errors = (OSError, EOFError)  # ConnectionError and TimeoutError are OSErrors
     auth_errors = (XmppAuthError,)
     url_params: ClassVar[frozenset[str]] = frozenset(
-        {"domain", "tls", "cafile", "persist", "max_items", "timeout", "resource"})
+        {"domain", "tls", "cafile", "persist", "max_items", "timeout"})
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
-        if len(url.hosts) > 1:
-            raise ConfigurationError(f"{url}: one backend serves one host; use mqprimer.connect() for a host list")
-        self.host = url.host or "127.0.0.1"
-        self.port = url.port or DEFAULT_PORT
-        if not url.username or url.password is None:
-            raise ConfigurationError(f"{url}: the xmpp backend needs an account: xmpp://user:password@host/service")
-        user = url.username
-        domain = url.param("domain") or (user.split("@", 1)[1] if "@" in user else self.host)
-        self.jid = user if "@" in user else f"{user}@{domain}"
-        self.service = url.path.strip("/") or f"pubsub.{domain}"
-        tls = url.param("tls", "starttls")
-        if tls not in ("starttls", "none"):
-            raise ConfigurationError(f"{url}: tls must be 'starttls' (the default) or 'none', got {tls!r}")
-        if tls == "none" and not _loopback(self.host):
-            raise ConfigurationError(
-                f"{url}: tls=none (plaintext) is only allowed to a loopback address; use STARTTLS with cafile="
-            )
-        self.tls = tls == "starttls"
-        self.cafile = url.param("cafile")
-        persist = url.param("persist", "1")
-        if persist not in ("0", "1"):
-            raise ConfigurationError(f"{url}: persist must be 0 or 1, got {persist!r}")
-        self.persist = persist == "1"
-        self.max_items = url.param("max_items", "1000") or ""
-        if not (self.max_items.isdigit() and int(self.max_items) >= 1) and self.max_items != "max":
-            raise ConfigurationError(f"{url}: max_items must be a whole number >= 1 or 'max', got {self.max_items!r}")
-        try:
-            self.timeout = float(url.param("timeout", str(_TIMEOUT)) or _TIMEOUT)
-        except ValueError:
-            raise ConfigurationError(f"{url}: timeout must be a number of seconds") from None
+        st = Settings.of(url)
+        self.host, self.port, self.jid, self.service = st.host, st.port, st.jid, st.service
+        self.tls, self.cafile, self.persist, self.max_items, self.timeout = (
+            st.tls, st.cafile, st.persist, st.max_items, st.timeout)
         self.known: set[str] = set()  # nodes known to exist
         self.session: Session | None = None
         if not self.persist:
@@ -202,7 +129,7 @@ class XmppBackend(Backend):
         if s is not None:
             s.close()
 
-    def _session(self) -> Session:
+    def live_session(self) -> Session:
         if self.session is None or self.session.lost is not None:
             raise ConnectionError("XMPP session lost")
         return self.session
@@ -213,14 +140,15 @@ class XmppBackend(Backend):
         if node in self.known:
             return
         persist = self.persist if persist is None else persist
-        form = _config_form(persist, max_items or self.max_items)
+        form = config_form(persist, max_items or self.max_items)
         body = f"<pubsub xmlns='{PUBSUB}'><create node={quoteattr(node)}/>{form}</pubsub>"
         try:
             s.iq(self.service, body, f"create node {node}")
         except IqError as exc:
-            if exc.condition == "conflict":
+            refused = exc.condition in ("forbidden", "not-authorized", "not-allowed")
+            if exc.condition == "conflict" or refused and self._exists(s, node):
                 pass  # it exists
-            elif exc.condition in ("forbidden", "not-authorized", "not-allowed"):
+            elif refused:
                 raise AuthenticationError(
                     f"{self.url}: the XMPP account {self.jid} may not create pubsub node {node!r} on "
                     f"{self.service} ({exc.condition}): it needs the right to create nodes (in Prosody: list it "
@@ -230,10 +158,19 @@ class XmppBackend(Backend):
                 raise
         self.known.add(node)
 
+    def _exists(self, s: Session, node: str) -> bool:
+        """Whether ``node`` exists (Prosody refuses a non-admin's create before looking)."""
+        try:
+            s.iq(self.service, f"<pubsub xmlns='{PUBSUB}'><items node={quoteattr(node)} max_items='1'/></pubsub>",
+                 f"look up node {node}", kind="get")
+        except IqError as exc:
+            return exc.condition != "item-not-found"
+        return True
+
     def _publish_iq(self, s: Session, node: str, mid: str, payload: bytes) -> tuple[str, str]:
         iq_id = s.next_id()
         data = (f"<iq type='set' id='{iq_id}' to={quoteattr(self.service)}><pubsub xmlns='{PUBSUB}'>"
-                f"<publish node={quoteattr(node)}>{_item(mid, payload)}</publish></pubsub></iq>")
+                f"<publish node={quoteattr(node)}>{item_xml(mid, payload)}</publish></pubsub></iq>")
         if len(data) > _STANZA_LIMIT:
             raise MessageTooLarge(
                 f"message {mid} is {len(data):,} bytes as an XMPP stanza, over the {_STANZA_LIMIT:,} bytes "
@@ -246,23 +183,38 @@ class XmppBackend(Backend):
         try:
             wait(s.send_iq(iq_id, data, f"publish to {node}"), self.timeout, f"publish to {node}")
         except IqError as exc:
-            if exc.condition != "item-not-found":
-                raise
+            # Prosody answers a publish to a missing node with item-not-found, or forbidden
+            # when the account could not publish there anyway: creating it tells which
+            if exc.condition not in ("item-not-found", "forbidden") or (
+                    exc.condition == "forbidden" and node in self.known):
+                raise self._refused(exc, node, "publish to") from None
             self.known.discard(node)
             self.ensure_node(s, node)
             iq_id, data = self._publish_iq(s, node, mid, payload)
-            wait(s.send_iq(iq_id, data, f"publish to {node}"), self.timeout, f"publish to {node}")
+            try:
+                wait(s.send_iq(iq_id, data, f"publish to {node}"), self.timeout, f"publish to {node}")
+            except IqError as again:
+                raise self._refused(again, node, "publish to") from None
+
+    def _refused(self, exc: IqError, node: str, what: str) -> Exception:
+        if exc.condition not in ("forbidden", "not-authorized", "not-allowed"):
+            return exc
+        return AuthenticationError(
+            f"{self.url}: the XMPP account {self.jid} may not {what} pubsub node {node!r} on {self.service} "
+            f"({exc.condition}): it needs the publisher (or owner) affiliation on the node, or a node whose "
+            "pubsub#publish_model is open"
+        )
 
     # -- the SPI ----------------------------------------------------------------------
     def publish(
         self, destination: Destination, payload: bytes, *, message_id: str,
         priority: int | None = None, delay: float | None = None, ttl: float | None = None,
     ) -> None:
-        self.publish_to(self._session(), _node(destination), message_id, payload)
+        self.publish_to(self.live_session(), _node(destination), message_id, payload)
 
     def publish_many(self, items: Sequence[Outgoing]) -> None:
         """Pipelined: up to ``_WINDOW`` publishes in flight; returns when every one is confirmed."""
-        s = self._session()
+        s = self.live_session()
         nodes = [_node(it.destination) for it in items]
         for node in dict.fromkeys(nodes):
             self.ensure_node(s, node)
@@ -290,16 +242,7 @@ class XmppBackend(Backend):
         return _XmppSub(self, _node(destination), subscription)
 
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
-        return _DeadNode(self, queue)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return DeadNode(self, queue)
 
 
 class _XmppSub(Subscription):
@@ -463,7 +406,7 @@ class _XmppSub(Subscription):
     def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
         dead = f"{self.node}.dead"
         self.b.ensure_node(self.s, dead, persist=True, max_items="max")
-        mid = _mid(payload) or delivery.tag[1] or uuid.uuid4().hex
+        mid = message_id(payload) or delivery.tag[1] or uuid.uuid4().hex
         self.b.publish_to(self.s, dead, mid, payload)
         self._settle(delivery)
 
@@ -482,61 +425,3 @@ class _XmppSub(Subscription):
             pass  # the session goes anyway; Prosody drops notifications to a gone resource
         finally:
             s.close()
-
-
-def _mid(payload: bytes) -> str | None:
-    try:
-        return decode(payload, max(len(payload), 1)).id
-    except EnvelopeError:
-        return None
-
-
-class _DeadNode(DeadLetterStore):
-    """Dead letters of topic ``q``: the items of node ``q.dead`` (oldest first)."""
-
-    def __init__(self, backend: XmppBackend, queue: str) -> None:
-        self.b = backend
-        self.queue = queue
-        self.node = f"{queue}.dead"
-
-    def _items(self) -> list[tuple[str, bytes]]:
-        s = self.b._session()
-        try:
-            res = s.iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><items node={quoteattr(self.node)}/></pubsub>",
-                       f"list {self.node}", kind="get")
-        except IqError as exc:
-            if exc.condition == "item-not-found":
-                return []
-            raise
-        return [(it.get("id", ""), payload_of(next(iter(it), None))) for it in res.iter(f"{{{PUBSUB}}}item")]
-
-    def _retract(self, item_id: str) -> None:
-        self.b._session().iq(self.b.service, f"<pubsub xmlns='{PUBSUB}'><retract node={quoteattr(self.node)}>"
-                             f"<item id={quoteattr(item_id)}/></retract></pubsub>", f"retract from {self.node}")
-
-    def list(self, limit: int) -> list[bytes]:
-        return [p for _, p in self._items()[:limit]]
-
-    def replay(self, limit: int | None, ids: set[str] | None = None) -> int:
-        n = 0
-        s = self.b._session()
-        for item_id, payload in self._items():
-            if limit is not None and n >= limit:
-                break
-            try:
-                env = decode(payload, max(len(payload), 1))
-                mid, body = env.id, encode(replace(env, attempt=1, reason=None, origin=None), 1 << 62, original=payload)
-            except EnvelopeError:
-                mid, body = item_id, payload
-            if ids is not None and mid not in ids:
-                continue
-            self.b.publish_to(s, self.queue, mid, body)  # confirmed before the dead copy goes
-            self._retract(item_id)
-            n += 1
-        return n
-
-    def purge(self) -> int:
-        items = self._items()
-        for item_id, _ in items:
-            self._retract(item_id)
-        return len(items)
