@@ -357,3 +357,12 @@ def test_an_account_that_may_not_create_nodes_gets_an_error_naming_the_right(url
             mid = admin.producer().send(topic, "to everyone")
             m = c.receive(timeout=5)
             assert m is not None and m.id == mid
+
+
+def test_the_analytics_example_runs_on_xmpp(url: str) -> None:
+    """examples/analytics on a topic-only backend: one worker on a named subscription made
+    before sending catches up on every line; the totals are checked by the example itself."""
+    r = subprocess.run([sys.executable, "-m", "examples.analytics", "--url", url, "--lines", "200"],
+                       capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "counted 200 requests" in r.stdout and "dead letters: 1" in r.stdout

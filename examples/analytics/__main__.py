@@ -50,12 +50,20 @@ def main() -> int:
     queue = f"access-log.{run_id()}"
     results = work / "counts.db"
     with mqprimer.connect(url_list(url)) as conn:
+        # a backend without queues (XMPP pubsub) gets a topic and one worker on a named
+        # subscription, made before sending: it catches up on what was published before the
+        # worker subscribed (docs/backend-xmpp.md)
+        topic_only = not conn.capabilities.queue
+        dest: str | mqprimer.Topic = mqprimer.Topic(queue) if topic_only else queue
+        as_topic = ["--topic", "--subscription", "analytics"] if topic_only else []
+        if topic_only:
+            conn.consumer(dest, subscription="analytics").close()
         producer = conn.producer()
         for i in range(0, len(lines), 100):
-            producer.send_many([producer.build(queue, ln, type="log.line") for ln in lines[i:i + 100]])
+            producer.send_many([producer.build(dest, ln, type="log.line") for ln in lines[i:i + 100]])
         say(f"producer: sent {len(lines)} log lines to {queue} ({bad} malformed)")
-        workers = start_workers(2, url, queue, "examples.analytics.handler:count_line", "--concurrency", "2",
-                                env={"ANALYTICS_DB": str(results)}, quiet=True)
+        workers = start_workers(1 if topic_only else 2, url, queue, "examples.analytics.handler:count_line",
+                                "--concurrency", "2", *as_topic, env={"ANALYTICS_DB": str(results)}, quiet=True)
 
         def counted() -> int:
             if not results.exists():
@@ -79,7 +87,7 @@ def main() -> int:
         say(f"  per {kind}: " + ", ".join(f"{k} {n}" for kd, k, n in rows if kd == kind))
     got = Counter({k: n for kd, k, n in rows if kd == "status"})
     say(f"workers exited with {codes}")
-    return 0 if got == expected and codes == [0, 0] else 1
+    return 0 if got == expected and codes and set(codes) == {0} else 1
 
 
 if __name__ == "__main__":
