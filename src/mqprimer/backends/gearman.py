@@ -38,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar
 
+from .._ids import prepare
 from ..backend import (
     EMULATED,
     NATIVE,
@@ -183,6 +184,7 @@ class GearmanBackend(Backend):
         # ttl is the envelope's expiry, checked on receive
         link = self._link()
         link.send(self._submit(destination, payload, message_id, priority, delay))
+        prepare()  # the next message id, made while gearmand works (see _ids.py)
         link.read()  # JOB_CREATED, or GearmanError
 
     def publish_many(self, items: Sequence[Outgoing]) -> None:
