@@ -35,7 +35,7 @@ BUILTIN: dict[str, BackendSpec] = {
         BackendSpec("stomp", "mqprimer.backends.stomp:StompBackend", "stomp", "stomp.py"),
         BackendSpec("stomp+ssl", "mqprimer.backends.stomp:StompBackend", "stomp", "stomp.py"),
         BackendSpec("beanstalk", "mqprimer.backends.beanstalk:BeanstalkBackend", "beanstalk", "greenstalk"),
-        BackendSpec("gearman", "mqprimer.backends.gearman:GearmanBackend", "gearman", "pygearman"),
+        BackendSpec("gearman", "mqprimer.backends.gearman:GearmanBackend"),  # speaks the protocol itself (stdlib)
         BackendSpec("xmpp", "mqprimer.backends.xmpp:XmppBackend", "xmpp", "slixmpp"),
         BackendSpec("zmq+tcp", "mqprimer.backends.zeromq:ZmqBackend", "zmq", "pyzmq"),
         BackendSpec("zmq+ipc", "mqprimer.backends.zeromq:ZmqBackend", "zmq", "pyzmq"),
