@@ -18,6 +18,7 @@ for ``lease`` seconds is presumed dead: its unacked messages go to the other con
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -177,18 +178,35 @@ def socket(s: Settings, kind: int, addr: str, bind: bool) -> zmq.Socket[bytes]:
         sock.rcvhwm = s.hwm
         sock.sndtimeo = s.send_timeout_ms
         sock.reconnect_ivl = 100
-        sock.reconnect_ivl_max = 2000
+        sock.reconnect_ivl_max = 0  # no backoff: a peer that comes up is found within 100 ms (join)
         if s.ipv6:
             sock.ipv6 = True
         _curve(s, sock, bind)
         if bind:
-            sock.bind(addr)
+            _bind(sock, addr)
         else:
             sock.connect(addr)
     except BaseException:
         sock.close(0)
         raise
     return sock
+
+
+unbound: dict[str, float] = {}  # address -> when this process closed a socket bound to it
+
+
+def _bind(sock: zmq.Socket[bytes], addr: str) -> None:
+    """libzmq closes listeners asynchronously: an address this process let go of a moment ago
+    may still be held. Only then wait for it, briefly; any other EADDRINUSE is an error."""
+    deadline = unbound.get(addr, 0.0) + 2.0
+    while True:
+        try:
+            sock.bind(addr)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def _curve(s: Settings, sock: zmq.Socket[bytes], server: bool) -> None:
@@ -311,6 +329,7 @@ class AckStore:
         finally:
             self.router.close(0)
             self.wake_rx.close(0)
+            unbound[self.s.queue_addr] = time.monotonic()
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -318,9 +337,12 @@ class AckStore:
         ident, op = frames[0], frames[1]
         peer = self.peers.get(ident)
         if op == b"C" and len(frames) == 4:
-            if peer is None:
-                peer = self.peers[ident] = _Peer(frames[2])
-            peer.credit += int(frames[3])
+            # (re)subscribe: "my window is N and I hold nothing" (a consumer whose lease ran out
+            # gave up what it held: that went, or goes now, to the others)
+            if peer is not None:
+                self._drop(ident)
+            peer = self.peers[ident] = _Peer(frames[2])
+            peer.credit = int(frames[3])
         if peer is None:
             return  # a consumer already presumed dead: its messages went to others
         peer.seen = time.monotonic()
@@ -374,8 +396,15 @@ class AckReceiver:
         self.sock = socket(s, zmq.DEALER, s.queue_addr, bind=False)
         self.sock.linger = min(s.linger_ms, 1000)
         self.beat_every = s.lease / 3
-        self.last_beat = time.monotonic()
-        self.sock.send_multipart([b"C", queue.encode(), b"%d" % prefetch])
+        self.join = [b"C", queue.encode(), b"%d" % prefetch]
+        self.send(*self.join)
+
+    def lapsed(self) -> bool:
+        """Silent for (nearly) a lease: the producer gives, or gave, what this consumer holds to others."""
+        return time.monotonic() - self.last_beat > self.s.lease * 0.9
+
+    def rejoin(self) -> None:
+        self.send(*self.join)
 
     def receive(self, timeout: float | None) -> tuple[bytes, bytes] | None:
         now = time.monotonic()

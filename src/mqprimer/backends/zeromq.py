@@ -143,22 +143,6 @@ _hubs: dict[tuple[int, str, bool, link.Settings], _Hub] = {}  # sockets differ b
 _hubs_lock = threading.Lock()
 
 
-_unbound: dict[str, float] = {}  # address -> when this process closed a socket bound to it
-
-
-def _bind_again(s: link.Settings, kind: int, addr: str) -> zmq.Socket[bytes]:
-    """Bind ``addr``; libzmq closes listeners asynchronously, so one this process closed a
-    moment ago may still hold the address: only then wait for it, briefly."""
-    deadline = _unbound.get(addr, 0.0) + 2.0
-    while True:
-        try:
-            return link.socket(s, kind, addr, True)
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                raise
-        time.sleep(0.01)
-
-
 def _acquire(s: link.Settings, kind: int, addr: str, bind: bool) -> _Hub:
     key = (kind, addr, bind, s)
     if kind == zmq.PUSH and not bind:
@@ -171,7 +155,7 @@ def _acquire(s: link.Settings, kind: int, addr: str, bind: bool) -> _Hub:
     with _hubs_lock:
         hub = _hubs.get(key)
         if hub is None:
-            sock = _bind_again(s, kind, addr) if bind else link.socket(s, kind, addr, False)
+            sock = link.socket(s, kind, addr, bind)
             hub = _hubs[key] = _Hub(key, sock)
             if kind == zmq.XPUB:
                 hub.sock.xpub_verbose = True
@@ -190,7 +174,7 @@ def _release(hub: _Hub) -> None:
             with hub.lock:
                 hub.sock.close()
             if hub.key[2]:
-                _unbound[hub.key[1]] = time.monotonic()
+                link.unbound[hub.key[1]] = time.monotonic()
 
 
 
@@ -205,6 +189,7 @@ class ZmqBackend(Backend):
     capabilities = CAPABILITIES
     connection_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     url_params = link.OPTIONS
+    lease_param = "lease"  # acknowledged mode: seconds a silent consumer keeps its messages
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
@@ -445,29 +430,43 @@ class _AckSub(Subscription):
         self.unsettled: set[bytes] = set()
 
     def receive(self, timeout: float | None) -> Delivery | None:
+        if self.rx.lapsed():
+            self.unsettled.clear()  # the producer gave them to others
+            self.rx.rejoin()
         got = self.rx.receive(timeout)
         if got is None:
             return None
         self.unsettled.add(got[0])
         return Delivery(got[1], got[0])
 
+    def _held(self, delivery: Delivery) -> None:
+        if delivery.tag not in self.unsettled or self.rx.lapsed():
+            self.unsettled.discard(delivery.tag)
+            raise zmq.ZMQError(errno.ETIMEDOUT, f"the lease ({self.delivery_lease:g} s) ran out before this "
+                               "message was settled or touched: the producer gave it to another consumer")
+
     def ack(self, delivery: Delivery) -> None:
+        self._held(delivery)
         self.unsettled.discard(delivery.tag)
         self.rx.send(b"A", delivery.tag)
 
     def requeue(self, delivery: Delivery) -> None:
+        self._held(delivery)
         self.unsettled.discard(delivery.tag)
         self.rx.send(b"Y", delivery.tag, delivery.payload)
 
     def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
+        self._held(delivery)
         self.unsettled.discard(delivery.tag)
         self.rx.send(b"Y", delivery.tag, payload)
 
     def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
+        self._held(delivery)
         self.unsettled.discard(delivery.tag)
         self.rx.send(b"D", delivery.tag, payload)
 
     def touch(self, delivery: Delivery) -> None:
+        self._held(delivery)
         self.rx.beat()
 
     def close(self) -> None:
