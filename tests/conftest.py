@@ -49,7 +49,8 @@ def pytest_configure(config: pytest.Config) -> None:
         tmp = tempfile.mkdtemp(prefix="mqprimer-conformance-")
         specs = ["memory=memory://conformance", f"sqlite=sqlite:///{tmp}/conformance.db"]
         specs += [f"{name}={url}" for name, url in broker_urls().items()]
-        specs += [f"zmq-tcp=zmq+tcp://127.0.0.1:{free_port_pair()}", f"zmq-ipc=zmq+ipc://{tmp}/zmq.sock"]
+        specs += [f"zmq-tcp=zmq+tcp://127.0.0.1:{free_port_pair()}", f"zmq-ipc=zmq+ipc://{tmp}/zmq.sock",
+                  f"zmq-ack=zmq+tcp://127.0.0.1:{free_port_pair()}?ack=1"]
         config.option.mq_url = specs
     if not config.getoption("mq_battery"):
         # the reliability battery: every backend once; the TLS variants of a URL reach the same
