@@ -25,7 +25,11 @@ Rules for drivers (the conformance suite in :mod:`mqprimer.testing` checks them)
 7. ``retry`` and ``dead_letter`` on a subscription are called only when the matching
    capability is :attr:`Support.NATIVE`; when it is :attr:`Support.EMULATED` the portable
    layer publishes the new payload (to ``retry_target`` or ``dead_target``) and then acks.
+   When it is :attr:`Support.UNSUPPORTED` the portable layer raises ``UnsupportedError``
+   and leaves the message unsettled: a refused outcome never drops a message.
 8. A backend is used from one thread at a time; the portable layer serialises access.
+9. A backend whose deliveries carry a lease (``Subscription.delivery_lease``) set by a URL
+   option names that option in ``lease_param``, so the conformance suite can shorten it.
 """
 
 from __future__ import annotations
