@@ -182,6 +182,7 @@ def test_ack_mode_sigkilled_consumer_loses_nothing(tmp_path: Path, peers: list[P
         second = _start(peers, tmp_path, "second", "consume", url, "jobs")
         wait_until(lambda: set(sent) <= set(first.ids()) | set(second.ids()), timeout=30, what="every message")
     redelivered = [x for x in second.lines() if x["attempt"] != 1]
+    assert redelivered, "what the killed consumer held must come back counted as a second attempt"
     print(f"ack mode: consumer SIGKILLed after {len(first.ids())}; all {len(sent)} handled; "
           f"{len(set(first.ids()) & set(second.ids()))} duplicate(s), {len(redelivered)} counted as redelivered")
 

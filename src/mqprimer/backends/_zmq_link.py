@@ -9,7 +9,8 @@ Acknowledged mode, on the wire (one ROUTER bound by the producer, one DEALER per
                            [b"D", tag, payload]    dead letter: keep it under <queue>.dead (one more credit)
                            [b"R", tag...]          give back unsettled deliveries (close)
                            [b"H"]                  heartbeat (touch; receive polls send it too)
-    producer -> consumer   [tag, payload]          one delivery
+    producer -> consumer   [tag, n, payload]       one delivery, the n-th of this message (n > 1: redelivered
+                                                   after a consumer went silent; the envelope's attempt + n - 1)
 
 The producer's store runs on one thread of its own (a ROUTER socket is not thread safe, and
 dispatch must go on while the application does something else). A consumer not heard from
@@ -254,6 +255,7 @@ class AckStore:
         self.incoming: deque[tuple[bytes, bytes]] = deque()  # (queue, payload) from publish()
         self.ready: dict[bytes, deque[tuple[bytes, bytes]]] = {}  # queue -> (tag, payload)
         self.peers: dict[bytes, _Peer] = {}
+        self.deliveries: dict[bytes, int] = {}  # tag -> times delivered, until settled
         self.tags = itertools.count(1)
         self.lock = threading.Lock()
         self.idle = threading.Event()
@@ -348,6 +350,7 @@ class AckStore:
         peer.seen = time.monotonic()
         if op in (b"A", b"Y", b"D") and len(frames) >= 3:
             payload = peer.inflight.pop(frames[2], None)
+            self.deliveries.pop(frames[2], None)
             peer.credit += 1
             if payload is not None and op != b"A" and len(frames) == 4:
                 queue = peer.queue if op == b"Y" else peer.queue + b".dead"
@@ -355,7 +358,8 @@ class AckStore:
         elif op == b"R":
             for tag in reversed(frames[2:]):
                 payload = peer.inflight.pop(tag, None)
-                if payload is not None:
+                if payload is not None:  # given back unprocessed: not counted as a delivery
+                    self.deliveries[tag] = self.deliveries.get(tag, 1) - 1
                     self.ready.setdefault(peer.queue, deque()).appendleft((tag, payload))
             self._drop(ident)
 
@@ -379,11 +383,13 @@ class AckStore:
             q = self.ready.get(peer.queue)
             while peer.credit > 0 and q:
                 tag, payload = q.popleft()
+                n = self.deliveries.get(tag, 0) + 1
                 try:
-                    self.router.send_multipart([ident, tag, payload], zmq.NOBLOCK)
+                    self.router.send_multipart([ident, tag, b"%d" % n, payload], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     q.appendleft((tag, payload))
                     break
+                self.deliveries[tag] = n
                 peer.inflight[tag] = payload
                 peer.credit -= 1
 
@@ -406,15 +412,15 @@ class AckReceiver:
     def rejoin(self) -> None:
         self.send(*self.join)
 
-    def receive(self, timeout: float | None) -> tuple[bytes, bytes] | None:
+    def receive(self, timeout: float | None) -> tuple[bytes, int, bytes] | None:
         now = time.monotonic()
         if now - self.last_beat >= self.beat_every:
             self.beat()
         wait = self.beat_every if timeout is None else min(timeout, self.beat_every)
         if not self.sock.poll(int(wait * 1000)):
             return None
-        tag, payload = self.sock.recv_multipart(zmq.NOBLOCK)
-        return tag, payload
+        tag, n, payload = self.sock.recv_multipart(zmq.NOBLOCK)
+        return tag, int(n), payload
 
     def send(self, *frames: bytes) -> None:
         self.sock.send_multipart(list(frames))

@@ -436,8 +436,9 @@ class _AckSub(Subscription):
         got = self.rx.receive(timeout)
         if got is None:
             return None
-        self.unsettled.add(got[0])
-        return Delivery(got[1], got[0])
+        tag, n, payload = got
+        self.unsettled.add(tag)
+        return Delivery(payload, tag, extra_attempts=n - 1, broker_redelivered=n > 1)
 
     def _held(self, delivery: Delivery) -> None:
         if delivery.tag not in self.unsettled or self.rx.lapsed():
