@@ -104,6 +104,7 @@ class Session:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="mqprimer-xmpp", daemon=True)
         self._closed = False
+        self._pinger: asyncio.Future[None] | None = None
 
     # -- the loop thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -163,6 +164,9 @@ class Session:
         xmpp.add_event_handler("connection_failed", lambda e: fail(
             e if isinstance(e, OSError) else ConnectionError(str(e))))
         xmpp.add_event_handler("disconnected", self._disconnected)
+        # a stream the server closes before the session starts (a refusal slixmpp has no event for)
+        xmpp.add_event_handler("disconnected", lambda _: fail(ConnectionError(
+            f"{self.host}:{self.port} closed the XMPP stream before the session started")))
         xmpp.register_handler(Callback("mq-iq", MatchXPath("{jabber:client}iq"), self._iq))
         if self.on_items is not None:
             xmpp.register_handler(Callback(
@@ -180,6 +184,32 @@ class Session:
             xmpp.cancel_connection_attempt()
         if self.tls and "starttls" not in xmpp.features:
             raise ConnectionError(f"{self.host}:{self.port} did not offer STARTTLS; refusing a plaintext session")
+        self._pinger = asyncio.ensure_future(self._keepalive())
+
+    async def _keepalive(self) -> None:
+        """Ping the server (XEP-0199) every ``timeout`` seconds: a frozen server or a dead link
+        would otherwise leave a waiting consumer waiting for ever. No answer: the stream is
+        dropped, and the consumer's next receive raises."""
+        domain = self.jid.split("@", 1)[-1].split("/", 1)[0]
+        while True:
+            await asyncio.sleep(self.timeout)
+            xmpp = self.xmpp
+            if self.lost is not None or xmpp is None or xmpp.transport is None:
+                return
+            iq_id = self.next_id()
+            fut: concurrent.futures.Future[ET.Element] = concurrent.futures.Future()
+            self._write(iq_id, f"<iq type='get' id='{iq_id}' to={quoteattr(domain)}><ping xmlns='urn:xmpp:ping'/></iq>",
+                        fut, "ping")
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout)
+            except TimeoutError:
+                self.lost = TimeoutError(f"no answer from {self.host}:{self.port} to a ping within {self.timeout:.0f}s")
+                xmpp.abort()
+                return
+            except IqError:
+                pass  # an answer all the same
+            except Exception:
+                return  # the stream is gone: _disconnected has seen to it
 
     def _disconnected(self, reason: Any) -> None:
         if self.lost is None:
@@ -187,7 +217,7 @@ class Session:
         pending, self.pending = self.pending, {}
         for fut, _ in pending.values():
             if not fut.done():
-                fut.set_exception(ConnectionError(f"XMPP stream to {self.host}:{self.port} closed"))
+                fut.set_exception(ConnectionError(str(self.lost)))
         if self.xmpp is not None:
             self.xmpp.cancel_connection_attempt()
         if self.on_lost is not None and not self._closed:
