@@ -36,6 +36,7 @@ def _raw_publish(conn: mqprimer.Connection, queue: str, payload: bytes) -> None:
 
 # -- round trips --------------------------------------------------------------------
 def test_json_round_trip_with_headers(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     body = {"path": "a.jpg", "size": [1, 2.5, None, True], "text": "naïve ☃ \u0000 end"}
     mid = conn.producer().send(dest, body, headers=ODD_HEADERS, type="photo.uploaded")
     with conn.consumer(dest) as c:
@@ -46,6 +47,7 @@ def test_json_round_trip_with_headers(conn: mqprimer.Connection, dest: str) -> N
 
 
 def test_bytes_round_trip_non_utf8(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     body = bytes(range(256)) + b"\xff\xfe\x00\xc3\x28"
     conn.producer().send(dest, body, headers={"k": "v"})
     with conn.consumer(dest) as c:
@@ -55,6 +57,7 @@ def test_bytes_round_trip_non_utf8(conn: mqprimer.Connection, dest: str) -> None
 
 
 def test_thousand_messages_no_loss_no_duplicates(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     p = conn.producer()
     sent = {p.send(dest, {"i": i}) for i in range(1000)}
     with conn.consumer(dest, prefetch=100) as c:
@@ -67,6 +70,7 @@ def test_thousand_messages_no_loss_no_duplicates(conn: mqprimer.Connection, dest
 def test_send_many_delivers_every_message_once_and_returns_ids_in_order(
     conn: mqprimer.Connection, dest: str
 ) -> None:
+    _unsupported(conn, "queue")
     other = f"{dest}.b"
     p = conn.producer()
     items = [p.build(other if i % 50 == 7 else dest, {"i": i}) for i in range(1200)]  # switches queue 24 times
@@ -86,6 +90,7 @@ def test_send_many_delivers_every_message_once_and_returns_ids_in_order(
 
 
 def test_competing_consumers_share_a_queue(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     p = conn.producer()
     sent = {p.send(dest, i) for i in range(40)}
     with mqprimer.connect(mq_url) as other, conn.consumer(dest, prefetch=1) as a, other.consumer(dest, prefetch=1) as b:
@@ -151,6 +156,7 @@ def test_topic_patterns_match_only_what_they_should(conn: mqprimer.Connection, t
 
 # -- outcomes ------------------------------------------------------------------------
 def test_ack_removes(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     conn.producer().send(dest, "x")
     with conn.consumer(dest) as c:
         _one(c).ack()
@@ -223,6 +229,7 @@ def test_touch_keeps_a_message_past_its_lease_and_without_touch_it_goes_back(mq_
 
 
 def test_unsettled_messages_go_back_on_close(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     mid = conn.producer().send(dest, "x")
     with conn.consumer(dest) as c:
         m = _one(c)
@@ -235,6 +242,7 @@ def test_unsettled_messages_go_back_on_close(conn: mqprimer.Connection, dest: st
 
 
 def test_double_settle_raises(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     conn.producer().send(dest, "x")
     with conn.consumer(dest) as c:
         m = _one(c)
@@ -245,6 +253,7 @@ def test_double_settle_raises(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_retry_redelivers_with_next_attempt(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     _unsupported(conn, "retry")
     mid = conn.producer().send(dest, {"k": 1}, headers={"h": "1"})
     with conn.consumer(dest) as c:
@@ -258,6 +267,7 @@ def test_retry_redelivers_with_next_attempt(conn: mqprimer.Connection, dest: str
 
 
 def test_retry_delay_is_honoured(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     _unsupported(conn, "retry")
     conn.producer().send(dest, "x")
     with conn.consumer(dest) as c:
@@ -276,6 +286,7 @@ def test_retry_delay_is_honoured(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_dead_letter_lands_with_reason_and_replays(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     _unsupported(conn, "dead_letter")
     mid = conn.producer().send(dest, {"bad": True})
     with conn.consumer(dest) as c:
@@ -294,6 +305,7 @@ def test_dead_letter_lands_with_reason_and_replays(conn: mqprimer.Connection, de
 
 
 def test_dead_letters_purge(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     _unsupported(conn, "dead_letter")
     p = conn.producer()
     for i in range(3):
@@ -308,6 +320,7 @@ def test_dead_letters_purge(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_retry_exhaustion_dead_letters_after_exactly_max_attempts(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     _unsupported(conn, "retry")
     _unsupported(conn, "dead_letter")
     mid = conn.producer().send(dest, "poison")
@@ -366,6 +379,7 @@ def test_delay_is_never_early(conn: mqprimer.Connection, dest: str) -> None:
 
 
 def test_expired_messages_are_never_delivered(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     _unsupported(conn, "ttl")
     p = conn.producer()
     p.send(dest, "short", ttl=0.3)
@@ -405,6 +419,7 @@ def test_status_by_id(conn: mqprimer.Connection, dest: str) -> None:
 def test_foreign_message_is_dead_lettered_consumer_keeps_running(
     conn: mqprimer.Connection, dest: str, payload: bytes
 ) -> None:
+    _unsupported(conn, "queue")
     _raw_publish(conn, dest, payload)
     mid = conn.producer().send(dest, "good")
     with conn.consumer(dest) as c:
@@ -418,6 +433,7 @@ def test_foreign_message_is_dead_lettered_consumer_keeps_running(
 
 
 def test_oversize_is_refused_before_sending(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     limit = min(conn.capabilities.max_message_size or conn.max_message_size, conn.max_message_size)
     with pytest.raises(MessageTooLarge, match="bytes"):
         conn.producer().send(dest, "x" * (limit + 1))
@@ -426,6 +442,7 @@ def test_oversize_is_refused_before_sending(conn: mqprimer.Connection, dest: str
 
 
 def test_closed_producer_and_consumer_raise(conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     p = conn.producer()
     p.close()
     with pytest.raises(StateError):
@@ -498,7 +515,8 @@ def test_broker_down_at_connect_is_a_clear_fast_error(mq_url: str, dest: str) ->
         assert "***" in str(info.value), "the connect error does not name the URL (password hidden)"
 
 
-def test_failover_across_a_url_list(mq_url: str, dest: str) -> None:
+def test_failover_across_a_url_list(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
+    _unsupported(conn, "queue")
     with mqprimer.connect([unreachable_url(mq_url), mq_url]) as conn:
         mid = conn.producer().send(dest, "via the second URL")
         with conn.consumer(dest) as c:
