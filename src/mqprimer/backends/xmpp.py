@@ -168,12 +168,17 @@ class XmppBackend(Backend):
         return True
 
     def _publish_iq(self, s: Session, node: str, mid: str, payload: bytes) -> tuple[str, str]:
+        limit = CAPABILITIES.max_message_size or 0
+        if len(payload) > limit:  # also what other clients' bytes get through the driver
+            raise MessageTooLarge(f"message {mid} is {len(payload):,} bytes, over the xmpp backend's limit of "
+                                  f"{limit:,} bytes ({CAPABILITIES.size_limit_hint})")
         iq_id = s.next_id()
         data = (f"<iq type='set' id='{iq_id}' to={quoteattr(self.service)}><pubsub xmlns='{PUBSUB}'>"
                 f"<publish node={quoteattr(node)}>{item_xml(mid, payload)}</publish></pubsub></iq>")
-        if len(data) > _STANZA_LIMIT:
+        size = len(data) if data.isascii() else len(data.encode("utf-8"))
+        if size > _STANZA_LIMIT:  # XML escaping can make a message within the limit too large
             raise MessageTooLarge(
-                f"message {mid} is {len(data):,} bytes as an XMPP stanza, over the {_STANZA_LIMIT:,} bytes "
+                f"message {mid} is {size:,} bytes as an XMPP stanza, over the {_STANZA_LIMIT:,} bytes "
                 f"allowed here ({CAPABILITIES.size_limit_hint})"
             )
         return iq_id, data
