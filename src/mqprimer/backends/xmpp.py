@@ -264,7 +264,7 @@ class _XmppSub(Subscription):
         self.seen: OrderedDict[str, None] = OrderedDict()  # item ids delivered or queued
         self.order: OrderedDict[int, tuple[str, bool]] = OrderedDict()  # tag -> (item id, settled)
         self.tags = iter(range(1, 1 << 62))
-        self.key = (backend.host, str(backend.port), backend.service, f"{node}\0{name}") if name else None
+        self.key = (backend.jid, backend.service, node, name) if name else None
         self.cursor_ns = f"urn:mqprimer:cursor:{quote(backend.service)}/{quote(node)}/{quote(name or '')}"
         self.alias: dict[int, int] = {}  # tag of a retried copy -> tag of the delivery it replaced
         self.saved: str | None = None
