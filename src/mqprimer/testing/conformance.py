@@ -491,6 +491,8 @@ def test_portable_layer_refuses_each_feature_a_backend_declares_unsupported(
     with fake_scheme(), mqprimer.connect(f"fake://{dest}?unsupported={feature}") as conn:
         assert getattr(conn.capabilities, feature) is UNSUPPORTED
         check_refused(conn, feature, dest, topic_root)
+    with pytest.raises(mqprimer.UnknownScheme):  # the fake is gone from the registry again
+        registry.get("fake")
 
 
 # -- availability ---------------------------------------------------------------------------
