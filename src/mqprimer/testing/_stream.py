@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import mqprimer
+from mqprimer.backend import Topic
 from mqprimer.errors import ConnectionFailed
 
 
@@ -26,9 +27,9 @@ class Stream:
     connections (an ack racing a lost connection raises; the broker delivers it again).
     """
 
-    def __init__(self, urls: str | Sequence[str], queue: str, total: int, *, pace: float = 0.002,
-                 reconnect_timeout: float = 120.0) -> None:
-        self.urls, self.queue, self.total, self.pace = urls, queue, total, pace
+    def __init__(self, urls: str | Sequence[str], dest: str | Topic, total: int, *, pace: float = 0.002,
+                 reconnect_timeout: float = 120.0, hold_at: int | None = None) -> None:
+        self.urls, self.dest, self.total, self.pace = urls, dest, total, pace
         self.reconnect_timeout = reconnect_timeout
         self.attempted = 0
         self.confirmed: list[str] = []
@@ -38,8 +39,13 @@ class Stream:
         self.single_after_fault = 0  # send() calls that returned after mark_fault()
         self.batch_after_fault = 0
         self.fault_at: float | None = None
+        #: the producer waits at this many messages until mark_fault(), so the fault is
+        #: always mid-stream however fast the backend is
+        self.hold_at = hold_at
+        self._faulted = threading.Event()
         self.errors: list[BaseException] = []
         self._produced = threading.Event()
+        self._subscribed = threading.Event()  # a topic's messages reach only subscribers that exist
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._produce, daemon=True),
                          threading.Thread(target=self._consume, daemon=True)]
@@ -51,19 +57,24 @@ class Stream:
 
     def mark_fault(self) -> None:
         self.fault_at = time.monotonic()
+        self._faulted.set()
 
     def _produce(self) -> None:
         try:
             with mqprimer.connect(self.urls, reconnect_timeout=self.reconnect_timeout) as conn:
                 p = conn.producer()
+                if not self._subscribed.wait(30):
+                    raise AssertionError("the stream's consumer did not subscribe within 30 s")
                 i = 0
                 while i < self.total and not self._stop.is_set():
+                    if self.hold_at is not None and i >= self.hold_at:
+                        self._faulted.wait(120)
                     if i % 10 < 5:
                         self.attempted += 1
-                        ids = [p.send(self.queue, {"i": i})]
+                        ids = [p.send(self.dest, {"i": i})]
                         single = True
                     else:
-                        items = [p.build(self.queue, {"i": i + k}) for k in range(5)]
+                        items = [p.build(self.dest, {"i": i + k}) for k in range(5)]
                         self.attempted += len(items)
                         ids = p.send_many(items)
                         single = False
@@ -87,7 +98,8 @@ class Stream:
     def _consume(self) -> None:
         try:
             with mqprimer.connect(self.urls, reconnect_timeout=self.reconnect_timeout) as conn, \
-                    conn.consumer(self.queue, prefetch=20) as c:
+                    conn.consumer(self.dest, prefetch=20) as c:
+                self._subscribed.set()
                 while not self._stop.is_set():
                     m = c.receive(timeout=0.3)
                     if m is None:
@@ -100,14 +112,22 @@ class Stream:
                         pass  # received just before its connection died: it comes again
         except BaseException as exc:
             self.errors.append(exc)
+        finally:
+            self._subscribed.set()  # never leave the producer waiting
 
-    def finish(self, timeout: float, settle: float = 3.0) -> None:
-        """Wait for the producer, then until every confirmed message arrived (or ``timeout``);
+    def finish(self, timeout: float, settle: float = 3.0, expect_all: bool = True) -> None:
+        """Wait for the producer, then until every confirmed message arrived (or ``timeout``;
+        without ``expect_all``, an at-most-once backend, until nothing arrived for 5 s);
         then ``settle`` seconds more of nothing new, so late duplicates are counted too."""
         deadline = time.monotonic() + timeout
         self._produced.wait(max(0.0, deadline - time.monotonic()))
+        last, seen_at = len(self.received), time.monotonic()
         while time.monotonic() < deadline and not self.errors and not set(self.confirmed) <= set(self.received):
             time.sleep(0.05)
+            if len(self.received) != last:
+                last, seen_at = len(self.received), time.monotonic()
+            elif not expect_all and time.monotonic() - seen_at > 5:
+                break
         quiet_until = time.monotonic() + settle
         seen = len(self.received)
         while time.monotonic() < min(quiet_until, deadline + settle):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import mqprimer
-from mqprimer.backend import Capabilities
+from mqprimer.backend import Capabilities, Queue, Topic
 
 from .control import BrokerControl, Figures
 
@@ -34,6 +34,19 @@ class Target:
     @property
     def url(self) -> str:
         return self.control.url
+
+    @property
+    def dest(self) -> str | Topic:
+        """Where the battery's messages go: the queue, or a topic on a topic-only backend."""
+        return self.dest_of(self.queue)
+
+    def dest_of(self, name: str) -> str | Topic:
+        return name if self.caps.queue else Topic(name)
+
+    @property
+    def raw_dest(self) -> Queue | Topic:
+        """:attr:`dest` as the driver SPI takes it."""
+        return Queue(self.queue) if self.caps.queue else Topic(self.queue)
 
     @property
     def at_least_once(self) -> bool:

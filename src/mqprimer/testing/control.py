@@ -150,6 +150,11 @@ def brokerless(url: str) -> BrokerControl | None:
     if scheme == "sqlite":
         return BrokerControl(url, no_broker="sqlite:// is a file each process opens: no broker process or "
                              "connection (its writer is SIGKILLed instead)", extra_params={"visibility_timeout": "3"})
+    from ..registry import get  # only here: most controls never need the backend class
+
+    caps = get(scheme).capabilities
+    if getattr(caps, "brokerless", False):  # e.g. ZeroMQ: peers talk to each other
+        return BrokerControl(url, no_broker=f"{caps.name} has no broker: its peers connect to each other")
     return None
 
 
