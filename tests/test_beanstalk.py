@@ -21,7 +21,7 @@ import mqprimer
 from conftest import ROOT, RUN, need_broker
 from mqprimer import RetryPolicy, Status
 from mqprimer.envelope import decode
-from mqprimer.testing.helpers import collect
+from mqprimer.testing.helpers import collect, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,3 +209,37 @@ def test_queue_names_beanstalkd_cannot_hold_are_refused_clearly(url: str) -> Non
                 conn.producer().send(name, 1)
             with pytest.raises(mqprimer.UnsupportedError, match="tube names"):
                 conn.consumer(name)
+
+
+def test_a_consumer_that_stopped_receiving_does_not_keep_later_jobs_from_others(url: str, q: str) -> None:
+    """An idle open consumer's waiting reserve expires on the server within a second: a job
+    sent after that goes to a consumer that is receiving, not to the idle one for a whole TTR."""
+    with mqprimer.connect(url + "?ttr=30") as conn:
+        idle, busy = conn.consumer(q), conn.consumer(q)
+        try:
+            assert idle.receive(timeout=0.3) is None  # leaves its reserve waiting on the server
+            gave_up = time.monotonic()
+            wait_until(lambda: time.monotonic() - gave_up > 1.5, timeout=5, what="the idle reserve to expire")
+            mid = conn.producer().send(q, "for whoever is receiving")
+            m = busy.receive(timeout=5)
+            assert m is not None and m.id == mid, "the job went to the consumer that stopped receiving"
+            m.ack()
+        finally:
+            idle.close()
+            busy.close()
+
+
+def test_a_job_reserved_while_nobody_received_is_not_handed_out_after_its_ttr(url: str, q: str) -> None:
+    with mqprimer.connect(url + "?ttr=2") as conn:
+        idle, other = conn.consumer(q), conn.consumer(q)
+        try:
+            assert idle.receive(timeout=0.3) is None
+            mid = conn.producer().send(q, "taken by the idle reserve")  # reserved for `idle` on the server
+            m = other.receive(timeout=10)  # comes to `other` once the 2 s TTR runs out
+            assert m is not None and m.id == mid
+            stale = idle.receive(timeout=1.5)
+            assert stale is None, "a job whose TTR ran out was handed out again by the consumer that idled"
+            m.ack()
+        finally:
+            idle.close()
+            other.close()

@@ -36,6 +36,7 @@ from greenstalk import _parse_response
 
 from .._ids import prepare
 from ..backend import (
+    EMULATED,
     NATIVE,
     UNSUPPORTED,
     Backend,
@@ -60,7 +61,10 @@ _TUBE_MAX = 195
 _CONNECT_TIMEOUT = 5.0
 _IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error (waiting reserves are read only once answered)
 _POLL_MAX = 0.02  # longest pause between polls while a consumer holds jobs
-_WAIT = 3600  # seconds a waiting reserve may stay on the server (it is read again, not resent)
+# seconds a waiting reserve stays on the server: a consumer that stops calling receive() can
+# take a job no later than this after its last call (the job then waits for that consumer or
+# for its TTR); one round trip a second is what an idle consumer costs
+_WAIT = 1
 _STATUS_KEEP = 50_000
 _PUT = b"put %d %d %d %d\r\n%b\r\n"  # priority, delay, TTR, size, body
 _PIPELINE = 500  # commands per write in publish_many: their replies (~20 bytes each) fit socket buffers
@@ -73,6 +77,7 @@ CAPABILITIES = Capabilities(
     retry=NATIVE,
     dead_letter=NATIVE,
     status=NATIVE,
+    request_reply=EMULATED,  # a private reply tube per connection, emptied when it closes
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -284,6 +289,19 @@ class BeanstalkBackend(Backend):
         tube = _tube(destination)
         return _BeanstalkSub(self, tube, _connect(self.host, self.port, use=tube, watch=tube))
 
+    def delete_queue(self, name: str) -> None:
+        # a tube exists while watched or not empty: deleting the late replies left in a reply
+        # tube makes it vanish (at most a few: each request gets one reply)
+        c = self._client()
+        c.use(name)
+        self.used, self.used_dest = name, None
+        for peek in (c.peek_ready, c.peek_delayed, c.peek_buried):
+            for _ in range(10_000):
+                try:
+                    c.delete(peek())
+                except greenstalk.NotFoundError:
+                    break
+
     def status(self, message_id: str) -> Status:
         key = _status_map.get(message_id)
         if key is None or key[:2] != (self.host, self.port):
@@ -318,11 +336,12 @@ class _BeanstalkSub(Subscription):
         self.max_size = backend.capabilities.max_message_size or CAPABILITIES.max_message_size or 0
         self.held: set[int] = set()  # ids of the jobs this connection holds, unsettled
         self.pending = False  # a reserve sent, its answer not read yet
+        self.gave_up: float | None = None  # when a receive() last returned with the reserve still pending
 
     # Waiting: a reserve left waiting on the server holds up every later command on its
     # connection (delete, bury) until it answers, and beanstalkd counts reserve timeouts in
-    # whole seconds. So a consumer that holds no job sends one long reserve and waits for
-    # the answer on the socket (no traffic while idle, no delay when a job comes); one that
+    # whole seconds. So a consumer that holds no job sends a reserve of _WAIT seconds and waits
+    # for the answer on the socket across receive() calls (no delay when a job comes); one that
     # holds jobs it may still settle polls with reserve-with-timeout 0 and a short pause.
     # greenstalk cannot send a command and read its answer later: the pending reserve uses
     # its socket and reader directly.
@@ -372,16 +391,39 @@ class _BeanstalkSub(Subscription):
             if not self.pending:
                 c._sock.sendall(b"reserve-with-timeout %d\r\n" % _WAIT)
                 self.pending = True
+                self.gave_up = None
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             if not select.select([c._sock], [], [], left)[0]:
+                self.gave_up = time.monotonic()
                 return None
             self.pending = False
             try:
-                return self._reserved(c._reader.readline())
+                delivery = self._reserved(c._reader.readline())
             except greenstalk.TimedOutError:
                 continue  # _WAIT seconds without a job: wait again
             except greenstalk.DeadlineSoonError:
                 return None
+            if self._stale(delivery):
+                continue
+            return delivery
+
+    def _stale(self, delivery: Delivery) -> bool:
+        """Give back a job reserved while nobody was receiving, if its TTR may have run out.
+
+        It was reserved after :attr:`gave_up`; once nearly a TTR has passed since, beanstalkd
+        may have given it to another consumer, and handing it out would run it twice with
+        an ack that fails. Released (when still ours) for whoever reserves next.
+        """
+        gave_up, self.gave_up = self.gave_up, None
+        if gave_up is None or time.monotonic() - gave_up < self.ttr - min(1.0, self.ttr / 2):
+            return False
+        job = delivery.tag
+        self.held.discard(job.id)
+        try:
+            self.c.release(job, int(self.c.stats_job(job)["pri"]), 0)
+        except greenstalk.NotFoundError:
+            pass  # its TTR ran out: back in the tube already, or with another consumer
+        return True
 
     def _settling(self) -> "greenstalk.Client[bytes]":
         if self.pending:  # never expected: a pending reserve is only sent while no job is held
