@@ -101,22 +101,27 @@ _pr_session() {
 _pr_up() {
   local d pid rc=0; d="$(_pr_dir)"
   mkdir -p "$d"
-  pid=$(pid_of "$d/prosody.pid")
-  if alive "$pid" && _pr_session; then _pr_publish_urls; return 0; fi
-  rm -f "$d/prosody.pid"
+  pid=$(_pr_pid || true)
+  if [ -n "$pid" ]; then
+    # alive: never start a second one (it could not bind the port, and a frozen server
+    # would then lose track of its pid); wait for it to answer instead
+    wait_for 20 "$pid" _pr_session || rc=$?
+    [ "$rc" = 0 ] && { _pr_publish_urls; return 0; }
+    [ "$rc" = 2 ] || fail_with_log prosody "$d/prosody.log" "prosody (pid $pid) is running but no XMPP stream answers on port $PROSODY_PORT (frozen? scripts/brokers thaw prosody)"
+  fi
+  rm -f "$d/prosody.pid" "$d/launch.pid"
   _pr_write_config
   _pr_register_users
   setsid prosody --config "$d/prosody.cfg.lua" -F </dev/null >>"$d/prosody.out" 2>&1 9>&- &
   pid=$!
   echo "$pid" > "$d/launch.pid"
+  rc=0
   wait_for 20 "$pid" _pr_session || rc=$?
   case "$rc" in
     0) log "prosody ready on 127.0.0.1:$PROSODY_PORT (pid $pid)" ;;
-    2) fail_with_log prosody "$d/prosody.out" "prosody exited during start (see $d/prosody.log)" ;;
+    2) rm -f "$d/launch.pid"; fail_with_log prosody "$d/prosody.out" "prosody exited during start (see $d/prosody.log)" ;;
     *) fail_with_log prosody "$d/prosody.log" "no XMPP stream on port $PROSODY_PORT within 20s" ;;
   esac
-  # prosody -F writes its own pid file; the launch pid is the same process
-  [ -s "$d/prosody.pid" ] || echo "$pid" > "$d/prosody.pid"
   _pr_publish_urls
 }
 
@@ -126,18 +131,27 @@ _pr_publish_urls() {
   add_url xmpps "xmpp://$base?domain=localhost&cafile=$RUN/tls/ca.pem"
 }
 
+# the server's pid: the process we launched (prosody -F does not fork; it also writes
+# prosody.pid itself, which covers a server started by an older version of this file)
 _pr_pid() {
-  local d pid; d="$(_pr_dir)"
-  pid=$(pid_of "$d/prosody.pid"); alive "$pid" || pid=$(pid_of "$d/launch.pid")
-  alive "$pid" && echo "$pid"
+  local d pid f; d="$(_pr_dir)"
+  for f in launch.pid prosody.pid; do
+    pid=$(pid_of "$d/$f" | tr -dc 0-9)
+    if alive "$pid"; then echo "$pid"; return 0; fi
+  done
+  return 1
 }
 
-prosody_down() {
-  local d; d="$(_pr_dir)"
+_pr_down() {
+  local d pid; d="$(_pr_dir)"
   drop_urls xmpp
-  [ -f "$d/prosody.pid" ] || cp "$d/launch.pid" "$d/prosody.pid" 2>/dev/null || true
-  stop_pid "$d/prosody.pid" 10
-  rm -f "$d/launch.pid"
+  pid=$(_pr_pid || true)
+  if [ -n "$pid" ]; then
+    kill -CONT "$pid" 2>/dev/null || true  # a frozen server cannot act on SIGTERM
+    echo "$pid" > "$d/stop.pid"
+    stop_pid "$d/stop.pid" 10
+  fi
+  rm -f "$d/launch.pid" "$d/prosody.pid"
 }
 
 prosody_status() {
@@ -165,4 +179,5 @@ _pr_kill() {
 # started in the background closes it).
 _pr_locked() { mkdir -p "$RUN"; ( flock -w 120 9 || die "prosody: harness lock busy for 120 s"; "$@" ) 9>"$RUN/prosody.lock"; }
 prosody_up() { _pr_locked _pr_up; }
+prosody_down() { _pr_locked _pr_down; }
 prosody_kill() { _pr_locked _pr_kill; }
