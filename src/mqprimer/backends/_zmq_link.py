@@ -210,6 +210,24 @@ def _bind(sock: zmq.Socket[bytes], addr: str) -> None:
         time.sleep(0.01)
 
 
+def close_bound(sock: zmq.Socket[bytes], addr: str) -> None:
+    """Close a bound socket only once its listener is gone (bounded by 1 s): libzmq closes
+    sockets asynchronously, and a peer connecting in that window reaches the dying listener
+    and loses what it sends. Seen as a rare loss when an address is bound again at once."""
+    try:
+        mon = sock.get_monitor_socket(zmq.EVENT_CLOSED)
+        try:
+            sock.unbind(addr)
+            mon.poll(1000)
+        finally:
+            sock.disable_monitor()
+            mon.close(0)
+    except zmq.ZMQError:
+        pass  # closing anyway
+    sock.close()
+    unbound[addr] = time.monotonic()
+
+
 def _curve(s: Settings, sock: zmq.Socket[bytes], server: bool) -> None:
     if s.curve_secret is None and s.curve_server is None:
         return
@@ -329,9 +347,8 @@ class AckStore:
             self.error = exc
             log.error("acknowledged zmq producer on %s stopped: %s", self.s.queue_addr, exc)
         finally:
-            self.router.close(0)
+            close_bound(self.router, self.s.queue_addr)
             self.wake_rx.close(0)
-            unbound[self.s.queue_addr] = time.monotonic()
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:

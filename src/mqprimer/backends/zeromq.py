@@ -172,9 +172,10 @@ def _release(hub: _Hub) -> None:
         if hub.refs == 0:
             _hubs.pop(hub.key, None)
             with hub.lock:
-                hub.sock.close()
-            if hub.key[2]:
-                link.unbound[hub.key[1]] = time.monotonic()
+                if hub.key[2]:
+                    link.close_bound(hub.sock, hub.key[1])
+                else:
+                    hub.sock.close()
 
 
 
