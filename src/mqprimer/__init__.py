@@ -29,6 +29,7 @@ from .errors import (
     InvalidURL,
     MessageTooLarge,
     MQError,
+    RemoteError,
     Retry,
     StateError,
     Timeout,
@@ -72,7 +73,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "URL", "AuthenticationError", "BackendNotInstalled", "BrokerError", "Capabilities", "ConfigurationError",
     "Connection", "ConnectionFailed", "Consumer", "DeadLetter", "DeadLetters", "Envelope", "EnvelopeError",
-    "InvalidURL", "MQError", "Message", "MessageTooLarge", "Producer", "Queue", "Retry", "RetryPolicy",
+    "InvalidURL", "MQError", "Message", "MessageTooLarge", "Producer", "Queue", "RemoteError", "Retry", "RetryPolicy",
     "StateError", "Status", "Support", "Timeout", "Topic", "UnknownScheme", "UnsupportedError", "Worker",
     "connect", "default_url",
 ]

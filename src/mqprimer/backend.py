@@ -113,6 +113,9 @@ class Capabilities:
     retry: Support = EMULATED
     dead_letter: Support = EMULATED
     status: Support = UNSUPPORTED
+    # conn.request() / message.reply(): NATIVE where the protocol has a reply path
+    # (Backend.reply_path overridden), EMULATED with the portable private reply queue
+    request_reply: Support = UNSUPPORTED
     confirmed_send: bool = True
     persistent: bool = False
     guarantee: str = "at-least-once"  # or "at-most-once"
@@ -139,7 +142,9 @@ class Capabilities:
         return out
 
 
-FEATURES = ("queue", "topic", "patterns", "priority", "delay", "ttl", "retry", "dead_letter", "status")
+FEATURES = (
+    "queue", "topic", "patterns", "priority", "delay", "ttl", "retry", "dead_letter", "status", "request_reply",
+)
 
 
 @dataclass(slots=True)
@@ -233,6 +238,59 @@ class DeadLetterStore(ABC):
         """Delete every dead letter; return how many."""
 
 
+class ReplyPath(ABC):
+    """A connection's way back for replies to its requests (:meth:`Backend.reply_path`).
+
+    One per :class:`~mqprimer.Connection`, on a backend instance of its own; the portable
+    layer uses it from one thread at a time and matches replies to requests by their
+    envelopes' ``mqcorrelationid``, so a path only carries payloads.
+    """
+
+    #: what requests carry as ``mqreplyto``: a :meth:`Backend.send_reply` address
+    address: str
+    #: the protocol needs the requests published through this path (AMQP direct reply-to:
+    #: same channel); otherwise the portable layer publishes them like any message
+    publishes_requests: bool = False
+
+    def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        """Publish one request (only called when :attr:`publishes_requests`)."""
+        raise UnsupportedError("this reply path does not publish requests")
+
+    @abstractmethod
+    def receive(self, timeout: float) -> bytes | None:
+        """The next reply's payload (already settled), or ``None`` after ``timeout`` seconds."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop and remove the path from the broker (nothing of it may be left behind)."""
+
+
+class QueueReplyPath(ReplyPath):
+    """The portable reply path: a private queue per connection, removed on close.
+
+    Replies carry the request's expiry (``ttl``), so after a crash nothing waits on the
+    queue longer than the requests did where the broker expires messages.
+    """
+
+    def __init__(self, backend: "Backend", name: str) -> None:
+        self.backend = backend
+        self.address = name
+        self.sub = backend.subscribe(Queue(name), prefetch=64)
+
+    def receive(self, timeout: float) -> bytes | None:
+        d = self.sub.receive(timeout)
+        if d is None:
+            return None
+        self.sub.ack(d)
+        return d.payload
+
+    def close(self) -> None:
+        try:
+            self.sub.close()
+        finally:
+            self.backend.delete_queue(self.address)
+
+
 class Backend(ABC):
     """One connection to one broker endpoint."""
 
@@ -296,6 +354,20 @@ class Backend(ABC):
     def status(self, message_id: str) -> Status:
         """Where message ``message_id`` is (only if ``capabilities.status``)."""
         raise UnsupportedError(f"the {self.capabilities.name} backend cannot report message status")
+
+    def reply_path(self, name: str) -> ReplyPath:
+        """A reply path on this backend instance (which serves nothing else); ``name`` is a
+        fresh private queue name. Backends with a native path override this and declare
+        ``request_reply`` NATIVE; the default is :class:`QueueReplyPath` (EMULATED)."""
+        return QueueReplyPath(self, name)
+
+    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        """Send one reply to a request's ``mqreplyto`` address; ``ttl`` only if ttl is NATIVE."""
+        self.publish(Queue(address), payload, message_id=message_id, ttl=ttl)
+
+    def delete_queue(self, name: str) -> None:
+        """Remove a private reply queue and what is left in it (used by :class:`QueueReplyPath`)."""
+        return None
 
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
         """A native dead-letter store for ``queue``, or ``None`` for the portable one."""

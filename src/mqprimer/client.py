@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,12 +20,14 @@ import msgspec
 
 from ._endpoint import Endpoint
 from ._ids import stamp
+from ._replies import Replies
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Topic
 from .consumer import Consumer
 from .deadletters import DeadLetters
 from .destinations import _QUEUE_NAME, _queue_cache, as_destination, is_pattern
 from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, body_error, encode, fresh_format, make
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
+from .message import Message
 from .retry import RetryPolicy
 from .url import URL
 
@@ -67,6 +70,8 @@ class Connection:
         self._children: list[Producer | Consumer] = []
         self._limits: dict[int, tuple[object, tuple[int, str]]] = {}
         self._fast: tuple[Backend, int] | None = None  # see _check_one
+        self._replies: Replies | None = None  # made by the first request()
+        self._replies_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------
     def _open(self) -> None:
@@ -90,6 +95,8 @@ class Connection:
         self._closed = True
         for child in list(self._children):
             child.close()
+        if self._replies is not None:
+            self._replies.close()
         for ep in self.endpoints:
             ep.reset()
 
@@ -141,6 +148,52 @@ class Connection:
         c = Consumer(self, dest, prefetch, subscription, retry or RetryPolicy())
         self._children.append(c)
         return c
+
+    def request(
+        self,
+        destination: str,
+        body: Any,
+        *,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        type: str | None = None,
+    ) -> Message:
+        """Send a request to a queue and wait for its reply (docs/request-reply.md).
+
+        Returns the reply :class:`Message` (already settled). Raises
+        :class:`~mqprimer.errors.Timeout` when no reply comes within ``timeout`` seconds
+        (the request expires then too: its ``ttl`` is the timeout) and
+        :class:`~mqprimer.errors.RemoteError` when the service failed the request.
+        Safe from many threads at once: one reply path per connection, made on the
+        first call and removed on :meth:`close`.
+        """
+        self._check()
+        self.capabilities.require("request_reply", "request/reply (conn.request)")
+        dest = as_destination(destination)
+        if not isinstance(dest, Queue):
+            raise ValueError("request() sends to a queue (a str), not a Topic: exactly one service must answer")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if headers:
+            for k, v in headers.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise TypeError("headers must map str to str")
+        _check_type(type)
+        replies = self._replies
+        if replies is None:
+            with self._replies_lock:
+                self._check()
+                if self._replies is None:
+                    self._replies = Replies(self)
+                replies = self._replies
+        return replies.request(dest, body, float(timeout), headers, type)
+
+    @property
+    def dropped_replies(self) -> dict[str, int]:
+        """Replies dropped so far: ``duplicate`` (a second reply to one request),
+        ``late`` (after its caller's timeout) and ``invalid`` (not an envelope)."""
+        r = self._replies
+        return dict(r.dropped) if r is not None else {"duplicate": 0, "late": 0, "invalid": 0}
 
     def status(self, message_id: str) -> Status:
         """Where a message is (backends with ``status`` capability)."""

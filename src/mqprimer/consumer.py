@@ -11,9 +11,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ._endpoint import Endpoint
+from ._ids import stamp
 from ._sub import _Sub
 from .backend import NATIVE, Capabilities, Delivery, Destination, Queue, Subscription, Topic
 from .destinations import is_pattern
@@ -23,6 +24,8 @@ from .message import Message, _State
 from .retry import RetryPolicy
 
 log = logging.getLogger("mqprimer")
+ERROR_TYPE = "mqprimer.error"  # the type of a dead-lettered request's error reply (docs/request-reply.md)
+REPLY_TYPE = "mqprimer.reply"  # the default type of a reply
 _SLICE = 0.25  # longest a blocking receive holds a subscription, so close() is prompt
 
 
@@ -188,6 +191,42 @@ class Consumer:
                     "unsettled: ack it, or retry it where retry is supported")
         env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
         self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
+        if m.envelope.reply_to is not None and not m._replied:
+            # the caller gets an answer (RemoteError) instead of waiting for its timeout
+            try:
+                m._begin_reply()
+                self._reply(m, {"error": reason[:2000]}, None, ERROR_TYPE, reason[:2000])
+            except Exception as exc:
+                log.warning("error reply to request %s not sent: %s", m.id, exc)
+
+    def _reply(self, m: Message, body: Any, headers: dict[str, str] | None, type: str | None,
+               error: str | None) -> None:
+        """Send the reply to request ``m`` (``Message.reply`` checked that it is one)."""
+        req = m.envelope
+        address = req.reply_to
+        assert address is not None
+        try:
+            m._sub.ep.capabilities.require("request_reply", "request/reply (message.reply)")
+            if headers:
+                for k, v in headers.items():
+                    if not isinstance(k, str) or not isinstance(v, str):
+                        raise TypeError("headers must map str to str")
+            if type is not None and (not isinstance(type, str) or not type):
+                raise ValueError(f"type must be a non-empty string, got {type!r}")
+            mid, now = stamp()
+            # the reply lives as long as its request: a late one expires instead of piling up
+            env = make(id=mid, source=self._conn.source, type=type or REPLY_TYPE, body=body, time=now,
+                       headers=headers, expires=req.expires, reason=error, correlation_id=req.correlation_id or req.id)
+            payload = encode(env, max_size=self._conn.max_message_size)
+            ttl = None
+            if req.expires is not None:
+                ttl = max((req.expires - time.time() * 1000) / 1000, 0.001)
+            ep = m._sub.ep
+            native_ttl = ttl if ep.capabilities.ttl is NATIVE else None
+            ep.call("reply", lambda b: b.send_reply(address, payload, message_id=mid, ttl=native_ttl))
+        except BaseException:
+            m._replied = False
+            raise
 
     def _touch(self, m: Message) -> None:
         # on failure the lease is gone: the message is no longer ours to settle (LOST)

@@ -11,6 +11,8 @@ Required attributes ``specversion``, ``id``, ``source``, ``type``; ``time`` and
 ``mqreason``   string  why the message was dead-lettered
 ``mqorigin``   string  the destination a dead letter came from
 ``mqerror``    string  the last handler error (type and message)
+``mqreplyto``  string  a request's reply address (docs/request-reply.md)
+``mqcorrelationid`` string  on a reply: the id of the request it answers
 =============  ======  =====================================================
 
 (CloudEvents extension values must be strings, integers, booleans and the like, not
@@ -45,13 +47,14 @@ UNSET = msgspec.UNSET
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 _KNOWN = frozenset(
     {"specversion", "id", "source", "type", "time", "datacontenttype", "data", "data_base64",
-     "mqattempt", "mqheaders", "mqexpires", "mqreason", "mqorigin", "mqerror"}
+     "mqattempt", "mqheaders", "mqexpires", "mqreason", "mqorigin", "mqerror", "mqreplyto", "mqcorrelationid"}
 )
 
 
 class Envelope(msgspec.Struct, omit_defaults=True, rename={
     "attempt": "mqattempt", "headers_json": "mqheaders", "expires": "mqexpires",
     "reason": "mqreason", "origin": "mqorigin", "error": "mqerror",
+    "reply_to": "mqreplyto", "correlation_id": "mqcorrelationid",
 }):
     """One message as it travels. Build with :func:`make`; read ``body`` and ``headers``."""
 
@@ -69,6 +72,9 @@ class Envelope(msgspec.Struct, omit_defaults=True, rename={
     reason: str | None = None
     origin: str | None = None
     error: str | None = None
+    # request/reply; last, so that every other message encodes exactly as before
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.data is not UNSET and self.data_base64 is not UNSET:
@@ -111,6 +117,8 @@ def make(
     reason: str | None = None,
     origin: str | None = None,
     error: str | None = None,
+    reply_to: str | None = None,
+    correlation_id: str | None = None,
 ) -> Envelope:
     """A new envelope; ``bytes`` bodies go to ``data_base64``, everything else to ``data``."""
     try:
@@ -119,9 +127,11 @@ def make(
         raise TypeError("headers must map str to str (valid Unicode, no unpaired surrogates)") from None
     if isinstance(body, (bytes, bytearray, memoryview)):
         return Envelope(SPECVERSION, id, source, type, time=time, datacontenttype=BYTES_TYPE, data_base64=bytes(body),
-                        attempt=attempt, headers_json=hj, expires=expires, reason=reason, origin=origin, error=error)
+                        attempt=attempt, headers_json=hj, expires=expires, reason=reason, origin=origin, error=error,
+                        reply_to=reply_to, correlation_id=correlation_id)
     return Envelope(SPECVERSION, id, source, type, time=time, datacontenttype=JSON_TYPE, data=body, attempt=attempt,
-                    headers_json=hj, expires=expires, reason=reason, origin=origin, error=error)
+                    headers_json=hj, expires=expires, reason=reason, origin=origin, error=error,
+                    reply_to=reply_to, correlation_id=correlation_id)
 
 
 def fresh_format(source: str, type: str) -> bytes:

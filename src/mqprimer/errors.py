@@ -11,6 +11,7 @@
     ├── StateError                  settling a message twice, using a closed producer/consumer
     ├── EnvelopeError               a payload that is not a valid mqprimer/CloudEvents envelope
     ├── MessageTooLarge             refused before sending: over the configured or the broker's limit
+    ├── RemoteError                 a request's handler failed: its error reply (``reason``), not a timeout
     └── BrokerError                 talking to the broker failed
         ├── ConnectionFailed        broker unreachable, or the connection was lost
         │   └── AuthenticationError wrong credentials, or access refused
@@ -58,6 +59,19 @@ class EnvelopeError(MQError):
 
 class MessageTooLarge(MQError):
     """A message over the size limit, refused before it was sent."""
+
+
+class RemoteError(MQError):
+    """The service that took a request failed it: its error reply (type ``mqprimer.error``) says why.
+
+    ``reason`` is the dead-letter reason the serving side recorded; ``reply`` is the reply
+    :class:`~mqprimer.Message` itself.
+    """
+
+    def __init__(self, reason: str, reply: object = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
 
 
 class BrokerError(MQError):

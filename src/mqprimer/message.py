@@ -27,6 +27,9 @@ class _Settler(Protocol):
 
     def _touch(self, m: "Message") -> None: ...
 
+    def _reply(self, m: "Message", body: Any, headers: dict[str, str] | None, type: str | None,
+               error: str | None) -> None: ...
+
 
 class _State(enum.Enum):
     PENDING = "pending"
@@ -43,7 +46,7 @@ class Message:
     A message not settled when its consumer closes goes back to the broker.
     """
 
-    __slots__ = ("_consumer", "_sub", "_delivery", "_generation", "envelope", "_state")
+    __slots__ = ("_consumer", "_sub", "_delivery", "_generation", "envelope", "_state", "_replied")
 
     def __init__(
         self, consumer: _Settler, sub: "_Sub", delivery: "Delivery", envelope: "Envelope", generation: int
@@ -54,6 +57,7 @@ class Message:
         self._generation = generation
         self.envelope = envelope
         self._state = _State.PENDING
+        self._replied = False
 
     # -- content ------------------------------------------------------------------
     @property
@@ -98,6 +102,31 @@ class Message:
     def error(self) -> str | None:
         """The last handler error recorded by a retry."""
         return self.envelope.error
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where a request's reply goes (``mqreplyto``); ``None`` for a message that expects none."""
+        return self.envelope.reply_to
+
+    @property
+    def correlation_id(self) -> str | None:
+        """On a reply: the id of the request it answers."""
+        return self.envelope.correlation_id
+
+    def reply(self, body: Any, *, headers: dict[str, str] | None = None, type: str | None = None) -> None:
+        """Answer a request (send ``body`` to its :attr:`reply_to`), once; then settle it as usual.
+
+        Raises :class:`StateError` if the message expects no reply or was answered already.
+        """
+        self._begin_reply()
+        self._consumer._reply(self, body, headers, type, None)
+
+    def _begin_reply(self) -> None:
+        if self.envelope.reply_to is None:
+            raise StateError(f"message {self.id} is not a request (it has no reply_to): there is nobody to reply to")
+        if self._replied:
+            raise StateError(f"message {self.id} was answered already: a request gets one reply")
+        self._replied = True
 
     @property
     def settled(self) -> bool:

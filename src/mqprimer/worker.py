@@ -15,6 +15,10 @@ The seed talk's "PHP daemons" slide, done right::
   delay); raises :class:`~mqprimer.DeadLetter` → dead letter now; raises anything else →
   retry by the :class:`~mqprimer.RetryPolicy`, then dead letter with
   ``"gave up after N attempt(s): Type: message"``. Retries never block other messages.
+- Requests (:meth:`~mqprimer.Connection.request`): a handler's non-``None`` result is
+  sent as the reply, then the request is acked; a request that ends dead-lettered gets
+  an error reply (type ``mqprimer.error``), which its caller raises as
+  :class:`~mqprimer.RemoteError` (docs/request-reply.md).
 - First SIGTERM/SIGINT: stop taking messages, finish and settle the ones in flight,
   return :data:`EXIT_OK`. A second one: stop at once; unsettled messages go back to the
   broker; return ``128 + signal number``.
@@ -333,7 +337,9 @@ class Worker:
             try:
                 if before is not None:
                     hook(before, msg)
-                handler(msg)
+                result = handler(msg)
+                if result is not None and msg.envelope.reply_to is not None and not msg._replied:
+                    msg.reply(result)  # a request: the result is the reply, sent before the ack
             except BaseException as exc:  # every failure is an outcome, even SystemExit from a handler
                 error = exc
             results.put((msg, error, time.perf_counter() - start))

@@ -50,12 +50,14 @@ from ..backend import (
     Destination,
     Outgoing,
     Queue,
+    ReplyPath,
     Subscription,
     Topic,
 )
 from ..envelope import CONTENT_TYPE
 from ..url import URL
 from ._amqp_link import URL_PARAMS, Confirmer, Link, Options, coalesce, parameters, refused
+from ._amqp_reply import DirectReplyPath
 
 CAPABILITIES = Capabilities(
     name="amqp",
@@ -68,6 +70,7 @@ CAPABILITIES = Capabilities(
     retry=EMULATED,
     dead_letter=EMULATED,
     status=UNSUPPORTED,
+    request_reply=NATIVE,  # RabbitMQ direct reply-to (backends/_amqp_reply.py)
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -208,6 +211,26 @@ class AmqpBackend(Backend):
             ch.queue_bind(name, name)
             self._declared["b:" + name] = now
         return name
+
+    # -- request/reply ----------------------------------------------------------------
+    def reply_path(self, name: str) -> ReplyPath:
+        assert self._link is not None
+        return DirectReplyPath(self._link, self.queue_args)
+
+    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        link = self._link
+        if link is None:
+            raise px.ConnectionWrongStateError("the AMQP backend is closed")
+        props = BasicProperties(content_type=CONTENT_TYPE, message_id=message_id,
+                                expiration=str(max(1, int(ttl * 1000))) if ttl else None)
+        with link.lock:
+            if link.error is not None:
+                raise link.error
+            try:
+                # not mandatory: a caller that has gone (its reply path closed) is no error here
+                self._confirmer().publish([("", address, payload, props, False)])
+            except px.AMQPChannelError as exc:
+                raise refused(exc) from None
 
     # -- consuming --------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:

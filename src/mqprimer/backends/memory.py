@@ -14,7 +14,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
-from ..backend import NATIVE, Backend, Capabilities, Delivery, Destination, Queue, Status, Subscription, Topic
+from ..backend import EMULATED, NATIVE, Backend, Capabilities, Delivery, Destination, Queue, Status, Subscription, Topic
 from ..topics import matches
 
 CAPABILITIES = Capabilities(
@@ -27,6 +27,7 @@ CAPABILITIES = Capabilities(
     retry=NATIVE,
     dead_letter=NATIVE,
     status=NATIVE,
+    request_reply=EMULATED,  # the portable private reply queue (backend.QueueReplyPath)
     confirmed_send=True,
     persistent=False,
     guarantee="at-least-once",
@@ -144,6 +145,10 @@ class MemoryBackend(Backend):
                 b.q(name)
             return _MemorySub(b, destination, name, durable=subscription is not None)
         return _MemorySub(b, destination, destination.name, durable=True)
+
+    def delete_queue(self, name: str) -> None:
+        with self.broker.cond:
+            self.broker.queues.pop(name, None)
 
     def status(self, message_id: str) -> Status:
         with self.broker.cond:

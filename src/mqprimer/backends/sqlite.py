@@ -21,9 +21,9 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ..backend import NATIVE, Backend, Capabilities, Destination, Outgoing, Status, Subscription, Topic
+from ..backend import EMULATED, NATIVE, Backend, Capabilities, Destination, Outgoing, Status, Subscription, Topic
 from ..topics import matches
-from ._sqlite_db import DEAD, DONE, HOUSEKEEP_EVERY, Options, Txn, connect_db, housekeep
+from ._sqlite_db import DEAD, DONE, HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
 from ._sqlite_sub import SqliteSubscription
 
 CAPABILITIES = Capabilities(
@@ -36,6 +36,7 @@ CAPABILITIES = Capabilities(
     retry=NATIVE,
     dead_letter=NATIVE,
     status=NATIVE,
+    request_reply=EMULATED,  # a private reply queue per connection; replies expire with their request
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -126,6 +127,11 @@ class SqliteBackend(Backend):
     # -- receiving ------------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         return SqliteSubscription(self.opts, destination, prefetch, subscription)
+
+    def delete_queue(self, name: str) -> None:
+        db = self._conn()
+        with Txn(db):
+            drop_queue(db, name)
 
     # -- status ---------------------------------------------------------------------------
     def status(self, message_id: str) -> Status:

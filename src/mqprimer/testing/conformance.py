@@ -525,3 +525,7 @@ def test_failover_across_a_url_list(mq_url: str, conn: mqprimer.Connection, dest
             m = _one(c)
             assert m.id == mid
             m.ack()
+
+
+# request/reply: its own module, shipped with this suite
+from .rpc import *  # noqa: E402,F401,F403

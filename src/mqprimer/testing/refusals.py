@@ -20,6 +20,7 @@ import pytest
 import mqprimer
 from mqprimer import RetryPolicy, Topic, UnsupportedError
 from mqprimer.backend import FEATURES, UNSUPPORTED, Backend, Queue
+from mqprimer.envelope import encode, make
 
 PROBE = {"refusal": "probe"}
 REFUSED = {"refusal": "refused"}
@@ -115,6 +116,19 @@ def check_refused(conn: mqprimer.Connection, feature: str, dest: str, topic_root
             assert not m.settled
             _refused(lambda: m.fail(ValueError("handler failed")), "fail() under a policy that retries")
             _settle_after_refusal(c, m)
+        elif feature == "request_reply":
+            _refused(lambda: conn.request(dest, REFUSED, timeout=1.0), "request")
+            m = _probe(conn, c, target)  # asserts that the refused request was not sent
+            _settle_after_refusal(c, m)
+            if isinstance(target, str):
+                # a request from elsewhere (a hand-written client's mqreplyto) cannot be answered either
+                env = make(id="hand-written", source="urn:test", type="t", body=PROBE, reply_to="nowhere")
+                conn.endpoints[0].call("raw publish", lambda b: b.publish(Queue(dest), encode(env),
+                                                                          message_id=env.id))
+                req = c.receive(timeout=10)
+                assert req is not None and req.reply_to == "nowhere"
+                _refused(lambda: req.reply("answer"), "reply")
+                _settle_after_refusal(c, req)
         elif feature == "dead_letter":
             m = _probe(conn, c, target)
             _refused(lambda: m.dead_letter("bad"), "dead_letter")

@@ -1,0 +1,228 @@
+"""Request/reply: one reply path per connection, shared by every thread (docs/request-reply.md).
+
+The path is made on the first :meth:`~mqprimer.Connection.request`, on a backend instance
+of its own (an :class:`~mqprimer._endpoint.Endpoint` that serves nothing else), and
+removed when the connection closes. Replies are matched to waiting callers by their
+envelopes' ``mqcorrelationid``. There is no reader thread: a waiting caller that finds the
+path free reads it for everyone (handing each reply to its caller), the others wait on a
+condition; so a lone caller reads its own reply with no thread hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ._endpoint import Endpoint
+from ._ids import stamp
+from ._sub import _Sub
+from .backend import NATIVE, Capabilities, Delivery, Destination, Queue, ReplyPath
+from .consumer import ERROR_TYPE
+from .envelope import DEFAULT_TYPE, Envelope, decode, encode, make
+from .errors import ConnectionFailed, EnvelopeError, RemoteError, Timeout
+from .message import Message, _State
+from .url import URL
+
+
+class Owner(Protocol):
+    """What the reply path uses of its :class:`~mqprimer.Connection` (which imports this module)."""
+
+    _active: int
+    source: str
+    max_message_size: int
+
+    @property
+    def urls(self) -> Sequence[URL]: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def publish_one(self, dest: Destination, payload: bytes, message_id: str, priority: int | None = None,
+                    delay: float | None = None, ttl: float | None = None) -> None: ...
+
+log = logging.getLogger("mqprimer")
+
+_SLICE = 0.05  # longest one caller reads the path before others may publish (same-channel paths)
+_REMEMBER = 4096  # answered correlation ids kept, to tell a duplicate reply from a late one
+
+
+class _Slot:
+    __slots__ = ("payload", "env")
+
+    def __init__(self) -> None:
+        self.payload: bytes | None = None
+        self.env: Envelope | None = None
+
+
+class _Settled:
+    """The settler of a reply message: replies are settled when read; settling again is refused."""
+
+    retry_policy: Any = None
+
+    def _settle_ack(self, m: Message) -> None: ...
+
+    def _settle_retry(self, m: Message, delay: float, error: str | None) -> None: ...
+
+    def _settle_dead(self, m: Message, reason: str) -> None: ...
+
+    def _touch(self, m: Message) -> None: ...
+
+    def _reply(self, m: Message, body: Any, headers: dict[str, str] | None, type: str | None,
+               error: str | None) -> None: ...
+
+
+_SETTLED = _Settled()
+
+
+class Replies:
+    """The reply path of one connection and the callers waiting on it."""
+
+    def __init__(self, conn: Owner) -> None:
+        self.conn = conn
+        self.ep = Endpoint(conn.urls[conn._active])
+        self.lock = threading.Lock()  # holds the path (a driver is used by one thread at a time)
+        self.cond = threading.Condition(threading.Lock())  # guards waiting/answered/counters
+        self.waiting: dict[str, _Slot] = {}
+        self.answered: deque[str] = deque(maxlen=_REMEMBER)
+        self.answered_set: set[str] = set()
+        self.path: ReplyPath | None = None
+        self.generation = 0
+        #: replies dropped: a second reply to one request, one after its caller gave up, not an envelope
+        self.dropped = {"duplicate": 0, "late": 0, "invalid": 0}
+
+    # -- the path ---------------------------------------------------------------------
+    def _path(self) -> ReplyPath:
+        if self.path is None:
+            name = f"mqreply.{uuid.uuid4().hex[:16]}"
+            self.path = self.ep.call("open reply path", lambda b: b.reply_path(name))
+            self.generation += 1
+        return self.path
+
+    def _lost(self, exc: BaseException, what: str) -> BaseException:
+        err = self.ep.translate(exc, what)
+        if isinstance(err, ConnectionFailed):
+            self.path = None
+            self.ep.reset()
+        return err
+
+    def close(self) -> None:
+        with self.lock:
+            path, self.path = self.path, None
+            if path is not None:
+                try:
+                    with self.ep.lock:
+                        path.close()
+                except Exception as exc:
+                    log.debug("closing the reply path on %s: %s", self.ep.url, self.ep.scrub(str(exc)))
+            self.ep.reset()
+
+    # -- one request ------------------------------------------------------------------
+    def request(self, dest: Queue, body: Any, timeout: float, headers: dict[str, str] | None,
+                type: str | None) -> Message:
+        conn = self.conn
+        caps = conn.capabilities
+        mid, now = stamp()
+        ttl = timeout if caps.ttl else None
+        slot = _Slot()
+        with self.cond:
+            self.waiting[mid] = slot
+        deadline = time.monotonic() + timeout
+        try:
+            path = self.path
+            if path is None:
+                with self.lock:
+                    path = self._path()
+            env = make(
+                id=mid, source=conn.source, type=type or DEFAULT_TYPE, body=body, time=now, headers=headers,
+                expires=int(time.time() * 1000 + timeout * 1000) if ttl else None, reply_to=path.address,
+            )
+            payload = encode(env, max_size=conn.max_message_size)
+            if path.publishes_requests:
+                with self.lock:
+                    try:
+                        with self.ep.lock:
+                            path.request(dest, payload, message_id=mid, ttl=ttl if caps.ttl is NATIVE else None)
+                    except Exception as exc:
+                        raise self._lost(exc, "request") from None
+            else:
+                conn.publish_one(dest, payload, mid, None, None, ttl)
+            self._wait(slot, deadline, timeout, dest)
+        finally:
+            with self.cond:
+                del self.waiting[mid]
+            if slot.env is not None:
+                self._answered(mid)
+        assert slot.env is not None and slot.payload is not None
+        return self._message(slot.env, slot.payload)
+
+    def _answered(self, mid: str) -> None:
+        with self.cond:
+            self.answered.append(mid)
+            if len(self.answered_set) >= _REMEMBER:
+                self.answered_set = set(self.answered)
+            self.answered_set.add(mid)
+
+    def _wait(self, slot: _Slot, deadline: float, timeout: float, dest: Queue) -> None:
+        while slot.env is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"no reply from {dest.name} within {timeout:g}s")
+            if self.lock.acquire(blocking=False):
+                try:
+                    if slot.env is None:
+                        self._read(min(left, _SLICE))
+                finally:
+                    self.lock.release()
+                    with self.cond:
+                        self.cond.notify_all()
+            else:
+                with self.cond:
+                    if slot.env is None:
+                        self.cond.wait(min(left, _SLICE))
+
+    def _read(self, timeout: float) -> None:
+        """Read replies (caller holds ``self.lock``) and hand each to its caller."""
+        path = self.path
+        if path is None:  # lost meanwhile: make a new one; replies sent to the old one are lost
+            path = self._path()
+        try:
+            with self.ep.lock:
+                payload = path.receive(timeout)
+                while payload is not None:
+                    self._deliver(payload)
+                    payload = path.receive(0)
+        except Exception as exc:
+            raise self._lost(exc, "receive reply") from None
+
+    def _deliver(self, payload: bytes) -> None:
+        try:
+            env = decode(payload, max(self.conn.max_message_size, len(payload)))
+        except EnvelopeError as exc:
+            self._drop("invalid", "?", str(exc))
+            return
+        corr = env.correlation_id or ""
+        with self.cond:
+            slot = self.waiting.get(corr)
+            if slot is None or slot.env is not None:
+                # a second reply (a handler that ran twice), or one whose caller gave up
+                dup = slot is not None or corr in self.answered_set
+                self._drop("duplicate" if dup else "late", corr, "")
+                return
+            slot.env, slot.payload = env, payload
+
+    def _drop(self, why: str, corr: str, detail: str) -> None:
+        self.dropped[why] += 1
+        log.debug("reply dropped (%s) for request %s%s", why, corr, f": {detail}" if detail else "")
+
+    def _message(self, env: Envelope, payload: bytes) -> Message:
+        sub = _Sub(self.ep, Queue(self.path.address if self.path is not None else "mqreply"))
+        m = Message(_SETTLED, sub, Delivery(payload), env, 0)
+        m._mark(_State.ACKED)
+        if env.type == ERROR_TYPE:
+            raise RemoteError(env.reason or "the service failed the request (no reason given)", m)
+        return m
