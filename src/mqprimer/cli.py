@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _cli_commands, _cli_worker, _cli_zmq
+from . import _cli_commands, _cli_rpc, _cli_worker, _cli_zmq
 from ._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -44,7 +44,7 @@ from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, M
 COMMANDS = (
     _cli_commands.add_send, _cli_commands.add_consume, _cli_worker.add_worker, _cli_commands.add_status,
     _cli_commands.add_dead_letters, _cli_worker.add_bridge, _cli_commands.add_doctor, _cli_commands.add_backends,
-    _cli_commands.add_bench, _cli_zmq.add_zmq_device,
+    _cli_commands.add_bench, _cli_zmq.add_zmq_device, _cli_rpc.add_request,
 )
 
 

@@ -1,0 +1,123 @@
+"""Request/reply beyond the conformance suite: a worker SIGKILLed mid-request, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mqprimer
+from mqprimer.cli import main
+from mqprimer.testing.helpers import wait_until
+
+from conftest import need_broker
+
+WORKER = '''
+import os, sys, time
+from pathlib import Path
+import mqprimer
+
+MARK = Path(os.environ["MARK"])
+
+def handle(message):
+    if os.environ.get("HANG"):
+        MARK.write_text(str(message.attempt))
+        time.sleep(600)  # killed here, the request unsettled
+    return {"served_by": os.getpid(), "attempt": message.attempt, "echo": message.body}
+
+mqprimer.Worker(sys.argv[1], sys.argv[2], handle, idle_max=0.1).run()
+'''
+
+
+def _url(name: str, tmp_path: Path) -> str:
+    if name == "sqlite":
+        # a reserved request whose worker died comes back after the visibility timeout
+        return f"sqlite:///{tmp_path}/rpc.db?visibility_timeout=1"
+    return need_broker(name)
+
+
+def _worker(url: str, dest: str, tmp_path: Path, hang: bool) -> subprocess.Popen[bytes]:
+    script = tmp_path / "rpc_worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, MARK=str(tmp_path / "mark"), PYTHONUNBUFFERED="1")
+    env.pop("HANG", None)
+    if hang:
+        env["HANG"] = "1"
+    return subprocess.Popen([sys.executable, str(script), url, dest], env=env)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["sqlite", "beanstalk", "amqp"])
+def test_worker_killed_mid_request_the_caller_still_gets_exactly_one_reply(backend: str, tmp_path: Path) -> None:
+    url = _url(backend, tmp_path)
+    dest = f"rpc-kill-{uuid.uuid4().hex[:8]}"
+    conn = mqprimer.connect(url)
+    replies: list[Any] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            replies.append(conn.request(dest, "job", timeout=30).body)
+        except BaseException as exc:
+            errors.append(exc)
+
+    first = _worker(url, dest, tmp_path, hang=True)
+    second: subprocess.Popen[bytes] | None = None
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        mark = tmp_path / "mark"
+        wait_until(mark.exists, timeout=20, what="the first worker to start on the request")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _worker(url, dest, tmp_path, hang=False)
+        caller.join(40)
+        assert not errors, repr(errors)
+        assert len(replies) == 1
+        assert replies[0]["echo"] == "job" and replies[0]["served_by"] == second.pid
+        # a later request reads the reply path again: no second reply to the first request came
+        assert conn.request(dest, "after", timeout=15).body["echo"] == "after"
+        assert conn.dropped_replies == {"duplicate": 0, "late": 0, "invalid": 0}
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        conn.close()
+
+
+def test_cli_request_prints_the_reply_and_fails_clearly_on_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    dest = "resize"
+
+    def handler(m: mqprimer.Message) -> Any:
+        return {"width": m.body["w"] // 2}
+
+    worker = mqprimer.Worker(url, dest, handler, idle_max=0.05, handle_signals=False)
+    th = threading.Thread(target=worker.run, daemon=True)
+    th.start()
+    try:
+        assert main(["request", url, dest, '{"w": 1280}', "--timeout", "10"]) == 0
+        assert capsys.readouterr().out.strip() == '{"width": 640}'
+        assert main(["request", url, dest, '{"w": 64}', "--timeout", "10", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["body"] == {"width": 32} and out["type"] == "mqprimer.reply" and out["correlation_id"]
+    finally:
+        worker.stop()
+        th.join(20)
+    assert main(["request", url, "nobody-serves-this", "1", "--timeout", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "no reply from nobody-serves-this within 0.3s" in err
+    with pytest.raises(SystemExit) as info:
+        main(["request", url, dest, "1", "--timeout", "0"])
+    assert info.value.code == 2 and "--timeout: must be > 0 seconds" in capsys.readouterr().err
