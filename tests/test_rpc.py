@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 import mqprimer
+from conftest import need_broker
 from mqprimer.cli import main
 from mqprimer.testing.helpers import wait_until
-
-from conftest import need_broker
 
 WORKER = '''
 import os, sys, time
