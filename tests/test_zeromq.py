@@ -255,6 +255,35 @@ def test_curve(tmp_path: Path, case: str) -> None:
                 assert m is None, f"{case}: a message got through"
 
 
+def echo(message: object) -> dict[str, object]:
+    """The handler of the request/reply test's worker process (its return value is the reply)."""
+    return {"echo": message.body, "pid": os.getpid()}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_request_reply_between_processes(tmp_path: Path, scheme: str) -> None:
+    """A worker process answers; a request with nobody serving times out and the reply path
+    stays usable (no REQ socket to get stuck: the Lazy Pirate problem does not arise)."""
+    import mqprimer
+
+    url = f"zmq+tcp://127.0.0.1:{_port()}" if scheme == "tcp" else f"zmq+ipc://{tmp_path}/rpc.sock"
+    with mqprimer.connect(url) as conn:
+        with pytest.raises(mqprimer.errors.Timeout):
+            conn.request("rpc", {"n": 0}, timeout=0.3)  # no worker yet
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+        worker = subprocess.Popen([sys.executable, "-m", "mqprimer.cli", "worker", url, "rpc", "test_zeromq:echo",
+                                   "--quiet"], env=env)
+        try:
+            replies = [conn.request("rpc", {"n": n}, timeout=15) for n in range(1, 6)]
+            assert [r.body["echo"] for r in replies] == [{"n": n} for n in range(1, 6)]
+            assert {r.body["pid"] for r in replies} == {worker.pid}
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0
+    if scheme == "ipc":
+        assert not list(tmp_path.glob("rpc.sock.reply-*")), "a reply path was left behind"
+
+
 def test_bound_push_with_no_worker_fails_clearly_after_send_timeout() -> None:
     import mqprimer
 

@@ -60,6 +60,7 @@ class Settings:
     curve_server: Path | None
     curve_allow: Path | None
     ipv6: bool
+    reply_base: str  # where reply paths bind (tcp: this host, any port; ipc: PATH.)
 
     @property
     def consumer_binds(self) -> bool:
@@ -108,6 +109,7 @@ def parse(url: URL) -> Settings:
         if url.hosts or not url.path or url.path == "/":
             raise ConfigurationError(f"{url}: an ipc URL names a socket path: zmq+ipc:///run/app/jobs.sock")
         queue_addr, topic_addr = f"ipc://{url.path}", f"ipc://{url.path}.pub"
+        reply_base = f"ipc://{url.path}.reply-"
         if url.param("pub_port"):
             raise ConfigurationError(f"{url}: pub_port is for zmq+tcp://; zmq+ipc:// publishes on PATH.pub")
     else:
@@ -118,6 +120,7 @@ def parse(url: URL) -> Settings:
         h = f"[{host}]" if ipv6 else host
         pub_port = int(_num(url, "pub_port", min(url.port + 1, 65535), 1, 65535))
         queue_addr, topic_addr = f"tcp://{h}:{url.port}", f"tcp://{h}:{pub_port}"
+        reply_base = f"tcp://{h}:"
     return Settings(
         queue_addr=queue_addr, topic_addr=topic_addr, bind=bind, ack=ack,
         hwm=int(_num(url, "hwm", 10_000, 1, 10_000_000)),
@@ -126,7 +129,7 @@ def parse(url: URL) -> Settings:
         join=_num(url, "join", 0.5, 0, 60),
         lease=_num(url, "lease", 10.0, 0.05, 86400),
         curve_secret=_file(url, "curve_secret"), curve_server=_file(url, "curve_server"),
-        curve_allow=_file(url, "curve_allow", directory=True), ipv6=ipv6,
+        curve_allow=_file(url, "curve_allow", directory=True), ipv6=ipv6, reply_base=reply_base,
     )
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -49,6 +50,7 @@ from ..backend import (
     Delivery,
     Destination,
     Queue,
+    ReplyPath,
     Subscription,
     Topic,
 )
@@ -74,6 +76,7 @@ CAPABILITIES = Capabilities(
     persistent=False,
     guarantee="at-most-once",
     brokerless=True,
+    request_reply=NATIVE,  # the requester binds a PULL of its own; replies are PUSHed to it
     notes="no broker: messages live in socket buffers and the receiving process; a killed consumer loses what "
     "it had buffered; PUB drops while subscribers join; retry and dead letters stay in the consumer's process",
 )
@@ -87,6 +90,7 @@ ACK_CAPABILITIES = Capabilities(
     persistent=False,
     guarantee="at-least-once",
     brokerless=True,
+    request_reply=NATIVE,
     notes="?ack=1: the producer process is the store (ROUTER/DEALER, credit = prefetch); unacked messages go to "
     "another consumer when one is silent for `lease` s; lost if the producer process dies",
 )
@@ -202,6 +206,7 @@ class ZmqBackend(Backend):
         self.closed = False
         self.heads: dict[str, bytes] = {}  # queue name -> frame head, once the PUSH socket is open
         self.theads: dict[str, bytes] = {}  # topic name -> frame head
+        self.replies: dict[str, zmq.Socket[bytes]] = {}  # reply address -> PUSH (oldest closed first)
         self.pub: _Hub | None = None
         self.push_lock: threading.Lock | None = None
         self.push_send: Callable[[bytes], object] = _not_open
@@ -223,6 +228,9 @@ class ZmqBackend(Backend):
         self.closed = True
         self.heads.clear()
         self.pub = None
+        for sock in self.replies.values():
+            sock.close()
+        self.replies.clear()
         for hub in self.hubs.values():
             _release(hub)
         self.hubs.clear()
@@ -300,6 +308,29 @@ class ZmqBackend(Backend):
         if isinstance(destination, Topic):
             return _TopicSub(self._hub(zmq.SUB, False), destination)
         return _QueueSub(self._hub(zmq.PULL, self.s.consumer_binds), destination, self.s.queue_addr)
+
+    def reply_path(self, name: str) -> ReplyPath:
+        self._no_curve()
+        return _ReplyPath(self.s, name)
+
+    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        self._no_curve()
+        sock = self.replies.get(address)
+        if sock is None:
+            # a reply address comes from a message: only the transport and host of this URL
+            # are accepted, so a forged mqreplyto cannot make a worker connect elsewhere
+            if not address.startswith(self.s.reply_base):
+                raise ValueError(f"reply address {address[:100]!r} is not on this URL's transport and host "
+                                 f"({self.s.reply_base}...): not sent")
+            sock = self.replies[address] = link.socket(self.s, zmq.PUSH, address, False)
+            if len(self.replies) > 64:
+                self.replies.pop(next(iter(self.replies))).close()
+        sock.send(payload)
+
+    def _no_curve(self) -> None:
+        if self.s.curve_secret or self.s.curve_server:
+            raise UnsupportedError("zeromq request/reply over CURVE is not supported (each reply path would need "
+                                   "keys of its own); use a URL without curve_* options on loopback")
 
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
         if self.s.ack:
@@ -474,6 +505,29 @@ class _AckSub(Subscription):
     def close(self) -> None:
         self.rx.close(sorted(self.unsettled))
         self.unsettled.clear()
+
+
+class _ReplyPath(ReplyPath):
+    """A PULL this connection binds for its replies: tcp on the URL's host and a port the
+    system picks, ipc on ``PATH.<name>`` (removed on close)."""
+
+    def __init__(self, s: link.Settings, name: str) -> None:
+        bind = f"{s.reply_base}*" if s.reply_base.startswith("tcp") else f"{s.reply_base}{name}"
+        self.sock = link.socket(s, zmq.PULL, bind, True)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def receive(self, timeout: float) -> bytes | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.sock.recv(zmq.NOBLOCK)
+
+    def close(self) -> None:
+        link.close_bound(self.sock, self.address)
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[6:])
+            except OSError:
+                pass
 
 
 class _LocalDead(DeadLetterStore):
