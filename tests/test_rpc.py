@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,69 @@ def test_cli_request_prints_the_reply_and_fails_clearly_on_timeout(
     with pytest.raises(SystemExit) as info:
         main(["request", url, dest, "1", "--timeout", "0"])
     assert info.value.code == 2 and "--timeout: must be > 0 seconds" in capsys.readouterr().err
+
+
+def _serve_in_thread(url: str, dest: str) -> tuple[mqprimer.Worker, threading.Thread]:
+    worker = mqprimer.Worker(url, dest, lambda m: {"echo": m.body}, idle_max=0.05, handle_signals=False)
+    th = threading.Thread(target=worker.run, daemon=True)
+    th.start()
+    return worker, th
+
+
+def _cloudevent(**extra: Any) -> bytes:
+    """A request as a hand-written client (no mqprimer) would write it."""
+    return json.dumps({"specversion": "1.0", "id": "hand-1", "source": "urn:raw", "type": "raw.ask",
+                       "datacontenttype": "application/json", "data": {"n": 7}, **extra}).encode()
+
+
+def test_a_raw_pika_client_with_direct_reply_to_calls_an_mqprimer_worker() -> None:
+    import pika
+
+    from mqprimer.backends._amqp_link import Options, parameters
+
+    url = need_broker("amqp")
+    dest = f"rpc-raw-{uuid.uuid4().hex[:8]}"
+    worker, th = _serve_in_thread(url, dest)
+    u = mqprimer.URL.parse(url)
+    conn = pika.BlockingConnection(parameters(u, Options.from_url(u), "raw rpc test"))
+    try:
+        ch = conn.channel()
+        got: list[tuple[Any, bytes]] = []
+        ch.basic_consume("amq.rabbitmq.reply-to", lambda c, m, p, b: got.append((p, b)), auto_ack=True)
+        ch.queue_declare(dest, durable=True, arguments={"x-max-priority": 9})
+        # only the AMQP properties say where to answer: the envelope has no mqreplyto
+        ch.basic_publish("", dest, _cloudevent(),
+                         pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id="corr-7"))
+        deadline = time.monotonic() + 15
+        while not got and time.monotonic() < deadline:
+            conn.process_data_events(0.2)
+        assert got, "no reply to the raw client"
+        props, body = got[0]
+        assert props.correlation_id == "corr-7"
+        reply = json.loads(body)
+        assert reply["data"] == {"echo": {"n": 7}} and reply["mqcorrelationid"] == "hand-1"
+    finally:
+        conn.close()
+        worker.stop()
+        th.join(20)
+
+
+def test_a_hand_written_beanstalk_client_is_answered_through_the_envelope_alone() -> None:
+    import greenstalk
+
+    url = need_broker("beanstalk")
+    dest = f"rpc-raw-{uuid.uuid4().hex[:8]}"
+    back = f"rpc-raw-replies-{uuid.uuid4().hex[:8]}"
+    worker, th = _serve_in_thread(url, dest)
+    u = mqprimer.URL.parse(url)
+    c = greenstalk.Client((u.host or "127.0.0.1", u.port or 11300), encoding=None, use=dest, watch=back)
+    try:
+        c.put(_cloudevent(mqreplyto=back))
+        job = c.reserve(timeout=15)
+        c.delete(job)
+        reply = json.loads(job.body)
+        assert reply["data"] == {"echo": {"n": 7}} and reply["mqcorrelationid"] == "hand-1"
+    finally:
+        c.close()
+        worker.stop()
+        th.join(20)

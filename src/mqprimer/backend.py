@@ -155,6 +155,10 @@ class Delivery:
     tag: Any = None  # whatever the driver needs to settle it
     extra_attempts: int = 0  # deliveries the broker counted that the envelope does not show
     broker_redelivered: bool = False
+    # the protocol's own reply address and correlation id (AMQP properties, STOMP headers),
+    # as the broker delivered them: they win over the envelope's (a raw client sets only these)
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -362,7 +366,11 @@ class Backend(ABC):
         return QueueReplyPath(self, name)
 
     def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
-        """Send one reply to a request's ``mqreplyto`` address; ``ttl`` only if ttl is NATIVE."""
+        """Send one reply to a request's reply address; ``ttl`` only if ttl is NATIVE.
+
+        A driver that sets :attr:`Delivery.correlation_id` also takes ``correlation_id=`` (the
+        request's, for the protocol's own field; the envelope carries it too).
+        """
         self.publish(Queue(address), payload, message_id=message_id, ttl=ttl)
 
     def delete_queue(self, name: str) -> None:

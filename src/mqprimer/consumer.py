@@ -191,7 +191,7 @@ class Consumer:
                     "unsettled: ack it, or retry it where retry is supported")
         env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
         self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
-        if m.envelope.reply_to is not None and not m._replied:
+        if m.reply_to is not None and not m._replied:
             # the caller gets an answer (RemoteError) instead of waiting for its timeout
             try:
                 m._begin_reply()
@@ -203,7 +203,7 @@ class Consumer:
                error: str | None) -> None:
         """Send the reply to request ``m`` (``Message.reply`` checked that it is one)."""
         req = m.envelope
-        address = req.reply_to
+        address = m.reply_to
         assert address is not None
         try:
             m._sub.ep.capabilities.require("request_reply", "request/reply (message.reply)")
@@ -223,7 +223,14 @@ class Consumer:
                 ttl = max((req.expires - time.time() * 1000) / 1000, 0.001)
             ep = m._sub.ep
             native_ttl = ttl if ep.capabilities.ttl is NATIVE else None
-            ep.call("reply", lambda b: b.send_reply(address, payload, message_id=mid, ttl=native_ttl))
+            native = m._delivery.correlation_id
+            if native is None:
+                ep.call("reply", lambda b: b.send_reply(address, payload, message_id=mid, ttl=native_ttl))
+            else:  # the driver delivered the protocol's own correlation id: it takes one back (backend.py)
+                def send(b: Any) -> None:
+                    b.send_reply(address, payload, message_id=mid, ttl=native_ttl, correlation_id=native)
+
+                ep.call("reply", send)
         except BaseException:
             m._replied = False
             raise

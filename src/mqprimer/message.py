@@ -105,8 +105,9 @@ class Message:
 
     @property
     def reply_to(self) -> str | None:
-        """Where a request's reply goes (``mqreplyto``); ``None`` for a message that expects none."""
-        return self.envelope.reply_to
+        """Where a request's reply goes (the protocol's reply-to where the broker gave one, else
+        ``mqreplyto``); ``None`` for a message that expects none."""
+        return self._delivery.reply_to or self.envelope.reply_to
 
     @property
     def correlation_id(self) -> str | None:
@@ -122,7 +123,7 @@ class Message:
         self._consumer._reply(self, body, headers, type, None)
 
     def _begin_reply(self) -> None:
-        if self.envelope.reply_to is None:
+        if self.reply_to is None:
             raise StateError(f"message {self.id} is not a request (it has no reply_to): there is nobody to reply to")
         if self._replied:
             raise StateError(f"message {self.id} was answered already: a request gets one reply")

@@ -338,7 +338,7 @@ class Worker:
                 if before is not None:
                     hook(before, msg)
                 result = handler(msg)
-                if result is not None and msg.envelope.reply_to is not None and not msg._replied:
+                if result is not None and msg.reply_to is not None and not msg._replied:
                     msg.reply(result)  # a request: the result is the reply, sent before the ack
             except BaseException as exc:  # every failure is an outcome, even SystemExit from a handler
                 error = exc

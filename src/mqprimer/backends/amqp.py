@@ -114,6 +114,7 @@ class AmqpBackend(Backend):
         self.queue_args: dict[str, Any] = {"x-max-priority": self.opts.max_priority} if self.opts.max_priority else {}
         self._link: Link | None = None
         self._pub: Confirmer | None = None
+        self._reply_ch: Any = None  # a plain channel for replies (send_reply)
         self._declared: dict[str, float] = {}
 
     def open(self) -> None:
@@ -122,7 +123,7 @@ class AmqpBackend(Backend):
             self._confirmer()
 
     def close(self) -> None:
-        link, self._link, self._pub = self._link, None, None
+        link, self._link, self._pub, self._reply_ch = self._link, None, None, None
         if link is not None:
             link.close()
 
@@ -217,18 +218,25 @@ class AmqpBackend(Backend):
         assert self._link is not None
         return DirectReplyPath(self._link, self.queue_args)
 
-    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+    def send_reply(
+        self, address: str, payload: bytes, *, message_id: str, ttl: float | None, correlation_id: str | None = None
+    ) -> None:
         link = self._link
         if link is None:
             raise px.ConnectionWrongStateError("the AMQP backend is closed")
-        props = BasicProperties(content_type=CONTENT_TYPE, message_id=message_id,
+        props = BasicProperties(content_type=CONTENT_TYPE, message_id=message_id, correlation_id=correlation_id,
                                 expiration=str(max(1, int(ttl * 1000))) if ttl else None)
         with link.lock:
             if link.error is not None:
                 raise link.error
             try:
-                # not mandatory: a caller that has gone (its reply path closed) is no error here
-                self._confirmer().publish([("", address, payload, props, False)])
+                ch = self._reply_ch
+                if ch is None or not ch.is_open:
+                    ch = self._reply_ch = link.conn.channel()
+                # unconfirmed, not mandatory: like the reply path itself, a reply lives only as
+                # long as its caller waits (a lost one is the caller's Timeout), and a confirm
+                # would cost a round trip per call for nothing the caller could use
+                ch.basic_publish("", address, payload, props)
             except px.AMQPChannelError as exc:
                 raise refused(exc) from None
 
@@ -276,8 +284,9 @@ class AmqpSubscription(Subscription):
         self.dead_target = Queue(f"{qname}.dead")
         ch.basic_consume(qname, self._on_message)
 
-    def _on_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
-        self._buf.append(Delivery(body, method.delivery_tag, 0, method.redelivered))
+    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
+        self._buf.append(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to,
+                                  props.correlation_id))
 
     def receive(self, timeout: float | None) -> Delivery | None:
         link, buf = self._link, self._buf

@@ -1,0 +1,264 @@
+"""Request/reply round trips per second: mqprimer beside the raw client doing the same.
+
+Run: .venv/bin/python benchmarks/bench_rpc.py [memory sqlite beanstalk amqp gearman zmq] [--n 2000] [--json]
+(broker URLs from .run/brokers/urls)
+
+For each backend, in one run: a service thread answers on a queue, and a caller makes
+``--n`` round trips sequentially (one in flight), then ``--n`` with 16 in flight:
+
+- mqprimer: service = ``consumer.receive()`` + ``message.reply()`` + ``ack()``; caller =
+  ``conn.request()``, sequential from one thread, then from 16 threads on one connection.
+- raw, same broker, same envelope bytes, the protocol's own request/reply:
+  amqp = pika with direct reply-to (``amq.rabbitmq.reply-to``; service publishes to
+  ``reply_to`` and acks; 16 in flight = 16 outstanding publishes on one channel);
+  beanstalk = greenstalk (put to the service tube; the service reserves, puts the reply
+  into the caller's tube named in the request, deletes; the caller reserves and deletes);
+  gearman = pygearman foreground jobs (``submit_job``; 16 in flight = ``submit_multiple_jobs``);
+  zmq = pyzmq REQ/REP (sequential; 16 in flight = DEALER/ROUTER with 16 outstanding).
+  memory and sqlite have no raw client: mqprimer only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Result, broker_urls, report  # noqa: E402
+
+import mqprimer  # noqa: E402
+from mqprimer.envelope import decode, encode, make  # noqa: E402
+
+BODY = {"path": "photos/a.jpg", "width": 1280, "height": 960}
+INFLIGHT = 16
+
+
+def _payload(reply_to: str = "", corr: str = "") -> bytes:
+    return encode(make(id=uuid.uuid4().hex, source="urn:bench", type="bench", body=BODY,
+                       reply_to=reply_to or None, correlation_id=corr or None))
+
+
+# -- mqprimer -------------------------------------------------------------------------------
+def _serve_mq(url: str, dest: str, stop: threading.Event, ready: threading.Event) -> None:
+    with mqprimer.connect(url) as conn, conn.consumer(dest, prefetch=32) as c:
+        ready.set()
+        while not stop.is_set():
+            m = c.receive(timeout=0.1)
+            if m is not None:
+                m.reply({"width": 640})
+                m.ack()
+
+
+def bench_mqprimer(url: str, n: int) -> list[Result]:
+    dest = f"bench-rpc-{uuid.uuid4().hex[:8]}"
+    stop, ready = threading.Event(), threading.Event()
+    server = threading.Thread(target=_serve_mq, args=(url, dest, stop, ready), daemon=True)
+    server.start()
+    ready.wait(30)
+    out = []
+    with mqprimer.connect(url) as conn:
+        for _ in range(20):  # warm up: the reply path, caches
+            conn.request(dest, BODY, timeout=30)
+        lat: list[float] = []
+        start = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            conn.request(dest, BODY, timeout=30)
+            lat.append(time.perf_counter() - t)
+        out.append(_result("mqprimer sequential", n, time.perf_counter() - start, lat))
+
+        per = n // INFLIGHT
+
+        def caller() -> None:
+            for _ in range(per):
+                conn.request(dest, BODY, timeout=60)
+
+        threads = [threading.Thread(target=caller) for _ in range(INFLIGHT)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out.append(Result(f"mqprimer {INFLIGHT} in flight", per * INFLIGHT, time.perf_counter() - start))
+    stop.set()
+    server.join(10)
+    return out
+
+
+def _result(name: str, n: int, secs: float, lat: list[float]) -> Result:
+    lat.sort()
+    return Result(name, n, secs, lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6)
+
+
+def _raw_rounds(name: str, n: int, one: Callable[[], None], many: Callable[[int], None]) -> list[Result]:
+    for _ in range(20):
+        one()
+    lat: list[float] = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        one()
+        lat.append(time.perf_counter() - t)
+    seq = _result(f"raw {name} sequential", n, time.perf_counter() - start, lat)
+    start = time.perf_counter()
+    many(n)
+    return [seq, Result(f"raw {name} {INFLIGHT} in flight", n, time.perf_counter() - start)]
+
+
+# -- raw AMQP (pika, direct reply-to) ---------------------------------------------------------
+def bench_raw_amqp(url: str, n: int) -> list[Result]:
+    import pika
+
+    from mqprimer.backends._amqp_link import Options, parameters
+
+    u = mqprimer.URL.parse(url)
+    params = parameters(u, Options.from_url(u), "bench raw")
+    queue = f"bench-raw-rpc-{uuid.uuid4().hex[:8]}"
+    stop, ready = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        conn = pika.BlockingConnection(params)
+        ch = conn.channel()
+        ch.queue_declare(queue, auto_delete=True)
+        ch.basic_qos(prefetch_count=32)
+        reply = _payload()
+
+        def on(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            decode(body)
+            ch.basic_publish("", props.reply_to, reply, pika.BasicProperties(correlation_id=props.correlation_id))
+            ch.basic_ack(method.delivery_tag)
+
+        ch.basic_consume(queue, on)
+        ready.set()
+        while not stop.is_set():
+            conn.process_data_events(0.1)
+        conn.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    ready.wait(30)
+    conn = pika.BlockingConnection(params)
+    ch = conn.channel()
+    got: dict[str, bytes] = {}
+    ch.basic_consume("amq.rabbitmq.reply-to", lambda c, m, p, b: got.__setitem__(p.correlation_id, b), auto_ack=True)
+    seq = iter(range(10**9))
+
+    def send() -> str:
+        corr = str(next(seq))
+        ch.basic_publish("", queue, _payload("amq.rabbitmq.reply-to", corr),
+                         pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id=corr))
+        return corr
+
+    def one() -> None:
+        corr = send()
+        while corr not in got:
+            conn.process_data_events(1)
+        decode(got.pop(corr))
+
+    def many(total: int) -> None:
+        sent = done = 0
+        while done < total:
+            while sent - done < INFLIGHT and sent < total:
+                send()
+                sent += 1
+            conn.process_data_events(1)
+            for corr in list(got):
+                decode(got.pop(corr))
+                done += 1
+
+    try:
+        return _raw_rounds("pika direct reply-to", n, one, many)
+    finally:
+        stop.set()
+        th.join(10)
+        conn.close()
+
+
+# -- raw beanstalkd (greenstalk) --------------------------------------------------------------
+def bench_raw_beanstalk(url: str, n: int) -> list[Result]:
+    import greenstalk
+
+    u = mqprimer.URL.parse(url)
+    addr = (u.host or "127.0.0.1", u.port or 11300)
+    tube, back = f"bench-raw-rpc-{uuid.uuid4().hex[:8]}", f"bench-raw-reply-{uuid.uuid4().hex[:8]}"
+    stop, ready = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        s = greenstalk.Client(addr, encoding=None, watch=tube)
+        ready.set()
+        while not stop.is_set():
+            try:
+                job = s.reserve(timeout=1)
+            except greenstalk.TimedOutError:
+                continue
+            env = decode(job.body)
+            s.use(env.reply_to or back)
+            s.put(_payload("", env.id))
+            s.delete(job)
+        s.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    ready.wait(30)
+    c = greenstalk.Client(addr, encoding=None, use=tube, watch=back)
+
+    def one() -> None:
+        c.put(_payload(back))
+        job = c.reserve(timeout=30)
+        decode(job.body)
+        c.delete(job)
+
+    def many(total: int) -> None:
+        sent = done = 0
+        while done < total:
+            while sent - done < INFLIGHT and sent < total:
+                c.put(_payload(back))
+                sent += 1
+            job = c.reserve(timeout=30)
+            decode(job.body)
+            c.delete(job)
+            done += 1
+
+    try:
+        return _raw_rounds("greenstalk", n, one, many)
+    finally:
+        stop.set()
+        th.join(10)
+        c.close()
+
+
+RAW = {"amqp": bench_raw_amqp, "beanstalk": bench_raw_beanstalk}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("backends", nargs="*", default=["memory", "sqlite", "beanstalk", "amqp"])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    urls = broker_urls()
+    urls.update(memory="memory://bench-rpc", sqlite=f"sqlite:////tmp/mqprimer-bench-rpc-{uuid.uuid4().hex[:6]}.db")
+    for name in args.backends:
+        url = urls.get(name)
+        if url is None:
+            raise SystemExit(f"no {name} URL: run scripts/brokers up first")
+        rows: list[Result] = []
+        pairs: list[tuple[str, str]] = []
+        if name in RAW:
+            rows += RAW[name](url, args.n)
+        rows += bench_mqprimer(url, args.n)
+        if name in RAW:
+            raw = rows[0].name.rsplit(" ", 1)[0]
+            pairs = [("mqprimer sequential", f"{raw} sequential"),
+                     (f"mqprimer {INFLIGHT} in flight", f"{rows[1].name}")]
+        report(f"request/reply round trips, {name}", rows, pairs)
+
+
+if __name__ == "__main__":
+    main()
