@@ -115,8 +115,13 @@ def raw(url: str, node: str, n: int, payload: bytes) -> Result:
     # subscriber and publisher on loops of their own, as mqprimer's sessions are
     t = threading.Thread(target=lambda: asyncio.run(subscriber()))
     t.start()
-    secs = asyncio.run(publisher())
-    t.join()
+    try:
+        secs = asyncio.run(publisher())
+    finally:
+        finished.set()  # the subscriber stops waiting, whatever happened to the publisher
+        t.join()
+    if len(lat) < n:
+        raise SystemExit(f"raw slixmpp: {len(lat)} of {n} items arrived (was the server restarted meanwhile?)")
     return _result("raw slixmpp publish (64 in flight)", n, secs, lat)
 
 
