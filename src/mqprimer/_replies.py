@@ -47,16 +47,17 @@ class Owner(Protocol):
 
 log = logging.getLogger("mqprimer")
 
-_SLICE = 0.05  # longest one caller reads the path before others may publish (same-channel paths)
+_SLICE = 0.05  # longest one caller reads the path at a time (same-channel paths publish between reads)
 _REMEMBER = 4096  # answered correlation ids kept, to tell a duplicate reply from a late one
 
 
 class _Slot:
-    __slots__ = ("payload", "env")
+    __slots__ = ("payload", "env", "event")
 
     def __init__(self) -> None:
         self.payload: bytes | None = None
         self.env: Envelope | None = None
+        self.event = threading.Event()  # set when the reply is in, or when it is this caller's turn to read
 
 
 class _Settled:
@@ -86,7 +87,7 @@ class Replies:
         self.conn = conn
         self.ep = Endpoint(conn.urls[conn._active])
         self.lock = threading.Lock()  # holds the path (a driver is used by one thread at a time)
-        self.cond = threading.Condition(threading.Lock())  # guards waiting/answered/counters
+        self.cond = threading.Lock()  # guards waiting, answered and the counters
         self.waiting: dict[str, _Slot] = {}
         self.answered: deque[str] = deque(maxlen=_REMEMBER)
         self.answered_set: set[str] = set()
@@ -178,12 +179,19 @@ class Replies:
                         self._read(min(left, _SLICE))
                 finally:
                     self.lock.release()
-                    with self.cond:
-                        self.cond.notify_all()
+                if slot.env is not None:
+                    self._hand_over(slot)
             else:
-                with self.cond:
-                    if slot.env is None:
-                        self.cond.wait(min(left, _SLICE))
+                slot.event.wait(min(left, _SLICE))
+                slot.event.clear()
+
+    def _hand_over(self, leaving: _Slot) -> None:
+        """The reader got its reply and goes: wake one caller still waiting, to read next."""
+        with self.cond:
+            for s in self.waiting.values():
+                if s is not leaving and s.env is None:
+                    s.event.set()
+                    return
 
     def _read(self, timeout: float) -> None:
         """Read replies (caller holds ``self.lock``) and hand each to its caller."""
@@ -214,6 +222,7 @@ class Replies:
                 self._drop("duplicate" if dup else "late", corr, "")
                 return
             slot.env, slot.payload = env, payload
+            slot.event.set()
 
     def _drop(self, why: str, corr: str, detail: str) -> None:
         self.dropped[why] += 1
