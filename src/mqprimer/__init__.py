@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .backend import Capabilities, Queue, Status, Support, Topic
+from .backend import Capabilities, Queue, QueueStats, Status, Support, Topic
 from .client import Connection, Producer, default_url
 from .consumer import Consumer
 from .deadletters import DeadLetters
@@ -73,7 +73,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "URL", "AuthenticationError", "BackendNotInstalled", "BrokerError", "Capabilities", "ConfigurationError",
     "Connection", "ConnectionFailed", "Consumer", "DeadLetter", "DeadLetters", "Envelope", "EnvelopeError",
-    "InvalidURL", "MQError", "Message", "MessageTooLarge", "Producer", "Queue", "RemoteError", "Retry", "RetryPolicy",
-    "StateError", "Status", "Support", "Timeout", "Topic", "UnknownScheme", "UnsupportedError", "Worker",
-    "connect", "default_url",
+    "InvalidURL", "MQError", "Message", "MessageTooLarge", "Producer", "Queue", "QueueStats", "RemoteError",
+    "Retry", "RetryPolicy", "StateError", "Status", "Support", "Timeout", "Topic", "UnknownScheme", "UnsupportedError",
+    "Worker", "connect", "default_url",
 ]

@@ -116,6 +116,9 @@ class Capabilities:
     # conn.request() / message.reply(): NATIVE where the protocol has a reply path
     # (Backend.reply_path overridden), EMULATED with the portable private reply queue
     request_reply: Support = UNSUPPORTED
+    # conn.stats(queue): NATIVE where the broker reports counts (those it cannot tell are None,
+    # never guessed: see QueueStats and the backend's docs); UNSUPPORTED when it tells nothing
+    stats: Support = UNSUPPORTED
     confirmed_send: bool = True
     persistent: bool = False
     guarantee: str = "at-least-once"  # or "at-most-once"
@@ -144,7 +147,30 @@ class Capabilities:
 
 FEATURES = (
     "queue", "topic", "patterns", "priority", "delay", "ttl", "retry", "dead_letter", "status", "request_reply",
+    "stats",
 )
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What a broker can tell about one queue (:meth:`mqprimer.Connection.stats`).
+
+    Each count is ``None`` where the broker cannot tell it (never a guess): ``ready`` waiting
+    for a consumer, ``delayed`` waiting for their delay, ``reserved`` delivered and not
+    settled, ``dead`` in the queue's dead letters, ``consumers`` attached now.
+    """
+
+    destination: str
+    ready: int | None = None
+    delayed: int | None = None
+    reserved: int | None = None
+    dead: int | None = None
+    consumers: int | None = None
+
+    COUNTS: ClassVar[tuple[str, ...]] = ("ready", "delayed", "reserved", "dead", "consumers")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"destination": self.destination, **{k: getattr(self, k) for k in self.COUNTS}}
 
 
 @dataclass(slots=True)
@@ -358,6 +384,11 @@ class Backend(ABC):
     def status(self, message_id: str) -> Status:
         """Where message ``message_id`` is (only if ``capabilities.status``)."""
         raise UnsupportedError(f"the {self.capabilities.name} backend cannot report message status")
+
+    def stats(self, destination: Queue) -> QueueStats:
+        """Counts for queue ``destination`` (only if ``capabilities.stats``); ``None`` for what
+        the broker cannot tell. A queue the broker has never seen has all counts 0."""
+        raise UnsupportedError(f"the {self.capabilities.name} backend cannot report queue stats")
 
     def reply_path(self, name: str) -> ReplyPath:
         """A reply path on this backend instance (which serves nothing else); ``name`` is a

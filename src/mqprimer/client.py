@@ -21,7 +21,7 @@ import msgspec
 from ._endpoint import Endpoint
 from ._ids import stamp
 from ._replies import Replies
-from .backend import Backend, Capabilities, Destination, Outgoing, Queue, Status, Topic
+from .backend import Backend, Capabilities, Destination, Outgoing, Queue, QueueStats, Status, Topic
 from .consumer import Consumer
 from .deadletters import DeadLetters
 from .destinations import _QUEUE_NAME, _queue_cache, as_destination, is_pattern
@@ -210,6 +210,32 @@ class Connection:
             if result is not Status.UNKNOWN:
                 return result
         return result
+
+    def stats(self, queue: str) -> QueueStats:
+        """What the broker can tell about ``queue`` (backends with ``stats`` capability).
+
+        Counts the broker cannot tell are ``None``. With several URLs, the counts of every
+        reachable endpoint are added up (a count unknown on one is unknown in the sum).
+        """
+        self._check()
+        self.capabilities.require("stats", "queue stats (conn.stats)")
+        dest = as_destination(queue)
+        if not isinstance(dest, Queue):
+            raise ValueError("stats() takes a queue name (a str), not a Topic")
+        parts: list[QueueStats] = []
+        for ep in self.endpoints:
+            try:
+                parts.append(ep.call("stats", lambda b: b.stats(dest)))
+            except ConnectionFailed:
+                if len(self.endpoints) == 1:
+                    raise
+        if not parts:
+            raise ConnectionFailed(f"stats of {dest.name}: no broker reachable")
+        counts: dict[str, int | None] = {}
+        for key in QueueStats.COUNTS:
+            values = [getattr(p, key) for p in parts]
+            counts[key] = None if None in values else sum(values)
+        return QueueStats(dest.name, **counts)
 
     def dead_letters(self, queue: str) -> DeadLetters:
         """List, replay and purge the dead letters of ``queue``."""

@@ -50,6 +50,7 @@ from ..backend import (
     Destination,
     Outgoing,
     Queue,
+    QueueStats,
     ReplyPath,
     Subscription,
     Topic,
@@ -71,6 +72,9 @@ CAPABILITIES = Capabilities(
     dead_letter=EMULATED,
     status=UNSUPPORTED,
     request_reply=NATIVE,  # RabbitMQ direct reply-to (backends/_amqp_reply.py)
+    # passive queue.declare: ready and consumers of the queue, ready of <queue>.dead; AMQP does
+    # not tell unacked counts, and delay buckets are shared by every queue (both None)
+    stats=NATIVE,
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -239,6 +243,30 @@ class AmqpBackend(Backend):
                 ch.basic_publish("", address, payload, props)
             except px.AMQPChannelError as exc:
                 raise refused(exc) from None
+
+    def stats(self, destination: Queue) -> QueueStats:
+        link = self._link
+        if link is None:
+            raise px.ConnectionWrongStateError("the AMQP backend is closed")
+        counts: list[tuple[int, int]] = []
+        with link.lock:
+            if link.error is not None:
+                raise link.error
+            for name in (destination.name, f"{destination.name}.dead"):
+                # a channel each: the broker closes the channel that asks for a missing queue
+                ch = link.conn.channel()
+                try:
+                    ok = ch.queue_declare(name, passive=True).method
+                    counts.append((ok.message_count, ok.consumer_count))
+                except px.ChannelClosedByBroker as exc:
+                    if exc.reply_code != 404:
+                        raise refused(exc) from None
+                    counts.append((0, 0))  # never declared: nothing in it
+                finally:
+                    if ch.is_open:
+                        ch.close()
+        (ready, consumers), (dead, _) = counts
+        return QueueStats(destination.name, ready=ready, delayed=None, reserved=None, dead=dead, consumers=consumers)
 
     # -- consuming --------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import greenstalk
 from greenstalk import _parse_response
@@ -46,6 +46,7 @@ from ..backend import (
     Destination,
     Outgoing,
     Queue,
+    QueueStats,
     Status,
     Subscription,
     Topic,
@@ -78,6 +79,7 @@ CAPABILITIES = Capabilities(
     dead_letter=NATIVE,
     status=NATIVE,
     request_reply=EMULATED,  # a private reply tube per connection, emptied when it closes
+    stats=NATIVE,  # stats-tube of the tube and of its .dead tube
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -315,6 +317,22 @@ class BeanstalkBackend(Backend):
         return {"ready": Status.READY, "delayed": Status.DELAYED, "reserved": Status.RESERVED}.get(
             st["state"], Status.UNKNOWN
         )
+
+    def stats(self, destination: Queue) -> QueueStats:
+        tube = _tube(destination)
+        c = self._client()
+        counts: list[dict[str, Any]] = []
+        for name in (tube, f"{tube}.dead"):
+            try:
+                counts.append(dict(c.stats_tube(name)))
+            except greenstalk.NotFoundError:  # a tube exists only while watched or not empty
+                counts.append({})
+        own, dead = ({k: int(v) for k, v in st.items() if k.startswith("current-")} for st in counts)
+        # every job in the .dead tube is a dead letter (ready ones: a crash between put and bury)
+        dead_jobs = sum(dead.get(f"current-jobs-{k}", 0) for k in ("ready", "delayed", "reserved", "buried"))
+        return QueueStats(destination.name, ready=own.get("current-jobs-ready", 0),
+                          delayed=own.get("current-jobs-delayed", 0), reserved=own.get("current-jobs-reserved", 0),
+                          dead=dead_jobs + own.get("current-jobs-buried", 0), consumers=own.get("current-watching", 0))
 
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
         return BuriedStore(lambda: _connect(self.host, self.port, watch=f"{queue}.dead"), queue)

@@ -47,6 +47,8 @@ from ..backend import (
     Capabilities,
     Destination,
     Outgoing,
+    Queue,
+    QueueStats,
     Status,
     Subscription,
     Topic,
@@ -72,6 +74,9 @@ CAPABILITIES = Capabilities(
     retry=EMULATED,
     dead_letter=EMULATED,
     status=NATIVE,
+    # the text admin protocol's `status`: queued (ready counts delayed jobs too: gearmand does
+    # not tell them apart), running (reserved), available workers (consumers)
+    stats=NATIVE,
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -240,6 +245,27 @@ class GearmanBackend(Backend):
                     due = self.delayed.get(q)
                 return Status.DELAYED if due is not None and due > time.time() else Status.READY
         return Status.DEAD if asked[2] in known else Status.UNKNOWN
+
+    def stats(self, destination: Queue) -> QueueStats:
+        fn = _function(destination)
+        link = self._link()
+        if link.buf:
+            raise gp.ProtocolError("a text command with binary replies still unread")
+        link.send(b"status\n")
+        while True:  # one line per function, then a line with a single dot
+            end = (b"\n" + bytes(link.buf)).find(b"\n.\n")
+            if end >= 0:
+                break
+            link.fill()
+        text, link.buf = bytes(link.buf[:end]), bytearray(link.buf[end + 2:])
+        rows: dict[bytes, tuple[int, int, int]] = {}
+        for line in text.split(b"\n"):
+            parts = line.rsplit(b"\t", 3)
+            if len(parts) == 4:
+                rows[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+        total, running, workers = rows.get(fn, (0, 0, 0))
+        return QueueStats(destination.name, ready=total - running, delayed=None, reserved=running,
+                          dead=rows.get(fn + b".dead", (0, 0, 0))[0], consumers=workers)
 
     def server_info(self) -> dict[str, str]:
         """What gearmand says about itself, for ``mqprimer doctor``."""

@@ -14,7 +14,19 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
-from ..backend import EMULATED, NATIVE, Backend, Capabilities, Delivery, Destination, Queue, Status, Subscription, Topic
+from ..backend import (
+    EMULATED,
+    NATIVE,
+    Backend,
+    Capabilities,
+    Delivery,
+    Destination,
+    Queue,
+    QueueStats,
+    Status,
+    Subscription,
+    Topic,
+)
 from ..topics import matches
 
 CAPABILITIES = Capabilities(
@@ -28,6 +40,8 @@ CAPABILITIES = Capabilities(
     dead_letter=NATIVE,
     status=NATIVE,
     request_reply=EMULATED,  # the portable private reply queue (backend.QueueReplyPath)
+    stats=NATIVE,
+    shared_subscription=NATIVE,  # one queue per subscription name; its consumers compete for it
     confirmed_send=True,
     persistent=False,
     guarantee="at-least-once",
@@ -50,9 +64,10 @@ _Ready = tuple[int, int, _Item]  # (-priority, seq, item)
 
 
 class _Q:
-    __slots__ = ("ready", "delayed", "inflight")
+    __slots__ = ("ready", "delayed", "inflight", "consumers")
 
     def __init__(self) -> None:
+        self.consumers = 0
         self.ready: list[_Ready] = []
         self.delayed: list[tuple[float, int, _Item]] = []
         self.inflight: dict[int, tuple[_Item, str]] = {}
@@ -154,6 +169,18 @@ class MemoryBackend(Backend):
         with self.broker.cond:
             return self.broker.status.get(message_id, Status.UNKNOWN)
 
+    def stats(self, destination: Queue) -> QueueStats:
+        b = self.broker
+        now = time.monotonic()
+        with b.cond:
+            q = b.queues.get(destination.name) or _Q()
+            dead = b.queues.get(f"{destination.name}.dead") or _Q()
+            due = sum(1 for at, _, _ in q.delayed if at <= now)  # ready, moved over on the next receive
+            live = sum(1 for _, _, it in q.ready if it.expires is None or it.expires > now)
+            return QueueStats(destination.name, ready=live + due, delayed=len(q.delayed) - due,
+                              reserved=len(q.inflight), dead=len(dead.ready) + len(dead.inflight),
+                              consumers=q.consumers)
+
 
 class _MemorySub(Subscription):
     def __init__(self, broker: _Broker, destination: Destination, qname: str, durable: bool) -> None:
@@ -166,6 +193,8 @@ class _MemorySub(Subscription):
         self.tags: set[int] = set()
         with broker.cond:
             self.q = broker.q(qname)  # a queue object lives as long as any subscription to it
+            self.q.consumers += 1
+        self.attached = True
 
     def receive(self, timeout: float | None) -> Delivery | None:
         b = self.b
@@ -234,6 +263,9 @@ class _MemorySub(Subscription):
                 heapq.heappush(q.ready, (-item.priority, item.seq, item))
                 b.status[item.mid] = Status.READY
             self.tags.clear()
+            if self.attached:  # close() may be called again
+                q.consumers -= 1
+                self.attached = False
             if not self.durable:
                 b.subs.pop(self.qname, None)
                 b.queues.pop(self.qname, None)

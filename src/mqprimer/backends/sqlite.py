@@ -21,7 +21,19 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ..backend import EMULATED, NATIVE, Backend, Capabilities, Destination, Outgoing, Status, Subscription, Topic
+from ..backend import (
+    EMULATED,
+    NATIVE,
+    Backend,
+    Capabilities,
+    Destination,
+    Outgoing,
+    Queue,
+    QueueStats,
+    Status,
+    Subscription,
+    Topic,
+)
 from ..topics import matches
 from ._sqlite_db import DEAD, DONE, HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
 from ._sqlite_sub import SqliteSubscription
@@ -37,6 +49,8 @@ CAPABILITIES = Capabilities(
     dead_letter=NATIVE,
     status=NATIVE,
     request_reply=EMULATED,  # a private reply queue per connection; replies expire with their request
+    stats=NATIVE,  # exact counts; consumers unknown (a reader leaves no trace until it reserves)
+    shared_subscription=NATIVE,  # a subscription is a queue of rows; each row is reserved by one consumer
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
@@ -49,6 +63,12 @@ CAPABILITIES = Capabilities(
 
 _INSERT = (
     "INSERT INTO mq_messages (queue, mid, payload, priority, available_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+# a lapsed reservation (owner set, available_at passed) is ready again, as receive sees it
+_STATS = (
+    "SELECT sum(available_at <= ? AND (expires_at IS NULL OR expires_at > ?)), "
+    "sum(available_at > ? AND owner IS NULL), sum(available_at > ? AND owner IS NOT NULL AND "
+    "(expires_at IS NULL OR expires_at > ?)) FROM mq_messages WHERE queue = ? AND state = 0"
 )
 # several rows can share an id (a topic message in several subscriptions): report the most active one
 _RANK = {Status.RESERVED: 5, Status.READY: 4, Status.DELAYED: 3, Status.DEAD: 2, Status.DONE: 1, Status.UNKNOWN: 0}
@@ -155,6 +175,15 @@ class SqliteBackend(Backend):
             if _RANK[st] > _RANK[best]:
                 best = st
         return best
+
+    def stats(self, destination: Queue) -> QueueStats:
+        now = time.time()
+        ready, delayed, reserved = self._conn().execute(_STATS, (now, now, now, now, now, destination.name)).fetchone()
+        (dead,) = self._conn().execute(
+            "SELECT count(*) FROM mq_messages WHERE queue = ? AND state = 1", (f"{destination.name}.dead",)
+        ).fetchone()
+        return QueueStats(destination.name, ready=ready or 0, delayed=delayed or 0, reserved=reserved or 0,
+                          dead=dead, consumers=None)
 
     # -- housekeeping ---------------------------------------------------------------------
     def _maybe_housekeep(self, now: float) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import mqprimer
 from mqprimer import MessageTooLarge, RetryPolicy, StateError, Status, Topic, UnsupportedError, registry
-from mqprimer.backend import FEATURES, UNSUPPORTED, Queue
+from mqprimer.backend import FEATURES, UNSUPPORTED, Queue, QueueStats
 
 from .fake import fake_scheme
 from .helpers import collect, unreachable_url, wait_until
@@ -407,6 +407,52 @@ def test_status_by_id(conn: mqprimer.Connection, dest: str) -> None:
         m.ack()
     assert conn.status(mid) in (Status.DONE, Status.UNKNOWN)
     assert conn.status("no-such-message") is Status.UNKNOWN
+
+
+def test_stats_count_ready_reserved_dead_and_consumers(conn: mqprimer.Connection, dest: str) -> None:
+    """Every count a backend reports (``None``: cannot tell) follows sends, receives, acks and dead letters."""
+    caps = conn.capabilities
+    if not caps.stats:
+        pytest.skip("stats declared unsupported: refusal checked by test_every_feature_is_allowed_or_refused")
+    _unsupported(conn, "queue")
+
+    def expect(what: str, **want: int) -> QueueStats:
+        # brokers update some counts a moment after the fact (a consumer's disconnect, an ack)
+        seen: list[QueueStats] = []
+
+        def ok() -> bool:
+            seen[:] = [conn.stats(dest)]
+            return all(getattr(seen[0], k) in (None, v) for k, v in want.items())
+
+        try:
+            wait_until(ok, what=what)
+        except AssertionError:
+            raise AssertionError(f"{what}: expected {want}, the broker says {seen[0]}") from None
+        return seen[0]
+
+    first = expect("an empty queue", ready=0, delayed=0, reserved=0, dead=0, consumers=0)
+    assert first.destination == dest and first.ready is not None, f"stats declared but ready unknown: {first}"
+    p = conn.producer()
+    for i in range(3):
+        p.send(dest, i)
+    expect("3 sent", ready=3, reserved=0, consumers=0)
+    dead, attached = 0, len(conn.endpoints)  # a consumer reads from every URL of a list at once
+    with conn.consumer(dest, prefetch=1) as c:
+        m = _one(c)
+        held = expect("1 received, not settled", reserved=1, consumers=attached)
+        if held.reserved is not None:  # the broker counts what it handed out: the rest is ready
+            expect("1 received, 2 left", ready=2)
+        m.ack()
+        expect("1 acked", reserved=0, consumers=attached)
+        if caps.dead_letter:
+            m = _one(c)
+            m.dead_letter("stats test")
+            dead = 1
+            expect("1 dead-lettered", reserved=0, dead=1)
+    expect("consumer closed", ready=2 - dead, reserved=0, dead=dead, consumers=0)
+    if caps.delay:
+        p.send(dest, "later", delay=30)
+        expect("1 delayed", delayed=1)
 
 
 # -- bad input ---------------------------------------------------------------------------

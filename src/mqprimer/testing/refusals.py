@@ -90,6 +90,13 @@ def check_refused(conn: mqprimer.Connection, feature: str, dest: str, topic_root
         for pattern in (f"{topic_root}.*", f"{topic_root}.#"):
             _refused(functools.partial(conn.consumer, Topic(pattern)), f"consumer on pattern {pattern}")
         return
+    if feature == "stats":
+        _refused(lambda: conn.stats(dest), "stats of a queue")
+        with _consumer(conn, target) as c:
+            m = _probe(conn, c, target)
+            _refused(lambda: conn.stats(dest), "stats of a queue while a message is delivered")
+            _settle_after_refusal(c, m)
+        return
     if feature == "status":
         _refused(lambda: conn.status("no-such-message"), "status")
         with _consumer(conn, target) as c:
