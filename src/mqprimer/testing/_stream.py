@@ -28,8 +28,10 @@ class Stream:
     """
 
     def __init__(self, urls: str | Sequence[str], dest: str | Topic, total: int, *, pace: float = 0.002,
-                 reconnect_timeout: float = 120.0, hold_at: int | None = None) -> None:
+                 reconnect_timeout: float = 120.0, hold_at: int | None = None,
+                 consumer_urls: str | Sequence[str] | None = None) -> None:
         self.urls, self.dest, self.total, self.pace = urls, dest, total, pace
+        self.consumer_urls = urls if consumer_urls is None else consumer_urls
         self.reconnect_timeout = reconnect_timeout
         self.attempted = 0
         self.confirmed: list[str] = []
@@ -97,7 +99,7 @@ class Stream:
 
     def _consume(self) -> None:
         try:
-            with mqprimer.connect(self.urls, reconnect_timeout=self.reconnect_timeout) as conn, \
+            with mqprimer.connect(self.consumer_urls, reconnect_timeout=self.reconnect_timeout) as conn, \
                     conn.consumer(self.dest, prefetch=20) as c:
                 self._subscribed.set()
                 while not self._stop.is_set():
@@ -148,7 +150,7 @@ class Stream:
             return None
         after = [self.received_at[m] for m, t in self.confirmed_at.items()
                  if t > self.fault_at and m in self.received_at]
-        return min(after) - self.fault_at if after else None
+        return max(0.0, min(after) - self.fault_at) if after else None
 
     def figures(self) -> dict[str, Any]:
         unique = set(self.received)

@@ -30,12 +30,14 @@ FAST_FAILURE: dict[str, dict[str, str]] = {
     "amqps": {"heartbeat": "1", "connect_timeout": "2"},
     "stomp": {"heartbeat": "1"},
     "stomp+ssl": {"heartbeat": "1"},
+    "xmpp": {"timeout": "2"},  # keepalive ping every 2 s, 2 s to answer; session start within 2 s
 }
 #: the documented bound (seconds) within which a frozen broker must surface as an error
 #: (pika: 2 x (heartbeat + 5 s) to notice, then reconnect attempts of connect_timeout each;
-#: STOMP: a 10 s receipt wait, then a CONNECT that gets no CONNECTED; beanstalk: its 30 s I/O
-#: timeout, then a 5 s handshake timeout)
-FROZEN_LIMIT: dict[str, float] = {"amqp": 30.0, "amqps": 30.0, "stomp": 30.0, "stomp+ssl": 30.0, "beanstalk": 45.0}
+#: STOMP: heart-beats notice in ~2.5 s, a send waits up to its 30 s receipt timeout, then each
+#: reconnect waits up to the 15 s CONNECT timeout (the driver has no option to shorten them);
+#: beanstalk: its 30 s I/O timeout, then a 5 s handshake timeout per reconnect attempt)
+FROZEN_LIMIT: dict[str, float] = {"amqp": 30.0, "amqps": 30.0, "stomp": 60.0, "stomp+ssl": 60.0, "beanstalk": 55.0}
 
 
 class NotApplicable(Exception):

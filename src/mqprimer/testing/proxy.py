@@ -43,6 +43,7 @@ class Proxy:
         self._delay = 0.0
         self._stopped = threading.Event()
         self.accepted = 0  # connections accepted so far (tests check that clients reconnected)
+        self.relayed = 0  # bytes passed on, either way (tests check that a refused endpoint carried nothing)
         self._thread = threading.Thread(target=self._accept_loop, name=f"proxy:{self.port}", daemon=True)
         self._thread.start()
 
@@ -134,6 +135,7 @@ class Proxy:
                 if self._delay:
                     time.sleep(self._delay)
                 dst.sendall(data)
+                self.relayed += len(data)
         except OSError:
             pass
         # one side closed or failed: close the pair, as a real connection would end
