@@ -14,7 +14,8 @@
 # Users (registered with prosodyctl at the first start):
 #   mqprimer@localhost / mqprimer-xmpp-secret   a pubsub admin: creates and configures nodes
 #   limited@localhost / limited-secret          not an admin: may not create nodes
-# `kill` SIGKILLs the server (fault tests; the database stays); `up` starts it again.
+# `kill` SIGKILLs the server (fault tests; the database stays); `up` starts it again; `down`
+# stops it and deletes its data (the next `up` starts empty and registers the users again).
 prosody_packages=(prosody lua-dbi-sqlite3 openssl)
 
 PROSODY_PORT="${MQPRIMER_PROSODY_PORT:-35222}"
@@ -152,6 +153,8 @@ _pr_down() {
     stop_pid "$d/stop.pid" 10
   fi
   rm -f "$d/launch.pid" "$d/prosody.pid"
+  # a test server starts empty each session: nodes of old runs (random names) pile up otherwise
+  rm -rf "$d/data" "$d/users.done"
 }
 
 prosody_status() {
