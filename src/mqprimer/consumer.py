@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, Protocol
 
+from . import _groups
 from ._endpoint import Endpoint
 from ._ids import stamp
 from ._sub import _Sub
@@ -71,6 +72,17 @@ class Consumer:
                 caps.require("patterns", "wildcard topic patterns ('*', '#')")
         else:
             caps.require("queue", "queues (point-to-point destinations); use a Topic")
+        self._group: _groups.Key | None = None
+        if subscription is not None and isinstance(destination, Topic):
+            hosts = tuple(ep.url.render(hide_password=True) for ep in conn.endpoints)
+            self._group = _groups.claim(caps, hosts, destination, subscription)
+        try:
+            self._subscribe_all(conn, destination)
+        except BaseException:
+            _groups.release(self._group)
+            raise
+
+    def _subscribe_all(self, conn: Owner, destination: Destination) -> None:
         self._subs: list[_Sub] = [_Sub(ep, destination) for ep in conn.endpoints]
         self._single = self._subs[0] if len(self._subs) == 1 else None
         errors: list[ConnectionFailed] = []
@@ -374,6 +386,7 @@ class Consumer:
                         sub.close()
                     except Exception as exc:
                         log.debug("closing subscription on %s: %s", s.ep.url, s.ep.scrub(str(exc)))
+        _groups.release(self._group)
         self._conn._detach(self)
 
     @property

@@ -75,6 +75,7 @@ CAPABILITIES = Capabilities(
     # passive queue.declare: ready and consumers of the queue, ready of <queue>.dead; AMQP does
     # not tell unacked counts, and delay buckets are shared by every queue (both None)
     stats=NATIVE,
+    shared_subscription=NATIVE,  # a named subscription is one durable queue; its consumers compete for it
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",

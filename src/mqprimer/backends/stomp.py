@@ -24,9 +24,14 @@ headers below. What mqprimer does about each difference:
 - a topic subscription also listens on a queue of its own (the subscription name, or
   ``mqprimer.sub.<random>``) that receives its retries; its dead letters go to
   ``<that queue>.dead``.
+- a named subscription is shared by all its consumers (a consumer group). RabbitMQ: a
+  durable SUBSCRIBE whose ``id`` is the name (same destination and id, same queue).
+  ActiveMQ: virtual topics, its own mechanism for this; topics are sent to
+  ``/topic/VirtualTopic.<name>`` and a named subscription consumes the queue
+  ``Consumer.<name>.VirtualTopic.<pattern>`` (dots in the name become ``~``: ActiveMQ's
+  ``Consumer.*.`` prefix takes one word), which the broker fills while nobody consumes.
 - each subscription has its own STOMP connection, so closing it (DISCONNECT) makes both
-  brokers give every unacked message back, and an ActiveMQ durable subscription gets the
-  stable ``client-id`` it needs.
+  brokers give every unacked message back.
 """
 
 from __future__ import annotations
@@ -62,15 +67,18 @@ _COMMON = dict(
 )
 CAPABILITIES_RABBITMQ = Capabilities(
     name="stomp-rabbitmq", patterns=NATIVE, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,
+    shared_subscription=NATIVE,  # a durable SUBSCRIBE: one queue per destination and id
     notes="RabbitMQ STOMP plugin: AMQP topic patterns, x-max-priority queues, delay by TTL queues that "
     "dead-letter back; retry and dead letters (<queue>.dead) by republish then ACK",
     **_COMMON,  # type: ignore[arg-type]
 )
 CAPABILITIES_ACTIVEMQ = Capabilities(
     name="stomp-activemq", patterns=EMULATED, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,
+    shared_subscription=NATIVE,  # virtual topics: queue Consumer.<name>.VirtualTopic.<pattern>
     notes="ActiveMQ 5.x: needs schedulerSupport (delay) and prioritizedMessages (priority); '#' other than "
-    "last is matched by filtering a wider '>' subscription; retry and dead letters (<queue>.dead) by "
-    "republish then ACK, never NACK (it sends to ActiveMQ.DLQ)",
+    "last is matched by filtering a wider '>' subscription; topics are virtual topics (VirtualTopic.<name>), "
+    "a named subscription the queue Consumer.<name>.VirtualTopic.<pattern>; retry and dead letters "
+    "(<queue>.dead) by republish then ACK, never NACK (it sends to ActiveMQ.DLQ)",
     **_COMMON,  # type: ignore[arg-type]
 )
 #: any other STOMP broker: only what STOMP itself guarantees
@@ -86,6 +94,9 @@ _MAX_PRIORITY = "9"
 _DELAY_PREFIX = "mqprimer.delay."
 _DELAY_TOPIC_PREFIX = "mqprimer.delay-topic."
 _SUB_PREFIX = "mqprimer.sub."
+# ActiveMQ's default virtual topics (VirtualTopic.>, consumer queues Consumer.*.VirtualTopic.>)
+_VT = "VirtualTopic."
+_GROUP_ID = "/group"  # SUBSCRIBE id of a named subscription's queue on ActiveMQ
 _DELAY_QUEUE_IDLE_MS = 60_000  # RabbitMQ deletes an unused delay queue after this
 _PRIVATE_QUEUE_IDLE_MS = 600_000  # ... and an abandoned private topic-retry queue after this
 
@@ -181,7 +192,7 @@ class StompBackend(Backend):
             h["destination"] = f"/queue/{name}"
             h.update(self.queue_headers(name))
         elif isinstance(dest, Topic):
-            h["destination"] = f"/topic/{dest.name}"
+            h["destination"] = f"/topic/{_VT if self.flavour == 'activemq' else ''}{dest.name}"
         else:
             h["destination"] = f"/queue/{dest.name}"
             h.update(self.queue_headers(dest.name))
@@ -246,10 +257,7 @@ class StompBackend(Backend):
 
     # -- consuming -------------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
-        client_id = None
-        if isinstance(destination, Topic) and subscription and self.flavour == "activemq":
-            client_id = f"mqprimer.{subscription}"  # durable subscriptions are keyed by client-id + name
-        link = self.new_link(client_id)
+        link = self.new_link()
         try:
             return StompSubscription(self, link, destination, prefetch, subscription)
         except BaseException:
@@ -282,7 +290,10 @@ class StompSubscription(Subscription):
             if subscription and flavour == "rabbitmq":
                 t.update({"id": subscription, "durable": "true", "auto-delete": "false"})
             elif subscription and flavour == "activemq":
-                t["activemq.subscriptionName"] = subscription
+                # the group's queue, which ActiveMQ fills from the virtual topic (a pattern makes a
+                # wildcard queue that the broker keeps as one destination, filled while nobody reads)
+                t["destination"] = f"/queue/Consumer.{subscription.replace('.', '~')}.{stomp_dest[len('/topic/'):]}"
+                t["id"] = _GROUP_ID
             elif subscription:
                 raise UnsupportedError(f"durable topic subscriptions are not supported by the {flavour} STOMP broker")
             frames.append(t)
@@ -308,8 +319,10 @@ class StompSubscription(Subscription):
             if frame is None:
                 return None
             h = frame.headers
-            if self.filter is not None and h.get("subscription") == "/topic":
-                topic = h.get("destination", "").removeprefix("/topic/")
+            if self.filter is not None and h.get("subscription") in ("/topic", _GROUP_ID):
+                # a group's copy names its topic in original-destination (ActiveMQ virtual topics)
+                topic = h.get("original-destination") or h.get("destination", "")
+                topic = topic.removeprefix("/topic/").removeprefix(_VT)
                 if not matches(self.filter, topic):
                     self.ack_frame(frame)  # this subscription's own copy, outside the exact pattern
                     continue
@@ -342,15 +355,16 @@ class StompSubscription(Subscription):
 def _topic_destination(pattern: str, flavour: str) -> tuple[str, str | None]:
     """The STOMP destination for a topic pattern and, if it is wider, the exact pattern to filter by."""
     words = pattern.split(".")
+    vt = _VT if flavour == "activemq" else ""
     if flavour == "rabbitmq" or not any(w in ("*", "#") for w in words):
-        return f"/topic/{pattern}", None
+        return f"/topic/{vt}{pattern}", None
     if flavour != "activemq":
         raise UnsupportedError(f"topic patterns are not supported by the {flavour} STOMP broker")
     if "#" not in words[:-1]:
-        return "/topic/" + ".".join(">" if w == "#" else w for w in words), None
+        return f"/topic/{vt}" + ".".join(">" if w == "#" else w for w in words), None
     # '#' before the last word has no ActiveMQ equivalent: subscribe wider, filter exactly
     head = words[: words.index("#")]
-    return "/topic/" + ".".join([*head, ">"]), pattern
+    return f"/topic/{vt}" + ".".join([*head, ">"]), pattern
 
 
 __all__ = ["CAPABILITIES", "CAPABILITIES_ACTIVEMQ", "CAPABILITIES_RABBITMQ", "CAPABILITY_ROWS", "StompBackend",

@@ -575,3 +575,6 @@ def test_failover_across_a_url_list(mq_url: str, conn: mqprimer.Connection, dest
 
 # request/reply: its own module, shipped with this suite
 from .rpc import *  # noqa: E402,F401,F403
+
+# consumer groups (shared named subscriptions): their own module too
+from .groups import *  # noqa: E402,F401,F403

@@ -90,6 +90,9 @@ def check_refused(conn: mqprimer.Connection, feature: str, dest: str, topic_root
         for pattern in (f"{topic_root}.*", f"{topic_root}.#"):
             _refused(functools.partial(conn.consumer, Topic(pattern)), f"consumer on pattern {pattern}")
         return
+    if feature == "shared_subscription":
+        _second_consumer_refused(conn, topic_root)
+        return
     if feature == "stats":
         _refused(lambda: conn.stats(dest), "stats of a queue")
         with _consumer(conn, target) as c:
@@ -174,6 +177,31 @@ def _foreign_input_is_kept(conn: mqprimer.Connection, dest: str) -> None:
             sub.close()
 
     assert conn.endpoints[0].call("raw receive", raw) == foreign, "the foreign message was dropped"
+
+
+def _second_consumer_refused(conn: mqprimer.Connection, topic_root: str) -> None:
+    """A named subscription that cannot be shared: a second consumer of it is refused (on this
+    connection and on another), the first one keeps its messages, and the name is free again
+    once the first has closed."""
+    topic = Topic(f"{topic_root}.group")
+    name = f"{topic_root}.g"
+    if not conn.capabilities.topic:
+        _refused(lambda: conn.consumer(topic, subscription=name), "a named subscription")
+        return
+    try:
+        first = conn.consumer(topic, subscription=name)
+    except UnsupportedError as exc:  # no named subscriptions at all (ZeroMQ): nothing to share
+        assert str(exc), "a named subscription: the UnsupportedError says nothing"
+        return
+    try:
+        _refused(lambda: conn.consumer(topic, subscription=name), "a second consumer of a named subscription")
+        with mqprimer.connect([ep.url.render(hide_password=False) for ep in conn.endpoints]) as other:
+            _refused(lambda: other.consumer(topic, subscription=name),
+                     "a second consumer of a named subscription on another connection")
+        _probe(conn, first, topic).ack()  # the first consumer still has the subscription's messages
+    finally:
+        first.close()
+    conn.consumer(topic, subscription=name).close()
 
 
 __all__ = ["check_refused"]
