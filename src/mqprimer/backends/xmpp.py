@@ -69,6 +69,10 @@ CAPABILITIES = Capabilities(
     ttl=EMULATED,
     retry=NATIVE,
     dead_letter=NATIVE,
+    # XEP-0060 has no competing subscribers: each consumer's session subscribes its own full JID
+    # and gets every item, so a second consumer of a named subscription is refused (in this
+    # process; docs/backend-xmpp.md) rather than left to receive duplicates
+    shared_subscription=UNSUPPORTED,
     confirmed_send=True,
     persistent=True,
     guarantee="at-most-once",

@@ -72,6 +72,9 @@ CAPABILITIES = Capabilities(
     ttl=EMULATED,
     retry=NATIVE,
     dead_letter=NATIVE,
+    # no broker holds subscription state, so there is nothing to share: named subscriptions
+    # are refused altogether (a PUB/SUB subscriber lives and dies with its socket)
+    shared_subscription=UNSUPPORTED,
     confirmed_send=False,
     persistent=False,
     guarantee="at-most-once",
