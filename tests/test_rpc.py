@@ -55,7 +55,7 @@ def _worker(url: str, dest: str, tmp_path: Path, hang: bool) -> subprocess.Popen
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["sqlite", "beanstalk", "amqp"])
+@pytest.mark.parametrize("backend", ["sqlite", "beanstalk", "amqp", "stomp-rabbitmq", "stomp-activemq"])
 def test_worker_killed_mid_request_the_caller_still_gets_exactly_one_reply(backend: str, tmp_path: Path) -> None:
     url = _url(backend, tmp_path)
     dest = f"rpc-kill-{uuid.uuid4().hex[:8]}"
@@ -187,3 +187,35 @@ def test_a_hand_written_beanstalk_client_is_answered_through_the_envelope_alone(
         c.close()
         worker.stop()
         th.join(20)
+
+
+@pytest.mark.parametrize("backend", ["stomp-rabbitmq", "stomp-activemq"])
+def test_stomp_a_reply_to_a_caller_that_has_gone_is_dropped_and_the_service_goes_on(backend: str) -> None:
+    """ActiveMQ refuses a SEND to a deleted temporary queue (an ERROR that ends the connection);
+    RabbitMQ takes it and drops it. Either way the service is not failed by a late reply."""
+    url = need_broker(backend)
+    dest = f"rpc-gone-{uuid.uuid4().hex[:8]}"
+    with mqprimer.connect(url) as service, service.consumer(dest) as c:
+        caller = mqprimer.connect(url)
+        timed_out: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                caller.request(dest, "slow", timeout=1.0)
+            except mqprimer.Timeout as exc:
+                timed_out.append(exc)
+
+        th = threading.Thread(target=call)
+        th.start()
+        m = c.receive(timeout=10)
+        assert m is not None and m.reply_to is not None
+        th.join(10)
+        assert timed_out
+        caller.close()  # its temporary queue is deleted with its connection
+        m.reply("too late")  # no error: the caller has gone
+        m.ack()
+        with mqprimer.connect(url) as again:
+            t = threading.Thread(target=lambda: (lambda r: (r.reply("on time"), r.ack()))(c.receive(timeout=10)))
+            t.start()
+            assert again.request(dest, "now", timeout=10).body == "on time"
+            t.join(10)

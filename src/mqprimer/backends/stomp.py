@@ -54,12 +54,14 @@ from ..backend import (
     Destination,
     Outgoing,
     Queue,
+    ReplyPath,
     Subscription,
     Topic,
 )
 from ..errors import ConfigurationError, UnsupportedError
 from ..topics import matches
 from ._stomp_link import ConnectionLost, Link, StompAuthError, StompBrokerError, encode_frame
+from ._stomp_reply import StompReplyPath
 
 _COMMON = dict(
     topic=NATIVE, retry=EMULATED, dead_letter=EMULATED, status=UNSUPPORTED,
@@ -67,6 +69,7 @@ _COMMON = dict(
 )
 CAPABILITIES_RABBITMQ = Capabilities(
     name="stomp-rabbitmq", patterns=NATIVE, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,
+    request_reply=NATIVE,  # /temp-queue/ reply queues (_stomp_reply.py)
     shared_subscription=NATIVE,  # a durable SUBSCRIBE: one queue per destination and id
     notes="RabbitMQ STOMP plugin: AMQP topic patterns, x-max-priority queues, delay by TTL queues that "
     "dead-letter back; retry and dead letters (<queue>.dead) by republish then ACK",
@@ -74,6 +77,7 @@ CAPABILITIES_RABBITMQ = Capabilities(
 )
 CAPABILITIES_ACTIVEMQ = Capabilities(
     name="stomp-activemq", patterns=EMULATED, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,
+    request_reply=NATIVE,  # /temp-queue/ reply queues (_stomp_reply.py)
     shared_subscription=NATIVE,  # virtual topics: queue Consumer.<name>.VirtualTopic.<pattern>
     notes="ActiveMQ 5.x: needs schedulerSupport (delay) and prioritizedMessages (priority); '#' other than "
     "last is matched by filtering a wider '>' subscription; topics are virtual topics (VirtualTopic.<name>), "
@@ -113,6 +117,7 @@ class StompBackend(Backend):
         self.link: Link | None = None
         self.links: set[Link] = set()
         self.declared: set[str] = set()  # RabbitMQ queues known to exist (delayed sends need them)
+        self._reply_link: Link | None = None  # replies (send_reply) go out on a connection of their own
 
     # -- connections -----------------------------------------------------------------
     def new_link(self, client_id: str | None = None) -> Link:
@@ -159,7 +164,7 @@ class StompBackend(Backend):
     def close(self) -> None:
         for link in list(self.links):
             self.drop(link)
-        self.link = None
+        self.link = self._reply_link = None
 
     def main(self) -> Link:
         if self.link is None:
@@ -255,6 +260,37 @@ class StompBackend(Backend):
             self.drop(link)
         self.declared.add(name)
 
+    # -- request/reply ---------------------------------------------------------------------
+    def reply_path(self, name: str) -> ReplyPath:
+        return StompReplyPath(self, name)
+
+    def send_reply(
+        self, address: str, payload: bytes, *, message_id: str, ttl: float | None, correlation_id: str | None = None
+    ) -> None:
+        # a broker's reply destination (/reply-queue/..., /remote-temp-queue/...) as the request
+        # frame gave it, or a queue name from a hand-written client's envelope
+        raw = address.startswith("/")
+        h = self.send_headers(Outgoing(Queue("x") if raw else Queue(address), payload, message_id, None, None, ttl))
+        h["persistent"] = "false"
+        if raw:
+            h = {k: v for k, v in h.items() if not k.startswith("x-")}
+            h["destination"] = address
+        if correlation_id:
+            h["correlation-id"] = correlation_id
+        link = self._reply_link
+        if link is None or not link.alive:
+            link = self._reply_link = self.new_link()  # its own: a refused reply must not cost the main one
+        h["receipt"] = rid = link.next_id()
+        link.write(encode_frame("SEND", h, payload))
+        try:
+            link.wait_receipts([rid])
+        except StompBrokerError:
+            self.drop(link)
+            self._reply_link = None
+            if raw and "temp-queue" in address:
+                return  # ActiveMQ refuses a deleted temporary queue: its caller is gone, the reply is late
+            raise
+
     # -- consuming -------------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         link = self.new_link()
@@ -326,7 +362,8 @@ class StompSubscription(Subscription):
                 if not matches(self.filter, topic):
                     self.ack_frame(frame)  # this subscription's own copy, outside the exact pattern
                     continue
-            return Delivery(frame.body, frame, broker_redelivered=h.get("redelivered") == "true")
+            return Delivery(frame.body, frame, broker_redelivered=h.get("redelivered") == "true",
+                            reply_to=h.get("reply-to"), correlation_id=h.get("correlation-id"))
 
     def ack_frame(self, frame: Any) -> None:
         self.link.ack(frame.headers["ack"])
