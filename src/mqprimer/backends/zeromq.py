@@ -316,7 +316,9 @@ class ZmqBackend(Backend):
         self._no_curve()
         return _ReplyPath(self.s, name)
 
-    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None,
+                   correlation_id: str | None = None) -> None:
+        # ZeroMQ frames have no correlation field of their own: the envelope carries it
         self._no_curve()
         sock = self.replies.get(address)
         if sock is None:
