@@ -219,3 +219,15 @@ def test_stomp_a_reply_to_a_caller_that_has_gone_is_dropped_and_the_service_goes
             t.start()
             assert again.request(dest, "now", timeout=10).body == "on time"
             t.join(10)
+
+
+@pytest.mark.timeout(120)
+def test_example_rpc_on_the_embedded_sqlite_default(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"), TMPDIR=str(tmp_path))
+    env.pop("MQPRIMER_URL", None)
+    r = subprocess.run([sys.executable, "-m", "examples.rpc", "--count", "2"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("resized image-") == 2 and "resized image-0.png to 320x240" in r.stdout
+    assert "missing.png: the service failed the request: no such image" in r.stdout
