@@ -55,7 +55,7 @@ def _worker(url: str, dest: str, tmp_path: Path, hang: bool) -> subprocess.Popen
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["sqlite", "beanstalk", "amqp", "stomp-rabbitmq", "stomp-activemq"])
+@pytest.mark.parametrize("backend", ["sqlite", "beanstalk", "amqp", "stomp-rabbitmq", "stomp-activemq", "gearman"])
 def test_worker_killed_mid_request_the_caller_still_gets_exactly_one_reply(backend: str, tmp_path: Path) -> None:
     url = _url(backend, tmp_path)
     dest = f"rpc-kill-{uuid.uuid4().hex[:8]}"

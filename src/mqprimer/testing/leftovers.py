@@ -37,6 +37,21 @@ def reply_paths_left(url: str, address: str) -> bool | None:
                     break
                 data += chunk
         return f"- {address}\n" in data.decode().replace("\r\n", "\n")
+    if u.scheme == "gearman":
+        host, port = u.hosts[0]
+        with socket.create_connection((host, port or 4730), timeout=5) as s:
+            s.sendall(b"status\n")
+            data = b""
+            while not (data == b".\n" or data.endswith(b"\n.\n")):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        for line in data.decode().splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4 and parts[0] == address:
+                return any(int(x) for x in parts[1:])  # jobs queued or running, or workers on it
+        return False
     # amqp: direct reply-to declares no queue; the path is a channel, closed with its connection
     # (RabbitMQ 3.10 answers a mandatory publish to a live reply-to address with NO_ROUTE too,
     # and still delivers it, so a probe cannot tell)
