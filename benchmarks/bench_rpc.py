@@ -1,6 +1,6 @@
 """Request/reply round trips per second: mqprimer beside the raw client doing the same.
 
-Run: .venv/bin/python benchmarks/bench_rpc.py [memory sqlite beanstalk amqp gearman zmq] [--n 2000] [--json]
+Run: .venv/bin/python benchmarks/bench_rpc.py [memory sqlite beanstalk amqp stomp-rabbitmq ...] [--n 2000] [--json]
 (broker URLs from .run/brokers/urls)
 
 For each backend, in one run: a service thread answers on a queue, and a caller makes
@@ -13,9 +13,9 @@ For each backend, in one run: a service thread answers on a queue, and a caller 
   ``reply_to`` and acks; 16 in flight = 16 outstanding publishes on one channel);
   beanstalk = greenstalk (put to the service tube; the service reserves, puts the reply
   into the caller's tube named in the request, deletes; the caller reserves and deletes);
-  gearman = pygearman foreground jobs (``submit_job``; 16 in flight = ``submit_multiple_jobs``);
-  zmq = pyzmq REQ/REP (sequential; 16 in flight = DEALER/ROUTER with 16 outstanding).
-  memory and sqlite have no raw client: mqprimer only.
+  gearman = pygearman foreground jobs (``submit_job``; 16 in flight = ``submit_multiple_jobs``
+  in rounds of 16). memory, sqlite and STOMP (and zmq, whose owner measures it in
+  bench_zeromq.py) are mqprimer only here.
 """
 
 from __future__ import annotations
@@ -233,7 +233,41 @@ def bench_raw_beanstalk(url: str, n: int) -> list[Result]:
         c.close()
 
 
-RAW = {"amqp": bench_raw_amqp, "beanstalk": bench_raw_beanstalk}
+# -- raw gearmand (pygearman foreground jobs) ----------------------------------------------------
+def bench_raw_gearman(url: str, n: int) -> list[Result]:
+    import gearman  # pygearman
+
+    u = mqprimer.URL.parse(url)
+    host = f"{u.host or '127.0.0.1'}:{u.port or 4730}"
+    task = f"bench-raw-rpc-{uuid.uuid4().hex[:8]}".encode()
+    reply = _payload()
+
+    worker = gearman.GearmanWorker([host])  # a daemon thread: it serves until the process ends
+
+    def answer(w: Any, job: Any) -> bytes:
+        decode(job.data)
+        return reply
+
+    worker.register_task(task, answer)
+    th = threading.Thread(target=worker.work, kwargs={"poll_timeout": 0.1}, daemon=True)
+    th.start()
+    client = gearman.GearmanClient([host])
+
+    def one() -> None:
+        req = client.submit_job(task, _payload(), background=False, wait_until_complete=True, poll_timeout=30)
+        assert req.state == "COMPLETE", (req.state, req.exception)
+        decode(req.result)
+
+    def many(total: int) -> None:
+        for start in range(0, total, INFLIGHT):
+            jobs = [{"task": task, "data": _payload()} for _ in range(min(INFLIGHT, total - start))]
+            for req in client.submit_multiple_jobs(jobs, background=False, wait_until_complete=True, poll_timeout=30):
+                decode(req.result)
+
+    return _raw_rounds("pygearman foreground", n, one, many)
+
+
+RAW = {"amqp": bench_raw_amqp, "beanstalk": bench_raw_beanstalk, "gearman": bench_raw_gearman}
 
 
 def main() -> None:
