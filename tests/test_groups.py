@@ -13,6 +13,8 @@ import pytest
 import mqprimer
 from conftest import ROOT, need_broker
 from mqprimer import Topic
+from mqprimer.backends._stomp_link import Link
+from mqprimer.envelope import decode, encode, make
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,3 +88,48 @@ def test_a_member_sigkilled_mid_stream_gives_its_unsettled_messages_to_the_group
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_a_raw_stomp_client_joins_an_activemq_group_and_publishes_to_it() -> None:
+    """What docs/backend-stomp.md tells a client that is not mqprimer: send to
+    /topic/VirtualTopic.<topic>, join group <name> by consuming /queue/Consumer.<name>.VirtualTopic.<pattern>."""
+    url = need_broker("stomp-activemq")
+    u = mqprimer.URL.parse(url)
+    root = f"g{time.time_ns() % 10**12}"
+    pattern, name = Topic(f"{root}.orders.*"), f"{root}-billing"
+    with mqprimer.connect(url) as conn, conn.consumer(pattern, subscription=name, prefetch=1) as mine:
+        raw = Link(u.host or "127.0.0.1", u.port or 61613, login=u.username, passcode=u.password, vhost="/",
+                   heartbeat_ms=0)
+        raw.open()
+        try:
+            rid = raw.next_id()
+            raw.send_frame("SUBSCRIBE", {"destination": f"/queue/Consumer.{name}.VirtualTopic.{pattern.name}",
+                                         "id": "raw", "ack": "client-individual", "activemq.prefetchSize": "1",
+                                         "receipt": rid})
+            raw.wait_receipts([rid])
+            p = conn.producer()
+            sent = {p.send(Topic(f"{root}.orders.created"), {"i": i}) for i in range(20)}
+            # a raw SEND of an envelope to the virtual topic reaches the group too
+            env = make(id="raw-sent", source="urn:raw", type="t", body={"raw": True})
+            rid = raw.next_id()
+            raw.send_frame("SEND", {"destination": f"/topic/VirtualTopic.{root}.orders.paid", "persistent": "true",
+                                    "receipt": rid}, encode(env))
+            raw.wait_receipts([rid])
+            sent.add("raw-sent")
+            mine_got: list[str] = []
+            raw_got: list[bytes] = []
+            deadline = time.monotonic() + 30
+            while len(mine_got) + len(raw_got) < len(sent) and time.monotonic() < deadline:
+                m = mine.receive(timeout=0.05)
+                if m is not None:
+                    mine_got.append(m.id)
+                    m.ack()
+                frame = raw.get(0.05)
+                if frame is not None:
+                    raw_got.append(frame.body)
+                    raw.ack(frame.headers["ack"])
+            raw_ids = [decode(b).id for b in raw_got]
+            assert sorted(mine_got + raw_ids) == sorted(sent), "the raw member and mqprimer did not split the group"
+            assert mine_got and raw_ids, "one member of the mixed group got every message"
+        finally:
+            raw.close()
