@@ -573,8 +573,6 @@ def test_failover_across_a_url_list(mq_url: str, conn: mqprimer.Connection, dest
             m.ack()
 
 
-# request/reply: its own module, shipped with this suite
-from .rpc import *  # noqa: E402,F401,F403
-
-# consumer groups (shared named subscriptions): their own module too
+# consumer groups (shared named subscriptions) and request/reply: their own modules, shipped with this suite
 from .groups import *  # noqa: E402,F401,F403
+from .rpc import *  # noqa: E402,F401,F403
