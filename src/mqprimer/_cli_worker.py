@@ -162,7 +162,8 @@ def add_bridge(sub: Any, common: argparse.ArgumentParser) -> None:
         "after the sink confirmed it (save locally first, push second). Stops on SIGTERM/SIGINT, after --count "
         "messages or after --timeout idle seconds.",
     )
-    p.add_argument("pos", nargs=4, metavar=("SRC_URL", "SRC_DEST", "DST_URL", "DST_DEST"))
+    # one nargs="*" positional, counted in cmd_bridge: argparse's help crashes on a tuple metavar
+    p.add_argument("pos", nargs="*", metavar="SRC_URL SRC_DEST DST_URL DST_DEST")
     p.add_argument("-n", "--count", type=positive_int, help="stop after forwarding this many")
     p.add_argument("-t", "--timeout", type=non_negative, help="stop when the source was empty this many seconds")
     p.add_argument("--batch", type=positive_int, default=100, help="messages per confirmed batch (default 100)")
@@ -176,10 +177,21 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     from .envelope import encode, replace
     from .errors import ConnectionFailed
 
+    if len(args.pos) != 4:
+        raise UsageError(f"bridge takes SRC_URL SRC_DEST DST_URL DST_DEST, got {len(args.pos)} argument(s)")
     src_url, src_dest, dst_url, dst_dest = args.pos
     for u, which in ((src_url, "SRC_URL"), (dst_url, "DST_URL")):
         if "://" not in u:  # not echoed: it may be a URL with a password and a typo
             raise UsageError(f"{which} is not a URL (no scheme://); bridge takes SRC_URL SRC_DEST DST_URL DST_DEST")
+    # the sink connects lazily, so a malformed or unknown DST_URL must fail here, not after
+    # the first message arrives
+    from ._endpoint import Endpoint
+    from .url import URL
+
+    dst = url_arg(dst_url)
+    for raw in dst if isinstance(dst, list) else [dst]:
+        for one in URL.parse(raw).split_hosts():
+            Endpoint(one)
     stop = _StopFlag()
     forwarded = 0
     progress = progress_for(args, "forwarding", args.count)

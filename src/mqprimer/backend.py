@@ -158,6 +158,9 @@ class QueueStats:
     Each count is ``None`` where the broker cannot tell it (never a guess): ``ready`` waiting
     for a consumer, ``delayed`` waiting for their delay, ``reserved`` delivered and not
     settled, ``dead`` in the queue's dead letters, ``consumers`` attached now.
+    ``enqueued`` and ``dequeued`` are running totals of messages put in and taken out for
+    good, where the broker keeps them (they may restart from 0): ``mqprimer stats --watch``
+    turns them into rates.
     """
 
     destination: str
@@ -166,8 +169,10 @@ class QueueStats:
     reserved: int | None = None
     dead: int | None = None
     consumers: int | None = None
+    enqueued: int | None = None
+    dequeued: int | None = None
 
-    COUNTS: ClassVar[tuple[str, ...]] = ("ready", "delayed", "reserved", "dead", "consumers")
+    COUNTS: ClassVar[tuple[str, ...]] = ("ready", "delayed", "reserved", "dead", "consumers", "enqueued", "dequeued")
 
     def as_dict(self) -> dict[str, Any]:
         return {"destination": self.destination, **{k: getattr(self, k) for k in self.COUNTS}}

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _cli_commands, _cli_rpc, _cli_worker, _cli_zmq
+from . import _cli_commands, _cli_rpc, _cli_stats, _cli_worker, _cli_zmq
 from ._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -44,7 +44,7 @@ from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, M
 COMMANDS = (
     _cli_commands.add_send, _cli_commands.add_consume, _cli_worker.add_worker, _cli_commands.add_status,
     _cli_commands.add_dead_letters, _cli_worker.add_bridge, _cli_commands.add_doctor, _cli_commands.add_backends,
-    _cli_commands.add_bench, _cli_zmq.add_zmq_device, _cli_rpc.add_request,
+    _cli_commands.add_bench, _cli_zmq.add_zmq_device, _cli_rpc.add_request, _cli_stats.add_stats,
 )
 
 
@@ -80,10 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options anywhere among a command's arguments (``send jobs --priority 3 x``), as git,
+    pip and docker take them: argparse reads a ``nargs="*"`` positional once, so the options
+    after its first word would be refused; a command's own parser reads them intermixed."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if words and words[0] in commands:
+        command: argparse.ArgumentParser = commands[words[0]]
+        args = command.parse_intermixed_args(words[1:])
+        args.command = words[0]
+        return args
+    return parser.parse_args(words)  # --help, --version, or the error for a missing or unknown command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     _setup_logging(args)
     try:
         code: int = args.func(args)

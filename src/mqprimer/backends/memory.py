@@ -64,10 +64,10 @@ _Ready = tuple[int, int, _Item]  # (-priority, seq, item)
 
 
 class _Q:
-    __slots__ = ("ready", "delayed", "inflight", "consumers")
+    __slots__ = ("ready", "delayed", "inflight", "consumers", "enqueued", "dequeued")
 
     def __init__(self) -> None:
-        self.consumers = 0
+        self.consumers = self.enqueued = self.dequeued = 0
         self.ready: list[_Ready] = []
         self.delayed: list[tuple[float, int, _Item]] = []
         self.inflight: dict[int, tuple[_Item, str]] = {}
@@ -92,6 +92,7 @@ class _Broker:
         now = time.monotonic()
         item = _Item(next(self.seq), mid, payload, now + delay + ttl if ttl else None, priority)
         q = self.q(name)
+        q.enqueued += 1
         if delay > 0:
             heapq.heappush(q.delayed, (now + delay, item.seq, item))
             self.status[mid] = Status.DELAYED
@@ -179,7 +180,7 @@ class MemoryBackend(Backend):
             live = sum(1 for _, _, it in q.ready if it.expires is None or it.expires > now)
             return QueueStats(destination.name, ready=live + due, delayed=len(q.delayed) - due,
                               reserved=len(q.inflight), dead=len(dead.ready) + len(dead.inflight),
-                              consumers=q.consumers)
+                              consumers=q.consumers, enqueued=q.enqueued, dequeued=q.dequeued)
 
 
 class _MemorySub(Subscription):
@@ -209,6 +210,7 @@ class _MemorySub(Subscription):
                 while q.ready:
                     item = heapq.heappop(q.ready)[2]
                     if item.expires is not None and item.expires <= now:
+                        q.dequeued += 1
                         b.status[item.mid] = Status.UNKNOWN
                         continue
                     tag = item.seq
@@ -224,8 +226,9 @@ class _MemorySub(Subscription):
                     return None
                 b.cond.wait(wait)
 
-    def _take(self, d: Delivery) -> _Item:
+    def _take(self, d: Delivery, gone: bool = True) -> _Item:
         item, _ = self.q.inflight.pop(d.tag)
+        self.q.dequeued += gone
         self.tags.discard(d.tag)
         return item
 
@@ -235,7 +238,7 @@ class _MemorySub(Subscription):
 
     def requeue(self, d: Delivery) -> None:
         with self.b.cond:
-            item = self._take(d)
+            item = self._take(d, gone=False)
             heapq.heappush(self.q.ready, (-item.priority, item.seq, item))
             self.b.status[item.mid] = Status.READY
             self.b.wake()

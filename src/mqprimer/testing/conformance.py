@@ -435,7 +435,7 @@ def test_stats_count_ready_reserved_dead_and_consumers(conn: mqprimer.Connection
     p = conn.producer()
     for i in range(3):
         p.send(dest, i)
-    expect("3 sent", ready=3, reserved=0, consumers=0)
+    expect("3 sent", ready=3, reserved=0, consumers=0, enqueued=3, dequeued=0)
     dead, attached = 0, len(conn.endpoints)  # a consumer reads from every URL of a list at once
     with conn.consumer(dest, prefetch=1) as c:
         m = _one(c)
@@ -449,7 +449,7 @@ def test_stats_count_ready_reserved_dead_and_consumers(conn: mqprimer.Connection
             m.dead_letter("stats test")
             dead = 1
             expect("1 dead-lettered", reserved=0, dead=1)
-    expect("consumer closed", ready=2 - dead, reserved=0, dead=dead, consumers=0)
+    expect("consumer closed", ready=2 - dead, reserved=0, dead=dead, consumers=0, enqueued=3, dequeued=1 + dead)
     if caps.delay:
         p.send(dest, "later", delay=30)
         expect("1 delayed", delayed=1)
