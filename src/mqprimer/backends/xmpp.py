@@ -233,9 +233,11 @@ class XmppBackend(Backend):
             iq_id, data = self._publish_iq(s, node, it.message_id, it.payload)
             inflight.append((node, s.send_iq(iq_id, data, f"publish to {node}")))
             if len(inflight) >= _WINDOW:
-                error = error or self._settled(inflight.popleft())
+                failed = self._settled(inflight.popleft())
+                error = error or failed
         while inflight:
-            error = error or self._settled(inflight.popleft())
+            failed = self._settled(inflight.popleft())
+            error = error or failed
         if error is not None:
             raise error
 
