@@ -53,7 +53,8 @@ def test_a_member_sigkilled_mid_stream_gives_its_unsettled_messages_to_the_group
     child = subprocess.Popen([sys.executable, "-c", _MEMBER, url, pattern.name, name], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready", f"the member process did not start ({child.wait(10)})"
         with mqprimer.connect(url) as conn, conn.consumer(pattern, subscription=name, prefetch=1) as mine:
             p = conn.producer()
             sent = {p.send(Topic(f"{root}.orders.created"), {"i": i}) for i in range(N)}
