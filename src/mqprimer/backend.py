@@ -119,6 +119,10 @@ class Capabilities:
     # conn.stats(queue): NATIVE where the broker reports counts (those it cannot tell are None,
     # never guessed: see QueueStats and the backend's docs); UNSUPPORTED when it tells nothing
     stats: Support = UNSUPPORTED
+    # several consumers on one named topic subscription (conn.consumer(Topic(...),
+    # subscription="billing")) share its messages, each delivered to one of them (a consumer
+    # group); UNSUPPORTED: a second consumer of a name already consumed is refused
+    shared_subscription: Support = UNSUPPORTED
     confirmed_send: bool = True
     persistent: bool = False
     guarantee: str = "at-least-once"  # or "at-most-once"
@@ -147,7 +151,7 @@ class Capabilities:
 
 FEATURES = (
     "queue", "topic", "patterns", "priority", "delay", "ttl", "retry", "dead_letter", "status", "request_reply",
-    "stats",
+    "stats", "shared_subscription",
 )
 
 
