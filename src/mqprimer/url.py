@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
-from .errors import InvalidURL
+from .errors import ConfigurationError, InvalidURL
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$", re.S)
 _MASK = "***"
@@ -80,6 +80,19 @@ class URL:
 
     def param(self, key: str, default: str | None = None) -> str | None:
         return self.params.get(key, default)
+
+    def seconds(self, key: str, default: float) -> float:
+        """A duration option such as ``io_timeout``: a number of seconds from 0.1 to a day."""
+        raw = self.params.get(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0.1 <= value <= 86400:
+            raise ConfigurationError(f"{self}: {key} must be a number of seconds from 0.1 to 86400, got {raw!r}")
+        return value
 
     def split_hosts(self) -> list["URL"]:
         """One URL per host, for URLs that list several (high availability)."""

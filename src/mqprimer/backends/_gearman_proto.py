@@ -81,7 +81,7 @@ class Link:
             # kernel-side timeouts on a blocking socket: Python's own socket timeout adds a
             # poll() before every call (the beanstalk driver measured ~0.6x throughput)
             sock.settimeout(None)
-            tv = struct.pack("ll", int(io_timeout), 0)
+            tv = struct.pack("ll", int(io_timeout), int(io_timeout % 1 * 1e6))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -90,6 +90,7 @@ class Link:
             sock.close()
             raise
         self.sock = sock
+        self.io_timeout = io_timeout
         self.buf = bytearray()
         self.send: Callable[[bytes], None] = sock.sendall
 
@@ -183,6 +184,10 @@ class GearmanSub(Subscription):
         self.regrab_at = 0.0  # when a sleeping consumer grabs anyway (delayed jobs), epoch s
         self.burst = 1
         self.errors: list[GearmanError] = []
+        # when the oldest unanswered request went out (or the last answer came): the answers
+        # are awaited with select(), which the socket's I/O timeout does not bound, so a hung
+        # gearmand would otherwise look like an empty queue forever
+        self.heard = time.monotonic()
 
     # -- the answers -----------------------------------------------------------------
     def _take(self) -> None:
@@ -192,6 +197,8 @@ class GearmanSub(Subscription):
         except GearmanError as exc:  # a refused WORK_COMPLETE: no request is answered by it
             self.errors.append(exc)
             return
+        finally:
+            self.heard = time.monotonic()
         if cmd == JOB_ASSIGN_UNIQ:
             self.answered += 1
             self.ready.append(Delivery(args[3], (args[0], args[2])))
@@ -230,7 +237,10 @@ class GearmanSub(Subscription):
                 return d
             left = 3600.0 if deadline is None else deadline - time.monotonic()
             if self.answered < self.sent or self.link.buffered():
-                if not self._wait(left):
+                overdue = self.heard + self.link.io_timeout - time.monotonic()
+                if not self._wait(min(left, overdue)):
+                    if overdue <= left:
+                        raise TimeoutError("gearmand did not answer within the I/O timeout")
                     return None
                 self._take()
                 while self.link.buffered():
@@ -244,6 +254,8 @@ class GearmanSub(Subscription):
                 continue
             if not self.empty:
                 n = min(room, self.burst)
+                if self.answered == self.sent:
+                    self.heard = time.monotonic()
                 self.link.send(_GRAB * n)
                 self.sent += n
                 self.burst = min(self.burst * 2, _BURST_MAX)

@@ -92,8 +92,12 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         heartbeat_ms: int,
         ssl: dict[str, Any] | None = None,
         extra_connect_headers: dict[str, str] | None = None,
+        io_timeout: float = RECEIPT_TIMEOUT,
     ) -> None:
         _silence_stomp_py()
+        # how long the broker may leave a CONNECT or a receipt unanswered (?io_timeout=)
+        self.connect_timeout = min(CONNECT_TIMEOUT, io_timeout)
+        self.receipt_timeout = io_timeout
         self.conn = stomp.Connection12(
             [(host, port)],
             heartbeats=(heartbeat_ms, heartbeat_ms),
@@ -165,7 +169,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
         self.conn.connect(self._login, self._passcode, wait=False, headers=self._extra)
-        deadline = time.monotonic() + CONNECT_TIMEOUT
+        deadline = time.monotonic() + self.connect_timeout
         with self.cond:
             while not self.connected:
                 if self.error is not None:
@@ -176,7 +180,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
                     raise ConnectFailedException("connection closed during the STOMP handshake")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ConnectFailedException(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
+                    raise ConnectFailedException(f"no CONNECTED frame within {self.connect_timeout:g}s")
                 self.cond.wait(min(left, 0.25))
 
     def close(self) -> None:
@@ -246,10 +250,11 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
                 self.cond.wait(min(left, 0.5))
         return True
 
-    def wait_receipts(self, rids: Iterable[str], timeout: float = RECEIPT_TIMEOUT) -> None:
+    def wait_receipts(self, rids: Iterable[str], timeout: float | None = None) -> None:
         """Return when the broker acknowledged every receipt id; raise on ERROR or loss."""
         pending = set(rids)
-        deadline = time.monotonic() + timeout
+        wait = self.receipt_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         with self.cond:
             while True:
                 got = pending & self.receipts
@@ -270,7 +275,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
                     break
                 self.cond.wait(min(left, 1.0))
         self.close()  # a broker that stops answering is treated as gone
-        raise ConnectionLost(f"no RECEIPT from the broker within {timeout:.0f}s")
+        raise ConnectionLost(f"no RECEIPT from the broker within {wait:g}s")
 
     # -- acknowledgements ------------------------------------------------------------------
     # One write per ACK costs more than the ACK itself here (a system call and a GIL hand-off

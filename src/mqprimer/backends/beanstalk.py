@@ -1,4 +1,4 @@
-"""``beanstalk://host[:port][,host2[:port2]...][?ttr=SECONDS]``: beanstalkd via greenstalk.
+"""``beanstalk://host[:port][,host2[:port2]...][?ttr=SECONDS&io_timeout=SECONDS]``: beanstalkd via greenstalk.
 
 Queue-only (a tube per queue). How mqprimer maps onto beanstalkd (docs/backend-beanstalk.md):
 
@@ -16,6 +16,8 @@ Queue-only (a tube per queue). How mqprimer maps onto beanstalkd (docs/backend-b
   server is not made: the original is buried in place and listed too.
 - TTR (``?ttr=``, default 60 s) is a lease; the TTL (expiry) is the portable check on receive.
 - status: ``stats-job`` on the job id recorded when this process sent the message.
+- ``io_timeout`` (seconds, default 30): how long the server may leave a command unanswered
+  (a connection's handshake: at most 5 s) before the connection counts as lost.
 """
 
 from __future__ import annotations
@@ -156,19 +158,20 @@ def _tube(dest: Destination) -> str:
     return name
 
 
-def _connect(host: str, port: int, use: str | None = None, watch: str | None = None) -> "greenstalk.Client[bytes]":
-    sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
+def _connect(host: str, port: int, use: str | None = None, watch: str | None = None,
+             io_timeout: float = _IO_TIMEOUT) -> "greenstalk.Client[bytes]":
+    sock = socket.create_connection((host, port), timeout=min(_CONNECT_TIMEOUT, io_timeout))
     try:
         # a blocking socket with kernel-side timeouts: Python's own socket timeout would add
         # a poll() before every send and receive (measured: ~0.6x the throughput)
         sock.settimeout(None)
         # the handshake (use/watch, open()'s stats) gets the connect timeout: a hung server
         # would otherwise hold every reconnect attempt for the whole I/O timeout
-        _io_timeout(sock, _CONNECT_TIMEOUT)
+        _io_timeout(sock, min(_CONNECT_TIMEOUT, io_timeout))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         client = greenstalk.Client(sock, encoding=None, use=use or "default", watch=watch or "default")
         if use or watch:
-            _io_timeout(sock, _IO_TIMEOUT)
+            _io_timeout(sock, io_timeout)
         return client
     except BaseException:
         sock.close()
@@ -176,7 +179,7 @@ def _connect(host: str, port: int, use: str | None = None, watch: str | None = N
 
 
 def _io_timeout(sock: socket.socket, seconds: float) -> None:
-    tv = struct.pack("ll", int(seconds), 0)
+    tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
@@ -186,7 +189,7 @@ class BeanstalkBackend(Backend):
     # greenstalk raises ConnectionError('Unexpected EOF') (an OSError) on a lost server, and
     # asserts on a reply cut mid-line
     connection_errors = (OSError, AssertionError)
-    url_params: ClassVar[frozenset[str]] = frozenset({"ttr"})
+    url_params: ClassVar[frozenset[str]] = frozenset({"ttr", "io_timeout"})
     lease_param = "ttr"
 
     def __init__(self, url: URL) -> None:
@@ -199,15 +202,16 @@ class BeanstalkBackend(Backend):
         if not ttr.isdigit() or not 1 <= int(ttr) <= 2**32 - 1:
             raise ConfigurationError(f"{url}: ttr must be a whole number of seconds >= 1, got {ttr!r}")
         self.ttr = int(ttr)
+        self.io_timeout = url.seconds("io_timeout", _IO_TIMEOUT)
         self.client: greenstalk.Client[bytes] | None = None
         self.used = "default"
         self.used_dest: Destination | None = None  # the destination last checked and used
 
     def open(self) -> None:
-        self.client = _connect(self.host, self.port)
+        self.client = _connect(self.host, self.port, io_timeout=self.io_timeout)
         self.used, self.used_dest = "default", None
         limit = int(self.client.stats()["max-job-size"])
-        _io_timeout(self.client._sock, _IO_TIMEOUT)
+        _io_timeout(self.client._sock, self.io_timeout)
         if limit != CAPABILITIES.max_message_size:
             hint = f"this server was started with -z {limit}; {CAPABILITIES.size_limit_hint}"
             self.capabilities = dataclasses.replace(CAPABILITIES, max_message_size=limit, size_limit_hint=hint)
@@ -289,7 +293,8 @@ class BeanstalkBackend(Backend):
 
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         tube = _tube(destination)
-        return _BeanstalkSub(self, tube, _connect(self.host, self.port, use=tube, watch=tube))
+        client = _connect(self.host, self.port, use=tube, watch=tube, io_timeout=self.io_timeout)
+        return _BeanstalkSub(self, tube, client)
 
     def delete_queue(self, name: str) -> None:
         # a tube exists while watched or not empty: deleting the late replies left in a reply
@@ -350,6 +355,8 @@ class _BeanstalkSub(Subscription):
         self.c = client
         self.used = tube
         self.host, self.port, self.ttr = backend.host, backend.port, backend.ttr
+        self.io_timeout = backend.io_timeout
+        self.asked_at = 0.0  # when the pending reserve went out
         # a job's TTR is set by its producer; this assumes the producer used the same ?ttr=
         self.delivery_lease = float(backend.ttr)
         self.max_size = backend.capabilities.max_message_size or CAPABILITIES.max_message_size or 0
@@ -411,8 +418,14 @@ class _BeanstalkSub(Subscription):
                 c._sock.sendall(b"reserve-with-timeout %d\r\n" % _WAIT)
                 self.pending = True
                 self.gave_up = None
+                self.asked_at = time.monotonic()
+            # select() is not bounded by the socket's I/O timeout: a hung server would look
+            # like an empty tube for ever, so an answer overdue by io_timeout is a lost link
+            overdue = max(self.asked_at + _WAIT + self.io_timeout - time.monotonic(), 0.0)
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if not select.select([c._sock], [], [], left)[0]:
+            if not select.select([c._sock], [], [], overdue if left is None else min(left, overdue))[0]:
+                if left is None or overdue <= left:
+                    raise TimeoutError("beanstalkd did not answer a reserve within the I/O timeout")
                 self.gave_up = time.monotonic()
                 return None
             self.pending = False

@@ -1,4 +1,4 @@
-"""``gearman://host[:port][,host2[:port2]...][?timeout=SECONDS]``: gearmand, background jobs.
+"""``gearman://host[:port][,host2[:port2]...][?timeout=SECONDS&io_timeout=SECONDS]``: gearmand, background jobs.
 
 Queue-only: a Gearman function is a queue, a background job a message. How mqprimer maps
 onto gearmand 1.1 (docs/backend-gearman.md has the measurements behind each line):
@@ -24,6 +24,8 @@ onto gearmand 1.1 (docs/backend-gearman.md has the measurements behind each line
   gives it to another worker; the late ack of the first worker is refused. The lease
   cannot be renewed, so ``touch()`` is refused then. Without it a hung handler keeps its
   job until its connection drops.
+- ``?io_timeout=S`` (default 30): how long gearmand may leave a request unanswered before the
+  connection counts as lost (a hung gearmand surfaces as ConnectionFailed, then reconnects).
 - status: ``GET_STATUS_UNIQUE`` by message id, from any process (delayed shows as ready
   except in the process that sent it; done and unknown are the same: gearmand forgets).
 """
@@ -123,7 +125,7 @@ def _unique(message_id: str, fn: bytes) -> bytes:
 class GearmanBackend(Backend):
     capabilities = CAPABILITIES
     connection_errors = (OSError,)  # socket errors, EOF and gp.ProtocolError (a ConnectionError)
-    url_params: ClassVar[frozenset[str]] = frozenset({"timeout"})
+    url_params: ClassVar[frozenset[str]] = frozenset({"timeout", "io_timeout"})
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
@@ -135,6 +137,7 @@ class GearmanBackend(Backend):
         if raw and (not raw.isdigit() or not 1 <= int(raw) <= 2**31 - 1):
             raise ConfigurationError(f"{url}: timeout must be a whole number of seconds >= 1, got {raw!r}")
         self.job_timeout = int(raw) if raw else None
+        self.io_timeout = url.seconds("io_timeout", _IO_TIMEOUT)
         self.link: Link | None = None
         # (function, unique) of the jobs this backend's subscriptions hold: a copy of one of
         # them (retry, requeue) needs another unique, or gearmand would merge the two
@@ -144,7 +147,7 @@ class GearmanBackend(Backend):
         self.funcs: dict[Destination, bytes] = {}
 
     def open(self) -> None:
-        self.link = Link(self.host, self.port, _CONNECT_TIMEOUT, _IO_TIMEOUT)
+        self.link = Link(self.host, self.port, min(_CONNECT_TIMEOUT, self.io_timeout), self.io_timeout)
         self.link.send(packet(gp.ECHO_REQ, b"mqprimer"))  # a real round trip before "connected"
         self.link.read()
 
@@ -217,7 +220,7 @@ class GearmanBackend(Backend):
 
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         fn = _function(destination)
-        link = Link(self.host, self.port, _CONNECT_TIMEOUT, _IO_TIMEOUT)
+        link = Link(self.host, self.port, min(_CONNECT_TIMEOUT, self.io_timeout), self.io_timeout)
         try:
             if self.job_timeout:
                 link.send(packet(gp.CAN_DO_TIMEOUT, fn, b"%d" % self.job_timeout))

@@ -1,6 +1,6 @@
 """``stomp://`` and ``stomp+ssl://``: STOMP 1.2 through stomp.py, on RabbitMQ or ActiveMQ.
 
-``stomp://user:pass@host:61613/[vhost]?flavour=auto|rabbitmq|activemq&heartbeat=4``
+``stomp://user:pass@host:61613/[vhost]?flavour=auto|rabbitmq|activemq&heartbeat=4&io_timeout=30``
 ``stomp+ssl://user:pass@host:61614/?cafile=ca.pem&certfile=c.pem&keyfile=c.key&verify=true``
 
 One backend, two brokers that behave differently; the flavour comes from the CONNECTED
@@ -32,6 +32,8 @@ headers below. What mqprimer does about each difference:
   ``Consumer.*.`` prefix takes one word), which the broker fills while nobody consumes.
 - each subscription has its own STOMP connection, so closing it (DISCONNECT) makes both
   brokers give every unacked message back.
+- ``io_timeout`` (seconds, default 30): how long a receipt may take, and a CONNECT (at most
+  15 s); past it the connection counts as lost (a hung broker surfaces as ConnectionFailed).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from ..backend import (
 )
 from ..errors import ConfigurationError, UnsupportedError
 from ..topics import matches
-from ._stomp_link import ConnectionLost, Link, StompAuthError, StompBrokerError, encode_frame
+from ._stomp_link import RECEIPT_TIMEOUT, ConnectionLost, Link, StompAuthError, StompBrokerError, encode_frame
 from ._stomp_reply import StompReplyPath
 
 _COMMON = dict(
@@ -109,10 +111,11 @@ class StompBackend(Backend):
     capabilities = CAPABILITIES
     connection_errors = (StompException, OSError)
     auth_errors = (StompAuthError,)
-    url_params = frozenset({"flavour", "heartbeat", "vhost", "cafile", "certfile", "keyfile", "verify"})
+    url_params = frozenset({"flavour", "heartbeat", "vhost", "cafile", "certfile", "keyfile", "verify", "io_timeout"})
 
     def __init__(self, url: Any) -> None:
         super().__init__(url)
+        self.io_timeout = self.url.seconds("io_timeout", RECEIPT_TIMEOUT)
         self.flavour = "generic"
         self.link: Link | None = None
         self.links: set[Link] = set()
@@ -137,7 +140,7 @@ class StompBackend(Backend):
         extra = {"client-id": client_id} if client_id else None
         link = Link(u.host or "127.0.0.1", u.port or (61614 if tls else 61613), login=u.username,
                     passcode=u.password, vhost=vhost, heartbeat_ms=heartbeat_ms, ssl=ssl,
-                    extra_connect_headers=extra)
+                    extra_connect_headers=extra, io_timeout=self.io_timeout)
         self.links.add(link)
         try:
             link.open()

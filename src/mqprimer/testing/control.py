@@ -28,16 +28,19 @@ from .proxy import Proxy
 FAST_FAILURE: dict[str, dict[str, str]] = {
     "amqp": {"heartbeat": "1", "connect_timeout": "2"},
     "amqps": {"heartbeat": "1", "connect_timeout": "2"},
-    "stomp": {"heartbeat": "1"},
-    "stomp+ssl": {"heartbeat": "1"},
+    "stomp": {"heartbeat": "0.5", "io_timeout": "1"},
+    "stomp+ssl": {"heartbeat": "0.5", "io_timeout": "1"},
+    "beanstalk": {"io_timeout": "1"},
+    "gearman": {"io_timeout": "1"},
     "xmpp": {"timeout": "2"},  # keepalive ping every 2 s, 2 s to answer; session start within 2 s
 }
 #: the documented bound (seconds) within which a frozen broker must surface as an error
-#: (pika: 2 x (heartbeat + 5 s) to notice, then reconnect attempts of connect_timeout each;
-#: STOMP: heart-beats notice in ~2.5 s, a send waits up to its 30 s receipt timeout, then each
-#: reconnect waits up to the 15 s CONNECT timeout (the driver has no option to shorten them);
-#: beanstalk: its 30 s I/O timeout, then a 5 s handshake timeout per reconnect attempt)
-FROZEN_LIMIT: dict[str, float] = {"amqp": 30.0, "amqps": 30.0, "stomp": 60.0, "stomp+ssl": 60.0, "beanstalk": 55.0}
+#: with the options above (pika: 2 x (heartbeat + 5 s) to notice, then reconnect attempts of
+#: connect_timeout each; STOMP: heart-beats notice in ~2.5 s, a receipt or a CONNECT waits
+#: io_timeout; beanstalk and gearman: an unanswered command or reserve waits io_timeout;
+#: each then spends up to reconnect_timeout=3 s in reconnect attempts of io_timeout each)
+FROZEN_LIMIT: dict[str, float] = {"amqp": 30.0, "amqps": 30.0, "stomp": 15.0, "stomp+ssl": 15.0,
+                                  "beanstalk": 15.0, "gearman": 15.0, "xmpp": 30.0}
 
 
 class NotApplicable(Exception):
