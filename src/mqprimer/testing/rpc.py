@@ -182,7 +182,7 @@ def test_worker_replies_and_dead_lettered_request_gets_remote_error(
         with pytest.raises(RemoteError, match="poison pill"):
             conn.request(dest, "poison", timeout=15)
         with pytest.raises(Timeout):  # a handler returning None sends no reply
-            conn.request(dest, "nothing", timeout=1.0)
+            conn.request(dest, "nothing", timeout=0.5)
     finally:
         worker.stop()
         th.join(20)
