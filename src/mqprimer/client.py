@@ -24,7 +24,7 @@ from ._replies import Replies
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, QueueStats, Status, Topic
 from .consumer import Consumer
 from .deadletters import DeadLetters
-from .destinations import _QUEUE_NAME, _queue_cache, as_destination, is_pattern
+from .destinations import _QUEUE_NAME, _queue_cache, _topic_names, as_destination, is_pattern
 from .envelope import DEFAULT_MAX_SIZE, DEFAULT_TYPE, body_error, encode, fresh_format, make
 from .errors import AuthenticationError, ConfigurationError, ConnectionFailed, MessageTooLarge, StateError
 from .message import Message
@@ -69,7 +69,7 @@ class Connection:
         self._closed = False
         self._children: list[Producer | Consumer] = []
         self._limits: dict[int, tuple[object, tuple[int, str]]] = {}
-        self._fast: tuple[Backend, int] | None = None  # see _check_one
+        self._fast: tuple[Backend, int, tuple[type, ...]] | None = None  # see _check_one
         self._replies: Replies | None = None  # made by the first request()
         self._replies_lock = threading.Lock()
 
@@ -281,7 +281,7 @@ class Connection:
             # fast path: the active endpoint is connected
             fast = self._fast
             if (fast is None or fast[0] is not backend or priority is not None or delay
-                    or dest.__class__ is not Queue or len(payload) > fast[1] or ttl is not None):
+                    or dest.__class__ not in fast[2] or len(payload) > fast[1] or ttl is not None):
                 self._check_one(ep, backend, Outgoing(dest, payload, message_id, priority, delay, ttl))
             try:
                 with ep.lock:
@@ -301,10 +301,11 @@ class Connection:
         caps = backend.capabilities
         _check_send_caps(caps, [it])
         _check_size(self, ep, [it])
-        if caps.queue:
-            # until this backend is replaced, a message to a Queue without priority, delay
-            # or ttl and within this size is known to be acceptable
-            self._fast = (backend, self.size_limit(ep)[0])
+        kinds = ((Queue,) if caps.queue else ()) + ((Topic,) if caps.topic else ())
+        if kinds:
+            # until this backend is replaced, a message to a destination of these kinds
+            # without priority, delay or ttl and within this size is known to be acceptable
+            self._fast = (backend, self.size_limit(ep)[0], kinds)
 
     def _publish_slow(self, items: Sequence[Outgoing]) -> None:
         deadline = time.monotonic() + self.reconnect_timeout
@@ -454,7 +455,11 @@ class Producer:
         # The common case, kept short: it runs right after the previous send's round trip,
         # when this VM's caches are cold and each step costs ~5x (see _ids.py). It writes
         # the same bytes as build() (tests/test_envelope.py).
-        dest: Destination | None = _queue_cache.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
+        dest: Destination | None
+        if destination.__class__ is str:
+            dest = _queue_cache.get(destination)  # type: ignore[call-overload]
+        else:  # a Topic whose name was checked before (no regex per send)
+            dest = destination if destination.__class__ is Topic and destination.name in _topic_names else None  # type: ignore[union-attr,assignment]
         if dest is None:
             dest = as_destination(destination)
         if priority is not None or delay is not None:

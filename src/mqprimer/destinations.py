@@ -15,6 +15,7 @@ _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _TOPIC_PATTERN = re.compile(r"^([A-Za-z0-9_\-]+|\*|#)(\.([A-Za-z0-9_\-]+|\*|#))*$")
 _queue_cache: dict[str, Queue] = {}
+_topic_names: set[str] = set()  # names that passed _TOPIC_NAME: send() skips the regex for them
 
 
 def as_destination(dest: "str | Destination", *, pattern: bool = False) -> Destination:
@@ -42,6 +43,8 @@ def as_destination(dest: "str | Destination", *, pattern: bool = False) -> Desti
                 else "topic name (dot-separated words; no wildcards when sending)"
             )
             raise ValueError(f"invalid {what}: {dest.name!r}")
+        if not pattern and len(_topic_names) < 10_000:
+            _topic_names.add(dest.name)
         return dest
     raise TypeError(f"destination must be a str (queue) or mqprimer.Topic, not {type(dest).__name__}")
 
