@@ -49,8 +49,11 @@ def rows() -> tuple[list[Row], list[str]]:
 def _cells(r: Row) -> list[str]:
     c = r.caps
     size = f"{c.max_message_size:,} B" if c.max_message_size else "—"
+    marks = [_MARK[getattr(c, f)] for f in FEATURES]
+    if c.priority and c.priority_levels != 10:  # fewer distinct levels than mqprimer's 0..9
+        marks[FEATURES.index("priority")] += f" ({c.priority_levels} levels)"
     return [
-        c.name, " ".join(r.schemes), *(_MARK[getattr(c, f)] for f in FEATURES),
+        c.name, " ".join(r.schemes), *marks,
         "yes" if c.confirmed_send else "no", "yes" if c.persistent else "no", c.guarantee, size,
     ]
 
