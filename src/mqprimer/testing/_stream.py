@@ -36,6 +36,7 @@ class Stream:
         self.attempted = 0
         self.confirmed: list[str] = []
         self.confirmed_at: dict[str, float] = {}
+        self.calls: list[tuple[float, float, list[str]]] = []  # (started, returned, ids) per send call
         self.received: list[str] = []
         self.received_at: dict[str, float] = {}
         self.single_after_fault = 0  # send() calls that returned after mark_fault()
@@ -71,6 +72,7 @@ class Stream:
                 while i < self.total and not self._stop.is_set():
                     if self.hold_at is not None and i >= self.hold_at:
                         self._faulted.wait(120)
+                    began = time.monotonic()
                     if i % 10 < 5:
                         self.attempted += 1
                         ids = [p.send(self.dest, {"i": i})]
@@ -86,6 +88,7 @@ class Stream:
                             self.single_after_fault += 1
                         else:
                             self.batch_after_fault += 1
+                    self.calls.append((began, now, ids))
                     for mid in ids:
                         self.confirmed_at[mid] = now
                     self.confirmed.extend(ids)
@@ -151,6 +154,21 @@ class Stream:
         after = [self.received_at[m] for m, t in self.confirmed_at.items()
                  if t > self.fault_at and m in self.received_at]
         return max(0.0, min(after) - self.fault_at) if after else None
+
+    def in_flight_at_fault(self, slack: float = 0.5) -> set[str]:
+        """Ids of the send calls under way when the fault was injected (just after
+        :meth:`mark_fault`): the only ones the portable layer may have published twice."""
+        if self.fault_at is None:
+            return set()
+        at = self.fault_at
+        return {m for began, returned, ids in self.calls if began <= at + slack and returned >= at for m in ids}
+
+    def duplicated_ids(self) -> set[str]:
+        seen: set[str] = set()
+        dup: set[str] = set()
+        for m in self.received:
+            (dup if m in seen else seen).add(m)
+        return dup
 
     def figures(self) -> dict[str, Any]:
         unique = set(self.received)

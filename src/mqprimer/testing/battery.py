@@ -106,7 +106,7 @@ def test_broker_sigkill_mid_stream(target: Target) -> None:
     fig = stream.figures()
     assert stream.single_after_fault and stream.batch_after_fault, "both send paths must cross the restart"
     t.record("broker SIGKILL mid-stream", started, **fig)
-    _assert_guarantee(t, fig, broker_died=True)
+    _assert_guarantee(t, fig, broker_died=True, stream=stream)
 
 
 def test_writer_sigkill_mid_transaction(target: Target) -> None:
@@ -287,7 +287,7 @@ def test_cut_connection(target: Target) -> None:
     fig = stream.figures()
     t.record(fault, started, **fig, note=f"{reconnects} reconnects through the proxy after the cut")
     assert reconnects >= 2, "the producer and the consumer did not both reconnect after the cut"
-    _assert_guarantee(t, fig, broker_died=False)
+    _assert_guarantee(t, fig, broker_died=False, stream=stream)
 
 
 def test_failover_and_consume_from_all(target: Target) -> None:
@@ -334,4 +334,4 @@ def test_failover_and_consume_from_all(target: Target) -> None:
     fig = stream.figures()
     t.record(fault, started, **fig, note="200 sent and 200 received through the second endpoint alone")
     assert first_after == 0, f"the endpoint that was down passed {first_after} bytes: the fault was not injected"
-    _assert_guarantee(t, fig, broker_died=False)
+    _assert_guarantee(t, fig, broker_died=False, stream=stream)

@@ -32,7 +32,7 @@ FAST_FAILURE: dict[str, dict[str, str]] = {
     "stomp+ssl": {"heartbeat": "0.5", "io_timeout": "1"},
     "beanstalk": {"io_timeout": "1"},
     "gearman": {"io_timeout": "1"},
-    "xmpp": {"timeout": "2"},  # keepalive ping every 2 s, 2 s to answer; session start within 2 s
+    "xmpp": {"timeout": "1"},  # keepalive ping every 1 s, 1 s to answer; session start within 1 s
 }
 #: the documented bound (seconds) within which a frozen broker must surface as an error
 #: with the options above (pika: 2 x (heartbeat + 5 s) to notice, then reconnect attempts of
@@ -40,7 +40,14 @@ FAST_FAILURE: dict[str, dict[str, str]] = {
 #: io_timeout; beanstalk and gearman: an unanswered command or reserve waits io_timeout;
 #: each then spends up to reconnect_timeout=3 s in reconnect attempts of io_timeout each)
 FROZEN_LIMIT: dict[str, float] = {"amqp": 30.0, "amqps": 30.0, "stomp": 15.0, "stomp+ssl": 15.0,
-                                  "beanstalk": 15.0, "gearman": 15.0, "xmpp": 30.0}
+                                  "beanstalk": 15.0, "gearman": 15.0, "xmpp": 20.0}
+#: at-most-once backends whose documentation says a message the portable layer publishes
+#: again (after a lost answer) reaches a subscriber again: the battery allows duplicates of
+#: the send calls under way at a fault there, and only of those
+RESEND_DUPLICATES: dict[str, str] = {
+    "xmpp": "docs/backend-xmpp.md: the item id is the message id, so a re-published item replaces "
+            "itself on the node, but its subscribers are notified again",
+}
 
 
 class NotApplicable(Exception):
@@ -67,6 +74,8 @@ class BrokerControl:
         self.no_broker = no_broker
         self.fast_failure = dict(FAST_FAILURE.get(u.scheme, {}) if fast_failure is None else fast_failure)
         self.frozen_limit = frozen_limit or FROZEN_LIMIT.get(u.scheme, 30.0)
+        #: why a re-sent message may be delivered twice on this at-most-once backend ("" if never)
+        self.resend_duplicates = RESEND_DUPLICATES.get(u.scheme, "")
         #: the id of another battery target with the same broker and driver: this one (e.g. a
         #: host list) then runs only the faults a URL list changes (SIGKILL, failover), the
         #: others are recorded N/A with a pointer there, which keeps the suite's time down
