@@ -30,6 +30,8 @@ _ms_cache: tuple[int, str, str] = (-1, "", "")
 _sec_cache: tuple[int, str] = (-1, "")  # (second, "YYYY-MM-DDTHH:MM:SS")
 # (n // 4096, the id's last 18 characters "-vrrr-rrrrrrrrrrrr")
 _tail_cache: tuple[int, str] = (-1, "")
+# the counter's 12 bits as 3 hex digits: a lookup, not a format spec parsed per id
+_HEX3 = tuple(f"{i:03x}" for i in range(4096))
 
 
 def _reset_after_fork() -> None:
@@ -68,7 +70,7 @@ def _fresh(ms: int) -> tuple[str, str]:
     t = _tail_cache
     if n >> 12 != t[0]:
         t = _set_tail(n >> 12)
-    return f"{c[1]}{n & 0xFFF:03x}{t[1]}", c[2]
+    return f"{c[1]}{_HEX3[n & 0xFFF]}{t[1]}", c[2]
 
 
 # One stamp made ahead by prepare(), tagged with its millisecond; a list, because pop()
@@ -106,7 +108,15 @@ def stamp() -> tuple[str, str]:
             return _fresh(ms)
         if made[0] == ms:
             return made[1], made[2]
-    return _fresh(ms)
+    # _fresh(ms), inline: one call less on every send
+    c = _ms_cache
+    if ms != c[0]:
+        c = _set_ms(ms)
+    n = next(_counter)
+    t = _tail_cache
+    if n >> 12 != t[0]:
+        t = _set_tail(n >> 12)
+    return f"{c[1]}{_HEX3[n & 0xFFF]}{t[1]}", c[2]
 
 
 def new_id() -> str:
