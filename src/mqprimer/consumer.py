@@ -19,7 +19,7 @@ from ._ids import stamp
 from ._sub import _Sub
 from .backend import NATIVE, Capabilities, Delivery, Destination, Queue, Subscription, Topic
 from .destinations import is_pattern
-from .envelope import Envelope, decode, encode, make, replace
+from .envelope import Envelope, _decoder, decode, encode, make, replace
 from .errors import ConnectionFailed, EnvelopeError, MessageTooLarge, StateError, UnsupportedError
 from .message import Message, _State
 from .retry import RetryPolicy
@@ -162,10 +162,15 @@ class Consumer:
 
     def _wrap(self, s: _Sub, sub: Subscription, d: Delivery) -> Message | None:
         try:
-            env = decode(d.payload, max(self._conn.max_message_size, len(d.payload) if d.payload else 0))
-        except EnvelopeError as exc:
-            self._dead_raw(s, sub, d, f"invalid envelope: {exc}")
-            return None
+            # the schema's decoder alone: decode() below adds only the size check (moot here,
+            # the limit being at least the payload's length) and the words of its error
+            env: Envelope = _decoder.decode(d.payload)
+        except Exception:
+            try:
+                env = decode(d.payload, max(self._conn.max_message_size, len(d.payload) if d.payload else 0))
+            except EnvelopeError as exc:
+                self._dead_raw(s, sub, d, f"invalid envelope: {exc}")
+                return None
         if env.expires is not None and env.expires <= time.time() * 1000:
             log.info("message %s expired before delivery; dropped", env.id)
             self._call(s, "ack", lambda: sub.ack(d))
@@ -178,7 +183,7 @@ class Consumer:
 
     # -- settling -------------------------------------------------------------------
     def _settle_ack(self, m: Message) -> None:
-        self._settle(m, "ack", lambda sub: sub.ack(m._delivery))
+        self._settle(m, "ack", None)  # None: sub.ack, without a closure per message
 
     def _settle_retry(self, m: Message, delay: float, error: str | None) -> None:
         caps = m._sub.ep.capabilities
@@ -258,8 +263,9 @@ class Consumer:
         leases = [s.sub.delivery_lease for s in self._subs if s.sub is not None and s.sub.delivery_lease]
         return min(leases) if leases else None
 
-    def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None], settles: bool = True) -> None:
-        """Run ``fn`` on the subscription ``m`` arrived on; ``settles``: ``m`` is done after it."""
+    def _settle(self, m: Message, what: str, fn: Callable[[Subscription], None] | None,
+                settles: bool = True) -> None:
+        """Run ``fn`` (``None``: ack) on the subscription ``m`` arrived on; ``settles``: ``m`` is done after it."""
         s = m._sub
         with s.lock:
             if s.sub is None or m._generation != s.generation:
@@ -271,7 +277,10 @@ class Consumer:
                 )
             sub = s.sub
             try:
-                fn(sub)
+                if fn is None:
+                    sub.ack(m._delivery)
+                else:
+                    fn(sub)
             except (UnsupportedError, MessageTooLarge):
                 m._mark(_State.PENDING)
                 raise

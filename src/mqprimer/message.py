@@ -136,7 +136,9 @@ class Message:
     # -- outcomes -----------------------------------------------------------------
     def ack(self) -> None:
         """Done: remove the message for good."""
-        self._begin(_State.ACKED)
+        if self._state is not _State.PENDING:  # _begin, inline: the per-message path
+            self._begin(_State.ACKED)
+        self._state = _State.ACKED
         self._consumer._settle_ack(self)
 
     def retry(self, delay: float | None = None, *, error: str | None = None) -> None:
