@@ -58,6 +58,9 @@ def pytest_configure(config: pytest.Config) -> None:
         tmp = tempfile.mkdtemp(prefix="mqprimer-battery-")
         specs = ["memory=memory://battery", f"sqlite=sqlite:///{tmp}/battery.db"]
         specs += [f"{name}={url}" for name, url in broker_urls().items() if not _is_tls_twin(name, url)]
+        # zeromq: plain (at-most-once) and acknowledged (?ack=1; a short lease keeps the run short)
+        specs += [f"zeromq=zmq+tcp://127.0.0.1:{free_port_pair()}",
+                  f"zeromq-ack=zmq+tcp://127.0.0.1:{free_port_pair()}?ack=1&lease=3"]
         config.option.mq_battery = specs
 
 

@@ -29,7 +29,8 @@ def test_reliability_figures_list_every_backend_and_fault() -> None:
     doc = ROOT / "docs" / "reliability.md"
     assert doc.exists(), "docs/reliability.md is missing: run the battery, then scripts/update-reliability"
     sections = {s.split("\n", 1)[0].strip(): s for s in doc.read_text().split("\n## ")[1:]}
-    expected = {"memory", "sqlite"} | {name for name, url in broker_urls().items() if not _is_tls_twin(name, url)}
+    expected = {"memory", "sqlite", "zeromq", "zeromq-ack"}
+    expected |= {name for name, url in broker_urls().items() if not _is_tls_twin(name, url)}
     missing = sorted(expected - set(sections))
     assert not missing, f"docs/reliability.md has no figures for {missing}: run the battery, scripts/update-reliability"
     for backend in sorted(expected):

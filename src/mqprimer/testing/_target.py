@@ -20,7 +20,7 @@ FAULTS = (
     "broker SIGKILL mid-stream", "broker down at connect", "consumer SIGKILL", "frozen broker",
     "cut connection", "failover, consume from all", "poison and foreign input", "wrong credentials",
     "writer SIGKILL mid-transaction", "killed between copy and ack (retry)",
-    "killed between copy and ack (dead letter)", "native TTL", "broker size limit",
+    "killed between copy and ack (dead letter)", "native TTL", "broker size limit", "peer absent at start",
 )
 
 

@@ -55,7 +55,7 @@ __all__ = [
     "test_broker_sigkill_mid_stream", "test_consumer_process_sigkill", "test_frozen_broker",
     "test_cut_connection", "test_failover_and_consume_from_all", "test_poison_and_foreign_input",
     "test_wrong_credentials", "test_writer_sigkill_mid_transaction", "test_killed_between_copy_and_ack",
-    "test_native_ttl_is_told_apart_from_the_portable_check", "test_broker_size_limit",
+    "test_native_ttl_is_told_apart_from_the_portable_check", "test_broker_size_limit", "test_peer_absent_at_start",
 ]
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,6 +66,10 @@ def test_broker_sigkill_mid_stream(target: Target) -> None:
     t, started = target, time.monotonic()
     if t.caps.name == "memory":
         t.figures.not_applicable(t.id, "broker down at connect", "memory:// has nothing to reach")
+        t.na("broker SIGKILL mid-stream", t.control.no_broker)
+    if getattr(t.caps, "brokerless", False):
+        t.figures.not_applicable(t.id, "broker down at connect", f"{t.control.no_broker}: connecting needs "
+                                 "no peer (see peer absent at start)")
         t.na("broker SIGKILL mid-stream", t.control.no_broker)
     if not t.control.has_broker:
         start = time.monotonic()
@@ -162,6 +166,9 @@ def test_consumer_process_sigkill(target: Target) -> None:
             assert proc.stdout is not None
             held = set(proc.stdout.readline().split())
             assert held == sent, f"the holder did not get every message: {proc.stderr.read() if proc.stderr else ''}"
+            if not t.at_least_once:  # (a brokerless consumer may hold the address: it goes first)
+                proc.kill()
+                proc.wait(10)
             with conn.consumer(t.queue, prefetch=50) as c:
                 lease = c.delivery_lease
                 assert c.receive(timeout=0.5) is None, "a held message went to another consumer"
@@ -181,7 +188,8 @@ def test_consumer_process_sigkill(target: Target) -> None:
     ids = [m.id for m in got]
     fig = {"sent": 20, "confirmed": 20, "delivered": len(set(ids)), "lost": len(sent - set(ids)),
            "duplicated": len(ids) - len(set(ids)), "recovery_s": recovery}
-    t.record(fault, started, **fig)
+    t.record(fault, started, **fig, note="" if t.at_least_once else "at-most-once: what the killed process had read "
+             "is gone with it (measured)")
     assert fig["duplicated"] == 0, fig
     if not t.at_least_once:
         return  # at-most-once: what the dead process held may be gone (the figures say how much)
@@ -335,3 +343,27 @@ def test_failover_and_consume_from_all(target: Target) -> None:
     t.record(fault, started, **fig, note="200 sent and 200 received through the second endpoint alone")
     assert first_after == 0, f"the endpoint that was down passed {first_after} bytes: the fault was not injected"
     _assert_guarantee(t, fig, broker_died=False, stream=stream)
+
+
+def test_peer_absent_at_start(target: Target) -> None:
+    """Brokerless: the producer sends (send() and send_many()) before any consumer exists;
+    one starts later and gets what the backend documents (zeromq: every message)."""
+    t, started, fault = target, time.monotonic(), "peer absent at start"
+    if not getattr(t.caps, "brokerless", False):
+        t.na(fault, "a broker holds the messages until a consumer comes: see broker down at connect")
+    with mqprimer.connect(t.url) as conn:
+        p = conn.producer()
+        sent = [p.send(t.dest, {"i": i}) for i in range(25)]
+        sent += p.send_many([(t.dest, {"i": 25 + i}) for i in range(25)])
+        with mqprimer.connect(t.url) as later, later.consumer(t.dest, prefetch=50) as c:
+            came = last = time.monotonic()
+            got: list[str] = []
+            while (m := c.receive(timeout=3)) is not None:
+                got.append(m.id)
+                last = time.monotonic()
+                m.ack()
+            recovery = last - came
+    fig = {"sent": 50, "confirmed": 50, "delivered": len(set(got)), "lost": len(set(sent) - set(got)),
+           "duplicated": len(got) - len(set(got)), "recovery_s": recovery}
+    t.record(fault, started, **fig, note="50 sent before any consumer existed")
+    assert fig["lost"] == 0 and fig["duplicated"] == 0, fig
