@@ -92,12 +92,12 @@ def test_dead_letters_actions_each_refuse_bad_use(capsys: pytest.CaptureFixture[
         _check(argv, 2, capsys)
 
 
-@pytest.mark.parametrize("n, argv", enumerate([
+@pytest.mark.parametrize("n, argv", list(enumerate([
     ["send", "jobs", "--priority", "3", "x"],
     ["send", "jobs", "--priority", "3", "--", "x"],
     ["send", "--priority", "3", "jobs", "x"],
     ["send", "memory://cli-walk", "--priority", "3", "jobs", "-H", "k=v", "x"],
-]), ids=["between", "between-then-dashdash", "before", "after-the-url"])
+])), ids=["between", "between-then-dashdash", "before", "after-the-url"])
 def test_options_anywhere_among_the_arguments(n: int, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     queue = f"walk.options.{n}"
     argv = [queue if a == "jobs" else a for a in argv]
