@@ -97,7 +97,7 @@ def _watch(args: argparse.Namespace, conn: Any, url: Any, dests: list[str], ever
             if args.json:
                 print(json.dumps({"time": stamp, "queues": rows, **({"error": error} if error else {})}), flush=True)
             else:
-                _draw(out, live, f"mqprimer stats  {show_url(url)}  every {every:g}s  {stamp}",
+                _draw(out, live, shown == 0, f"mqprimer stats  {show_url(url)}  every {every:g}s  {stamp}",
                       render(rows, rates=True) if rows else "", error)
             shown += 1
             if args.count is not None and shown >= args.count:
@@ -109,15 +109,11 @@ def _watch(args: argparse.Namespace, conn: Any, url: Any, dests: list[str], ever
         return EXIT_OK
 
 
-def _draw(out: TextIO, live: bool, head: str, table: str, error: str) -> None:
+def _draw(out: TextIO, live: bool, first: bool, head: str, table: str, error: str) -> None:
     text = "\n".join(x for x in (head, table, f"error: {error}" if error else "") if x)
-    if live:  # cursor home, the new screen, clear what the last one left below it
-        out.write("\x1b[H\x1b[2J" if not getattr(out, "_mq_drawn", False) else "\x1b[H")
+    if live:  # clear once; then cursor home, the new screen over the old, clear what it left below
+        out.write("\x1b[H\x1b[2J" if first else "\x1b[H")
         out.write(text.replace("\n", "\x1b[K\n") + "\x1b[K\n\x1b[J")
-        try:
-            out._mq_drawn = True  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
     else:
         out.write(text + "\n\n")
     out.flush()
