@@ -475,6 +475,21 @@ class Producer:
         conn.publish_one(dest, payload, mid, priority, delay or None)
         return mid
 
+    def _build_plain(self, destination: "str | Destination", body: Any) -> Outgoing:
+        """:meth:`build` without options: send()'s format path where it applies (same bytes)."""
+        dest = _queue_cache.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
+        if dest is None or isinstance(body, _BINARY):
+            return self.build(destination, body)
+        fmt = self._formats.get(None) or self._format(None)
+        mid, now = stamp()
+        try:
+            payload = fmt % (mid.encode(), now.encode(), _encode_body(body))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise body_error(exc) from None
+        if len(payload) > self._conn.max_message_size:  # what build()'s encode() refuses
+            return self.build(destination, body)
+        return Outgoing(dest, payload, mid)
+
     def _format(self, type: str | None) -> bytes:
         _check_type(type)
         fmt = fresh_format(self._conn.source, type or DEFAULT_TYPE)
@@ -488,7 +503,7 @@ class Producer:
         Returns when the broker has confirmed every message of the batch.
         """
         self._check()
-        items = [m if isinstance(m, Outgoing) else self.build(m[0], m[1]) for m in messages]
+        items = [m if isinstance(m, Outgoing) else self._build_plain(m[0], m[1]) for m in messages]
         if items:
             self._conn.publish(items)
         return [m.message_id for m in items]
