@@ -17,7 +17,9 @@ import pytest
 
 import mqprimer
 from conftest import need_broker
+from mqprimer.backend import NATIVE
 from mqprimer.cli import main
+from mqprimer.envelope import decode, encode, make
 from mqprimer.testing.helpers import wait_until
 
 WORKER = '''
@@ -231,3 +233,63 @@ def test_example_rpc_on_the_embedded_sqlite_default(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("resized image-") == 2 and "resized image-0.png to 320x240" in r.stdout
     assert "missing.png: the service failed the request: no such image" in r.stdout
+
+
+def test_gearman_requests_are_foreground_jobs_a_raw_client_and_a_failing_raw_worker_interoperate() -> None:
+    """gearman request/reply is native: conn.request is a foreground SUBMIT_JOB whose reply is
+    the WORK_COMPLETE data, so a raw pygearman client calls an mqprimer worker, and a raw
+    worker's WORK_FAIL reaches the caller at once as RemoteError (not a timeout)."""
+    import gearman  # pygearman
+
+    from mqprimer.backends import _gearman_proto as gp
+
+    url = need_broker("gearman")
+    u = mqprimer.URL.parse(url)
+    host, port = u.host or "127.0.0.1", u.port or 4730
+    dest = f"rpc-fg-{uuid.uuid4().hex[:8]}"
+    worker = mqprimer.Worker(url, dest, lambda m: {"echo": m.body}, idle_max=0.05, handle_signals=False)
+    th = threading.Thread(target=worker.run, daemon=True)
+    th.start()
+    try:
+        with mqprimer.connect(url) as conn:
+            assert conn.capabilities.request_reply is NATIVE
+            assert conn.request(dest, "hi", timeout=15).body == {"echo": "hi"}
+            assert conn._replies is not None and conn._replies.path is not None
+            assert conn._replies.path.address == "gearman:foreground"  # no reply function of its own
+        client = gearman.GearmanClient([f"{host}:{port}"])
+        req = client.submit_job(dest.encode(), encode(make(id="raw-1", source="urn:raw", type="t", body="raw",
+                                                          reply_to="gearman:foreground")), poll_timeout=15)
+        assert req.complete and decode(req.result).body == {"echo": "raw"}
+        assert decode(req.result).correlation_id == "raw-1"
+    finally:
+        worker.stop()
+        th.join(20)
+    failing = f"rpc-fail-{uuid.uuid4().hex[:8]}"
+    link = gp.Link(host, port, 5, 5)
+    try:
+        link.send(gp.packet(gp.CAN_DO, failing.encode()))
+        with mqprimer.connect(url) as conn:
+            errors: list[BaseException] = []
+
+            def call() -> None:
+                try:
+                    conn.request(failing, "x", timeout=30)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            start = time.monotonic()
+            handle = b""
+            while not handle:  # the raw worker grabs the job (NO_JOB until the request is in)
+                assert time.monotonic() - start < 15, "the request never reached the raw worker"
+                link.send(gp.packet(gp.GRAB_JOB_UNIQ))
+                cmd, args = link.read()
+                handle = args[0] if cmd == gp.JOB_ASSIGN_UNIQ else b""
+            link.send(gp.packet(gp.WORK_FAIL, handle))
+            caller.join(20)
+            assert len(errors) == 1 and isinstance(errors[0], mqprimer.RemoteError), errors
+            assert "WORK_FAIL" in errors[0].reason
+            assert time.monotonic() - start < 10  # told by gearmand, not by the 30 s timeout
+    finally:
+        link.close()

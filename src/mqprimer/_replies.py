@@ -143,7 +143,13 @@ class Replies:
                 expires=int(time.time() * 1000 + timeout * 1000) if ttl else None, reply_to=path.address,
             )
             payload = encode(env, max_size=conn.max_message_size)
-            if path.publishes_requests:
+            if path.concurrent_requests:
+                try:
+                    path.request(dest, payload, message_id=mid, ttl=ttl if caps.ttl is NATIVE else None)
+                except Exception as exc:
+                    with self.lock:
+                        raise self._lost(exc, "request") from None
+            elif path.publishes_requests:
                 with self.lock:
                     try:
                         with self.ep.lock:

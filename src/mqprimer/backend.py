@@ -290,6 +290,9 @@ class ReplyPath(ABC):
     #: the protocol needs the requests published through this path (AMQP direct reply-to:
     #: same channel); otherwise the portable layer publishes them like any message
     publishes_requests: bool = False
+    #: :meth:`request` may run while another thread is in :meth:`receive` (the path keeps
+    #: its own order), so callers need not wait for the reader to send
+    concurrent_requests: bool = False
 
     def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
         """Publish one request (only called when :attr:`publishes_requests`)."""

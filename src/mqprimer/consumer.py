@@ -207,14 +207,15 @@ class Consumer:
             _refuse(m, f"the {caps.name} backend does not support dead letters; message {m.id} is still "
                     "unsettled: ack it, or retry it where retry is supported")
         env = replace(m.envelope, reason=reason[:2000], origin=_name(m.destination))
-        self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
         if m.reply_to is not None and not m._replied:
-            # the caller gets an answer (RemoteError) instead of waiting for its timeout
+            # the caller gets an answer (RemoteError) instead of waiting for its timeout; sent
+            # before the settle, which on gearman carries it (a foreground job's WORK_COMPLETE)
             try:
                 m._begin_reply()
                 self._reply(m, {"error": reason[:2000]}, None, ERROR_TYPE, reason[:2000])
             except Exception as exc:
                 log.warning("error reply to request %s not sent: %s", m.id, exc)
+        self._settle(m, "dead-letter", lambda sub: self._bury(m._sub, sub, m._delivery, env))
 
     def _reply(self, m: Message, body: Any, headers: dict[str, str] | None, type: str | None,
                error: str | None) -> None:

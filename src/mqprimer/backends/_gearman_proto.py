@@ -24,14 +24,20 @@ from collections import deque
 from collections.abc import Callable
 
 from ..backend import Delivery, Queue, Subscription
-from ..errors import UnsupportedError
+from ..errors import StateError, UnsupportedError
 
 CAN_DO = 1
 PRE_SLEEP = 4
 NOOP = 6
+SUBMIT_JOB = 7
 JOB_CREATED = 8
 NO_JOB = 10
+WORK_STATUS = 12
 WORK_COMPLETE = 13
+WORK_FAIL = 14
+WORK_EXCEPTION = 25
+WORK_DATA = 28
+WORK_WARNING = 29
 ECHO_REQ = 16
 ECHO_RES = 17
 SUBMIT_JOB_BG = 18
@@ -46,7 +52,9 @@ GET_STATUS_UNIQUE = 41
 STATUS_RES_UNIQUE = 42
 
 # arguments per response packet: the last one may contain NULs (job data)
-_NARGS = {JOB_CREATED: 1, NO_JOB: 0, NOOP: 0, ECHO_RES: 1, ERROR: 2, JOB_ASSIGN_UNIQ: 4, STATUS_RES_UNIQUE: 6}
+_NARGS = {JOB_CREATED: 1, NO_JOB: 0, NOOP: 0, ECHO_RES: 1, ERROR: 2, JOB_ASSIGN_UNIQ: 4, STATUS_RES_UNIQUE: 6,
+          # what a foreground job's client hears (request/reply)
+          WORK_COMPLETE: 2, WORK_FAIL: 1, WORK_EXCEPTION: 2, WORK_DATA: 2, WORK_WARNING: 2, WORK_STATUS: 3}
 _HEADER = struct.Struct(">4sII")
 _REQ = b"\0REQ"
 _RES = b"\0RES"
@@ -184,6 +192,7 @@ class GearmanSub(Subscription):
         self.regrab_at = 0.0  # when a sleeping consumer grabs anyway (delayed jobs), epoch s
         self.burst = 1
         self.errors: list[GearmanError] = []
+        self.replies: dict[bytes, bytes] = {}  # handle -> reply, sent as the job's WORK_COMPLETE data
         # when the oldest unanswered request went out (or the last answer came): the answers
         # are awaited with select(), which the socket's I/O timeout does not bound, so a hung
         # gearmand would otherwise look like an empty queue forever
@@ -201,7 +210,9 @@ class GearmanSub(Subscription):
             self.heard = time.monotonic()
         if cmd == JOB_ASSIGN_UNIQ:
             self.answered += 1
-            self.ready.append(Delivery(args[3], (args[0], args[2])))
+            # the handle as correlation id: a reply to a foreground job (request/reply) goes
+            # back as its WORK_COMPLETE, on this connection (GearmanBackend.send_reply)
+            self.ready.append(Delivery(args[3], (args[0], args[2]), correlation_id=args[0].decode()))
         elif cmd == NO_JOB:
             self.answered += 1
             self.empty = True
@@ -284,7 +295,18 @@ class GearmanSub(Subscription):
             return _GRAB
         return _ECHO
 
+    def reply(self, handle: bytes, payload: bytes) -> bool:
+        """Keep ``payload`` for the WORK_COMPLETE that acks job ``handle``, if this
+        subscription holds it (a job completes once: a second reply is refused)."""
+        if handle not in self.mine:
+            return False
+        if handle in self.replies:
+            raise StateError("this gearman job was answered already: gearmand completes a job once")
+        self.replies[handle] = payload
+        return True
+
     def _release(self, handle: bytes) -> None:
+        self.replies.pop(handle, None)
         unique = self.mine.pop(handle, None)
         if unique is not None:
             self.shared_held.discard((self.fn, unique))
@@ -292,7 +314,8 @@ class GearmanSub(Subscription):
     def ack(self, delivery: Delivery) -> None:
         handle = delivery.tag[0]
         try:
-            self.link.send(packet(WORK_COMPLETE, handle, b"") + self._confirming())
+            reply = self.replies.pop(handle, b"") if self.replies else b""
+            self.link.send(packet(WORK_COMPLETE, handle, reply) + self._confirming())
             self._settle_to(self.sent)
         finally:
             self._release(handle)

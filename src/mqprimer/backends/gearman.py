@@ -26,6 +26,12 @@ onto gearmand 1.1 (docs/backend-gearman.md has the measurements behind each line
   job until its connection drops.
 - ``?io_timeout=S`` (default 30): how long gearmand may leave a request unanswered before the
   connection counts as lost (a hung gearmand surfaces as ConnectionFailed, then reconnects).
+- request/reply: native. ``conn.request`` is a foreground ``SUBMIT_JOB`` (unique ``rq:<id>``)
+  on the connection's reply path; the service's reply is the job's ``WORK_COMPLETE`` data,
+  sent by the ack on the worker connection that holds the job (one WORK_COMPLETE: a second
+  reply is refused). A raw worker's ``WORK_FAIL`` (gearmand 1.1.20 also sends it for
+  ``WORK_EXCEPTION``, to clients that did not ask for exceptions) reaches the caller as
+  RemoteError. A retried request's copy is a background job: its caller gets no reply.
 - status: ``GET_STATUS_UNIQUE`` by message id, from any process (delayed shows as ready
   except in the process that sent it; done and unknown are the same: gearmand forgets).
 """
@@ -34,13 +40,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import select
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import ClassVar
 
-from .._ids import prepare
+from .._ids import prepare, stamp
 from ..backend import (
     EMULATED,
     NATIVE,
@@ -51,10 +59,12 @@ from ..backend import (
     Outgoing,
     Queue,
     QueueStats,
+    ReplyPath,
     Status,
     Subscription,
     Topic,
 )
+from ..envelope import encode, make
 from ..errors import ConfigurationError, UnsupportedError
 from ..url import URL
 from . import _gearman_proto as gp
@@ -76,9 +86,8 @@ CAPABILITIES = Capabilities(
     retry=EMULATED,
     dead_letter=EMULATED,
     status=NATIVE,
-    # the portable private reply queue (a function of its own, drained when the connection
-    # closes); gearmand's own foreground jobs are not used yet (docs/request-reply.md)
-    request_reply=EMULATED,
+    # foreground jobs: the reply is the WORK_COMPLETE data (GearmanReplyPath)
+    request_reply=NATIVE,
     # the text admin protocol's `status`: queued (ready counts delayed jobs too: gearmand does
     # not tell them apart), running (reserved), available workers (consumers)
     stats=NATIVE,
@@ -90,6 +99,75 @@ CAPABILITIES = Capabilities(
 )
 
 _SUBMIT = {0: gp.SUBMIT_JOB_BG, 1: gp.SUBMIT_JOB_HIGH_BG}  # priority band -> command
+ERROR_TYPE = "mqprimer.error"  # consumer.ERROR_TYPE (not imported: drivers stay below the portable layer)
+FOREGROUND = "gearman:foreground"  # a request's reply address: its own job (no queue, no name)
+
+
+class GearmanReplyPath(ReplyPath):
+    """Requests are foreground jobs (``SUBMIT_JOB``) on this connection; gearmand sends
+    their ``WORK_COMPLETE`` (the reply) back on it. ``WORK_FAIL``/``WORK_EXCEPTION`` (a
+    worker that is not mqprimer failing the job) and a refused submit become error replies.
+    Nothing is left on the server: a foreground job ends with its client's connection.
+    """
+
+    address = FOREGROUND
+    publishes_requests = True
+    concurrent_requests = True  # the id is queued before the submit leaves, so the reader finds it
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.send_lock = threading.Lock()
+        self.submitted: deque[str] = deque()  # message ids of submits not yet answered JOB_CREATED
+        self.jobs: dict[bytes, str] = {}  # handle -> message id, until the job ends
+
+    def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        # the unique makes a re-sent request join its job; "rq:" keeps it apart from background ones
+        u = b"rq:" + base_unique(message_id)[: gp.MAX_UNIQUE - 3]
+        data = packet(gp.SUBMIT_JOB, _function(destination), u, payload)
+        with self.send_lock:
+            self.submitted.append(message_id)
+            self.link.send(data)
+
+    def receive(self, timeout: float) -> bytes | None:
+        link = self.link
+        deadline = time.monotonic() + timeout
+        while True:
+            if not link.buffered():
+                left = deadline - time.monotonic()
+                if not select.select([link.sock], [], [], max(left, 0.0))[0]:
+                    return None
+            try:
+                cmd, args = link.read()
+            except GearmanError as exc:  # a refused SUBMIT_JOB: answered in order
+                if not self.submitted:
+                    raise
+                return self._error(self.submitted.popleft(), f"gearmand refused the request: {exc}")
+            if cmd == gp.JOB_CREATED:
+                self.jobs[args[0]] = self.submitted.popleft()
+            elif cmd == gp.WORK_COMPLETE:
+                self.jobs.pop(args[0], None)
+                if args[1]:  # empty: the service acked without replying; the caller times out
+                    return args[1]
+            elif cmd == gp.WORK_FAIL:
+                # gearmand 1.1.20 turns a WORK_EXCEPTION into WORK_FAIL for a client that did not
+                # ask for exceptions, with a NUL after the handle (measured)
+                mid = self.jobs.pop(args[0].rstrip(b"\0"), None)
+                if mid is not None:
+                    return self._error(mid, "the gearman worker failed the job (WORK_FAIL)")
+            elif cmd == gp.WORK_EXCEPTION:
+                mid = self.jobs.pop(args[0], None)
+                if mid is not None:
+                    text = args[1][:2000].decode("utf-8", "replace")
+                    return self._error(mid, f"the gearman worker failed the job (WORK_EXCEPTION): {text}")
+            # WORK_DATA, WORK_WARNING, WORK_STATUS: progress, not the reply
+
+    def _error(self, mid: str, reason: str) -> bytes:
+        rid, now = stamp()
+        return encode(make(id=rid, source="urn:mqprimer:gearman", type=ERROR_TYPE, body={"error": reason}, time=now,
+                           reason=reason, correlation_id=mid))
+
+    def close(self) -> None:
+        self.link.close()  # gearmand drops this client's foreground jobs that no worker has taken
 
 
 def _band(priority: int | None) -> int:
@@ -145,6 +223,7 @@ class GearmanBackend(Backend):
         self.delayed: OrderedDict[bytes, float] = OrderedDict()  # unique -> due (epoch s)
         self.delayed_lock = threading.Lock()
         self.funcs: dict[Destination, bytes] = {}
+        self.subs: weakref.WeakSet[GearmanSub] = weakref.WeakSet()  # where a reply finds its job
 
     def open(self) -> None:
         self.link = Link(self.host, self.port, min(_CONNECT_TIMEOUT, self.io_timeout), self.io_timeout)
@@ -229,7 +308,29 @@ class GearmanBackend(Backend):
         except BaseException:
             link.close()
             raise
-        return GearmanSub(fn, link, prefetch, self.held, float(self.job_timeout) if self.job_timeout else None)
+        sub = GearmanSub(fn, link, prefetch, self.held, float(self.job_timeout) if self.job_timeout else None)
+        self.subs.add(sub)
+        return sub
+
+    def reply_path(self, name: str) -> ReplyPath:
+        return GearmanReplyPath(self._link())
+
+    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None,
+                   correlation_id: str | None = None) -> None:
+        if address != FOREGROUND:  # a reply queue (an older mqprimer's, or a hand-made request)
+            self.publish(Queue(address), payload, message_id=message_id)
+            return
+        if correlation_id is None:
+            raise UnsupportedError(
+                "a gearman foreground job is answered by its WORK_COMPLETE, on the worker connection that "
+                "holds it: reply with message.reply() on the received request"
+            )
+        handle = correlation_id.encode()
+        for sub in list(self.subs):
+            if sub.reply(handle, payload):
+                return
+        # not held here any more (its connection was lost): gearmand gives the job to a worker
+        # again, whose reply answers it; this one has nowhere to go
 
     def delete_queue(self, name: str) -> None:
         # gearmand forgets a function with no jobs and no workers: complete what is left in it

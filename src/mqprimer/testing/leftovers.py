@@ -37,6 +37,8 @@ def reply_paths_left(url: str, address: str) -> bool | None:
                     break
                 data += chunk
         return f"- {address}\n" in data.decode().replace("\r\n", "\n")
+    if u.scheme == "gearman" and address == "gearman:foreground":
+        return None  # foreground jobs: no function of its own; gearmand drops them with the client
     if u.scheme == "gearman":
         host, port = u.hosts[0]
         with socket.create_connection((host, port or 4730), timeout=5) as s:

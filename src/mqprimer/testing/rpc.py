@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import mqprimer
-from mqprimer import RemoteError, StateError, Timeout
+from mqprimer import RemoteError, StateError, Timeout, UnsupportedError
 from mqprimer.backend import UNSUPPORTED
 from mqprimer.envelope import encode, make
 
@@ -61,6 +61,14 @@ def _serving(url: str, dest: str, handler: Handler, threads: int = 1) -> Iterato
         for t in pool:
             t.join(10)
         assert not errors, f"a service failed: {errors[0]!r}"
+
+
+def _raw_reply(conn: mqprimer.Connection, address: str, payload: bytes) -> None:
+    """A hand-written service's reply to ``address``, sent with the driver's send_reply."""
+    try:
+        conn.endpoints[0].call("raw reply", lambda b: b.send_reply(address, payload, message_id="late-reply", ttl=None))
+    except UnsupportedError:  # gearman: a foreground job's only reply is its WORK_COMPLETE, from its worker
+        pass
 
 
 def _echo(m: mqprimer.Message) -> None:
@@ -133,7 +141,7 @@ def test_timeout_raises_and_a_late_reply_is_dropped(mq_url: str, conn: mqprimer.
         late = encode(make(id="late-reply", source="urn:test", type="t", body="too late", correlation_id=req.id))
         address = req.reply_to
         assert address is not None
-        conn.endpoints[0].call("raw reply", lambda b: b.send_reply(address, late, message_id="late-reply", ttl=None))
+        _raw_reply(conn, address, late)
     # the late reply must not be taken for the next request's
     with _serving(mq_url, dest, _echo):
         assert conn.request(dest, "next", timeout=10).body["echo"] == "next"
@@ -144,16 +152,22 @@ def test_timeout_raises_and_a_late_reply_is_dropped(mq_url: str, conn: mqprimer.
 def test_duplicate_replies_are_dropped_first_wins(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
     _needs_rpc(conn)
 
+    once_only: list[bool] = []
+
     def twice(m: mqprimer.Message) -> None:  # a handler run twice (at-least-once) answers twice
         m.reply("first")
         m._replied = False
-        m.reply("second")
+        try:
+            m.reply("second")
+        except StateError:  # gearman: a job completes once, the second answer is refused at once
+            once_only.append(True)
         m.ack()
 
     with _serving(mq_url, dest, twice):
         assert conn.request(dest, "x", timeout=10).body == "first"
         assert conn.request(dest, "y", timeout=10).body == "first"
-    wait_until(lambda: conn.dropped_replies["duplicate"] >= 1, what="a duplicate to be counted")
+    if not once_only:
+        wait_until(lambda: conn.dropped_replies["duplicate"] >= 1, what="a duplicate to be counted")
     assert conn.dropped_replies["late"] == 0
 
 
@@ -209,7 +223,7 @@ def test_no_reply_path_left_behind(mq_url: str, dest: str) -> None:
         address = conn._replies.path.address
         # a reply nobody reads (as if it came late, and never expires): it must go with the path
         late = encode(make(id="late-reply", source="urn:test", type="t", body="late", correlation_id="gone"))
-        conn.endpoints[0].call("raw reply", lambda b: b.send_reply(address, late, message_id="late-reply", ttl=None))
+        _raw_reply(conn, address, late)
         visible = reply_paths_left(mq_url, address) is not None
         if visible:
             wait_until(lambda: reply_paths_left(mq_url, address), what="the reply path to show on the broker")
