@@ -109,8 +109,27 @@ def test_broker_sigkill_mid_stream(target: Target) -> None:
     assert not stream.errors, stream.errors
     fig = stream.figures()
     assert stream.single_after_fault and stream.batch_after_fault, "both send paths must cross the restart"
-    t.record("broker SIGKILL mid-stream", started, **fig)
+    t.record("broker SIGKILL mid-stream", started, **fig, note=_lost_report(t, stream))
     _assert_guarantee(t, fig, broker_died=True, stream=stream)
+
+
+def _lost_report(t: Target, stream: Stream) -> str:
+    """Where the lost messages are, as far as the backend can tell: enough to tell a
+    broker that dropped a confirmed message from one that still holds it somewhere."""
+    lost = sorted(set(stream.confirmed) - set(stream.received), key=lambda m: stream.confirmed_at[m])
+    if not lost:
+        return ""
+    calls = {m: len(ids) for _, _, ids in stream.calls for m in ids}
+    out = []
+    with mqprimer.connect(t.url) as conn:
+        for mid in lost[:10]:
+            try:
+                where = str(conn.status(mid).value)
+            except Exception as exc:  # status may be unsupported: the rest still helps
+                where = type(exc).__name__
+            at = stream.confirmed_at[mid] - (stream.fault_at or 0.0)
+            out.append(f"{mid} (status {where}, confirmed {at:+.1f}s from the kill, a call of {calls.get(mid)})")
+    return f"lost: {'; '.join(out)}"
 
 
 def test_writer_sigkill_mid_transaction(target: Target) -> None:
