@@ -48,6 +48,7 @@ class Owner(Protocol):
 log = logging.getLogger("mqprimer")
 
 _SLICE = 0.05  # longest one caller reads the path at a time (same-channel paths publish between reads)
+_SHORT = 0.002  # the slice while other callers' requests may be waiting in the outbox
 _REMEMBER = 4096  # answered correlation ids kept, to tell a duplicate reply from a late one
 
 
@@ -92,6 +93,8 @@ class Replies:
         self.answered: deque[str] = deque(maxlen=_REMEMBER)
         self.answered_set: set[str] = set()
         self.path: ReplyPath | None = None
+        # requests for a path that publishes them, waiting for whoever holds it (the reader)
+        self.outbox: deque[tuple[Queue, bytes, str, float | None]] = deque()
         self.generation = 0
         #: replies dropped: a second reply to one request, one after its caller gave up, not an envelope
         self.dropped = {"duplicate": 0, "late": 0, "invalid": 0}
@@ -150,12 +153,13 @@ class Replies:
                     with self.lock:
                         raise self._lost(exc, "request") from None
             elif path.publishes_requests:
-                with self.lock:
+                self.outbox.append((dest, payload, mid, ttl if caps.ttl is NATIVE else None))
+                if self.lock.acquire(blocking=False):
                     try:
-                        with self.ep.lock:
-                            path.request(dest, payload, message_id=mid, ttl=ttl if caps.ttl is NATIVE else None)
-                    except Exception as exc:
-                        raise self._lost(exc, "request") from None
+                        self._send_outbox()
+                    finally:
+                        self.lock.release()
+                # else the path is held (read): its holder sends the request within _SHORT
             else:
                 conn.publish_one(dest, payload, mid, None, None, ttl)
             self._wait(slot, deadline, timeout, dest)
@@ -166,6 +170,19 @@ class Replies:
                 self._answered(mid)
         assert slot.env is not None and slot.payload is not None
         return self._message(slot.env, slot.payload)
+
+    def _send_outbox(self) -> None:
+        """Publish the queued requests (caller holds ``self.lock``)."""
+        path = self.path
+        if path is None:
+            path = self._path()
+        try:
+            with self.ep.lock:
+                while self.outbox:
+                    dest, payload, mid, ttl = self.outbox.popleft()
+                    path.request(dest, payload, message_id=mid, ttl=ttl)
+        except Exception as exc:
+            raise self._lost(exc, "request") from None
 
     def _answered(self, mid: str) -> None:
         with self.cond:
@@ -182,7 +199,11 @@ class Replies:
             if self.lock.acquire(blocking=False):
                 try:
                     if slot.env is None:
-                        self._read(min(left, _SLICE))
+                        if self.outbox:
+                            self._send_outbox()
+                        # others' requests may queue up meanwhile: read in short slices then
+                        short = len(self.waiting) > 1 and self._queues()
+                        self._read(min(left, _SHORT if short else _SLICE))
                 finally:
                     self.lock.release()
                 if slot.env is not None:
@@ -190,6 +211,10 @@ class Replies:
             else:
                 slot.event.wait(min(left, _SLICE))
                 slot.event.clear()
+
+    def _queues(self) -> bool:
+        path = self.path
+        return path is not None and path.publishes_requests and not path.concurrent_requests
 
     def _hand_over(self, leaving: _Slot) -> None:
         """The reader got its reply and goes: wake one caller still waiting, to read next."""
@@ -209,7 +234,9 @@ class Replies:
                 payload = path.receive(timeout)
                 while payload is not None:
                     self._deliver(payload)
-                    payload = path.receive(0)
+                    # drain for the others only: a lone caller's extra poll is a broker round
+                    # trip on some paths (beanstalkd's reserve-with-timeout 0)
+                    payload = path.receive(0) if len(self.waiting) > 1 else None
         except Exception as exc:
             raise self._lost(exc, "receive reply") from None
 
