@@ -41,15 +41,7 @@ _bs_up_one() {
   [ -n "$pid" ] && ! alive "$pid" && rm -f "$d/$i.pid"
   # -f 50: fsync the binlog at most every 50 ms (beanstalkd's default is no fsync at all)
   nohup beanstalkd -l 127.0.0.1 -p "$port" -b "$d/$i" -f 50 >>"$d/$i.log" 2>&1 &
-  pid=$!
-  echo "$pid" > "$d/$i.pid"
-  local rc=0
-  wait_for 15 "$pid" _bs_stats "$port" || rc=$?
-  case "$rc" in
-    0) log "beanstalkd $i ready on 127.0.0.1:$port (pid $pid)" ;;
-    2) rm -f "$d/$i.pid"; fail_with_log beanstalkd "$d/$i.log" "instance $i exited during start" ;;
-    *) fail_with_log beanstalkd "$d/$i.log" "instance $i did not answer 'stats' on port $port within 15s" ;;
-  esac
+  started "beanstalkd $i on 127.0.0.1:$port" "$d/$i.pid" "$d/$i.log" $! "'stats'" _bs_stats "$port"
 }
 
 beanstalkd_up() {

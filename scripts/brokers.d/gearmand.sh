@@ -49,15 +49,7 @@ _gm_up_one() {
   nohup gearmand --listen=127.0.0.1 --port="$port" --config-file="$d/$i/gearmand.conf" \
     --log-file="$d/$i.log" --pid-file="$d/$i/gearmand.pid" --verbose=WARNING --threads=1 \
     -q libsqlite3 --libsqlite3-db="$d/$i/queue.db" >>"$d/$i.log" 2>&1 &
-  pid=$!
-  echo "$pid" > "$d/$i.pid"
-  local rc=0
-  wait_for 15 "$pid" _gm_version "$port" || rc=$?
-  case "$rc" in
-    0) log "gearmand $i ready on 127.0.0.1:$port (pid $pid)" ;;
-    2) rm -f "$d/$i.pid"; fail_with_log gearmand "$d/$i.log" "instance $i exited during start" ;;
-    *) fail_with_log gearmand "$d/$i.log" "instance $i did not answer 'version' on port $port within 15s" ;;
-  esac
+  started "gearmand $i on 127.0.0.1:$port" "$d/$i.pid" "$d/$i.log" $! "'version'" _gm_version "$port"
 }
 
 gearmand_up() {
