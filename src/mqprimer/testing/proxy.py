@@ -44,6 +44,7 @@ class Proxy:
         self._stopped = threading.Event()
         self.accepted = 0  # connections accepted so far (tests check that clients reconnected)
         self.relayed = 0  # bytes passed on, either way (tests check that a refused endpoint carried nothing)
+        self._sending = 0  # pumps between their mode check and their count: refuse() waits for them
         self._thread = threading.Thread(target=self._accept_loop, name=f"proxy:{self.port}", daemon=True)
         self._thread.start()
 
@@ -67,8 +68,17 @@ class Proxy:
 
     def refuse(self) -> None:
         """An endpoint that is down: drop every connection and close each new one at once."""
-        self._mode = "refuse"
+        with self._lock:
+            self._mode = "refuse"
         self._drop_all()
+        # a pump that checked the mode just before may still be sending: once it has counted
+        # (or failed on the socket just killed), ``relayed`` no longer moves until restore()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._sending:
+                    return
+            time.sleep(0.005)
 
     def slow(self, delay: float) -> None:
         """Pass everything, each chunk ``delay`` seconds late."""
@@ -119,8 +129,14 @@ class Proxy:
             client.settimeout(None)
             upstream.settimeout(None)
             with self._lock:
-                self._pairs.append((client, upstream))
-                self.accepted += 1
+                refused = self._mode == "refuse"  # refuse() came while this one was connecting
+                if not refused:
+                    self._pairs.append((client, upstream))
+                    self.accepted += 1
+            if refused:
+                _kill(client)
+                _kill(upstream)
+                continue
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
@@ -134,8 +150,17 @@ class Proxy:
                     time.sleep(0.02)  # hold the bytes: a frozen network loses nothing it had
                 if self._delay:
                     time.sleep(self._delay)
-                dst.sendall(data)
-                self.relayed += len(data)
+                with self._lock:
+                    if self._mode == "refuse":
+                        break  # the endpoint went down with these bytes in hand: they never arrive
+                    self._sending += 1
+                try:
+                    dst.sendall(data)
+                    with self._lock:
+                        self.relayed += len(data)
+                finally:
+                    with self._lock:
+                        self._sending -= 1
         except OSError:
             pass
         # one side closed or failed: close the pair, as a real connection would end
