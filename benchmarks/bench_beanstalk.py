@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import greenstalk  # noqa: E402
-from _common import Result, broker_url, report  # noqa: E402
+from _common import Best, Result, broker_url, report  # noqa: E402
 
 import mqprimer  # noqa: E402
 
@@ -49,16 +49,8 @@ def fill(url: str, tube: str, payload: bytes, n: int) -> None:
 def run(url: str, n: int, rounds: int) -> list[Result]:
     """Each side runs ``n`` operations per round in chunks of 500, alternating with the other
     side, so a load burst from elsewhere on the machine hits both alike; best round kept."""
-    best: dict[str, Result] = {}
+    best = Best()
     chunk = 500
-
-    def keep(name: str, ops: int, secs: float, lat: list[float] | None = None) -> None:
-        r = Result(name, ops, secs)
-        if lat:
-            lat.sort()
-            r.p50_us, r.p99_us = lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
-        if name not in best or r.rate > best[name].rate:
-            best[name] = r
 
     with mqprimer.connect(url) as conn:
         p = conn.producer()
@@ -71,24 +63,15 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
                 "greenstalk put": lambda r=raw: r.put(payload),
                 # control: raw put after as much CPU work as mqprimer spends per send (~6 us);
                 # on this VM any work between round trips slows the next one down
-                "greenstalk put after 6 us of work (control)": lambda r=raw: (_spin(6e-6), r.put(payload)),
+                "greenstalk put after 6 us of work (control)": lambda r=raw: _spin(6e-6) or r.put(payload),
             }
-            sides: dict[str, list[float]] = {name: [] for name in ops}
-            for _ in range(0, n, chunk):
-                for name, op in ops.items():
-                    lat = sides[name]
-                    for _ in range(chunk):
-                        t = time.perf_counter()
-                        op()
-                        lat.append(time.perf_counter() - t)
-            for name, lat in sides.items():
-                keep(name, len(lat), sum(lat), lat)
+            best.interleaved(ops, n, chunk)
 
             # batches: pipelined puts (one write per batch, then the replies)
             t = time.perf_counter()
             for _ in range(0, n, 100):
                 p.send_many([p.build(tube, BODY) for _ in range(100)])
-            keep("mqprimer send_many x100", n - n % 100, time.perf_counter() - t)
+            best.keep("mqprimer send_many x100", n - n % 100, time.perf_counter() - t)
 
             # the tube now holds 4n jobs: each side takes n of them, the rest are left
             with conn.consumer(tube, prefetch=100) as c:
@@ -105,15 +88,17 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
                         raw.delete(raw.reserve(0))
                     spent["greenstalk reserve+delete"] += time.perf_counter() - t
                 for name, secs in spent.items():
-                    keep(name, n - n % chunk, secs)
+                    best.keep(name, n - n % chunk, secs)
             raw.close()
-    return list(best.values())
+    return list(best.rows.values())
 
 
-def _spin(seconds: float) -> None:
+def _spin(seconds: float) -> bool:
+    """Busy-wait ``seconds``; returns False so ``_spin(t) or op()`` reads as "work, then op"."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
+    return False
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gearman  # noqa: E402  (pygearman)
-from _common import Result, broker_url, report  # noqa: E402
+from _common import Best, Result, broker_url, report  # noqa: E402
 
 import mqprimer  # noqa: E402
 
@@ -64,16 +64,7 @@ class CountingWorker(gearman.GearmanWorker):  # type: ignore[misc]
 
 
 def run(url: str, n: int, rounds: int) -> list[Result]:
-    best: dict[str, Result] = {}
-
-    def keep(name: str, ops: int, secs: float, lat: list[float] | None = None) -> None:
-        r = Result(name, ops, secs)
-        if lat:
-            lat.sort()
-            r.p50_us, r.p99_us = lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
-        if name not in best or r.rate > best[name].rate:
-            best[name] = r
-
+    best = Best()
     with mqprimer.connect(url) as conn:
         p = conn.producer()
         payload = p.build("x", BODY).payload
@@ -85,16 +76,7 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
                 "mqprimer send()": lambda f=fn: p.send(f, BODY),
                 "pygearman submit_job(background)": lambda t=task: client.submit_job(t, payload, background=True),
             }
-            sides: dict[str, list[float]] = {name: [] for name in ops}
-            for _ in range(0, n, CHUNK):
-                for name, op in ops.items():
-                    lat = sides[name]
-                    for _ in range(CHUNK):
-                        t = time.perf_counter()
-                        op()
-                        lat.append(time.perf_counter() - t)
-            for name, lat in sides.items():
-                keep(name, len(lat), sum(lat), lat)
+            best.interleaved(ops, n, CHUNK)
 
             spent = {"mqprimer send_many x100": 0.0, "pygearman submit_multiple_jobs x100": 0.0}
             batch = [{"task": task, "data": payload} for _ in range(100)]
@@ -106,7 +88,7 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
                 client.submit_multiple_jobs(batch, background=True, wait_until_complete=False)
                 spent["pygearman submit_multiple_jobs x100"] += time.perf_counter() - t
             for name, secs in spent.items():
-                keep(name, n - n % 100, secs)
+                best.keep(name, n - n % 100, secs)
 
             # the function now holds 4n jobs: each side takes n of them, the rest are drained
             worker = CountingWorker([server(url)], task)
@@ -126,9 +108,9 @@ def run(url: str, n: int, rounds: int) -> list[Result]:
                 while (m := c.receive(timeout=0.5)) is not None:  # the queue is persistent: leave nothing
                     m.ack()
             for name, secs in drained.items():
-                keep(name, n - n % CHUNK, secs)
+                best.keep(name, n - n % CHUNK, secs)
             worker.shutdown()
-    return list(best.values())
+    return list(best.rows.values())
 
 
 def main() -> None:
