@@ -18,6 +18,11 @@ Queue-only (a tube per queue). How mqprimer maps onto beanstalkd (docs/backend-b
 - status: ``stats-job`` on the job id recorded when this process sent the message.
 - ``io_timeout`` (seconds, default 30): how long the server may leave a command unanswered
   (a connection's handshake: at most 5 s) before the connection counts as lost.
+- size: the server's ``max-job-size`` less 2 bytes. beanstalkd (1.12) stores a body with its
+  CRLF and, replaying its binlog after a restart, refuses a record bigger than the limit: a
+  job of the last 2 bytes is accepted and confirmed, but after a restart it is gone together
+  with every later record of its binlog file (confirmed jobs lost, deleted ones back, job ids
+  reused). No job that size is ever put (docs/backend-beanstalk.md).
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ _WAIT = 1
 _STATUS_KEEP = 50_000
 _PUT = b"put %d %d %d %d\r\n%b\r\n"  # priority, delay, TTR, size, body
 _PIPELINE = 500  # commands per write in publish_many: their replies (~20 bytes each) fit socket buffers
+# bytes of a server's max-job-size that a job must leave free: beanstalkd keeps the body's CRLF
+# and its binlog replay refuses a record over the limit (see the module doc)
+_CRLF = 2
+_SERVER_MAX = 65_535  # beanstalkd's default -z
 
 CAPABILITIES = Capabilities(
     name="beanstalk",
@@ -85,8 +94,9 @@ CAPABILITIES = Capabilities(
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",
-    max_message_size=65_535,
-    size_limit_hint="start beanstalkd with -z BYTES to raise its 65,535-byte default job size",
+    max_message_size=_SERVER_MAX - _CRLF,
+    size_limit_hint="its -z limit, 65,535 bytes by default, less 2 that beanstalkd needs to replay the job "
+    "from its binlog; start beanstalkd with -z BYTES to raise it",
     notes="persistent only with a binlog (beanstalkd -b DIR); delays in whole seconds; "
     "status for messages sent by this process",
 )
@@ -158,6 +168,13 @@ def _tube(dest: Destination) -> str:
     return name
 
 
+def _too_big(size: int, limit: int) -> MessageTooLarge:
+    return MessageTooLarge(
+        f"a job of {size:,} bytes is over this beanstalkd server's limit of {limit:,} bytes (its -z limit less 2: "
+        "beanstalkd accepts a job of the last 2 bytes but cannot replay it from its binlog after a restart)"
+    )
+
+
 def _connect(host: str, port: int, use: str | None = None, watch: str | None = None,
              io_timeout: float = _IO_TIMEOUT) -> "greenstalk.Client[bytes]":
     sock = socket.create_connection((host, port), timeout=min(_CONNECT_TIMEOUT, io_timeout))
@@ -206,15 +223,18 @@ class BeanstalkBackend(Backend):
         self.client: greenstalk.Client[bytes] | None = None
         self.used = "default"
         self.used_dest: Destination | None = None  # the destination last checked and used
+        self.max_put = _SERVER_MAX - _CRLF  # the largest job put (set from the server's limit in open())
 
     def open(self) -> None:
         self.client = _connect(self.host, self.port, io_timeout=self.io_timeout)
         self.used, self.used_dest = "default", None
-        limit = int(self.client.stats()["max-job-size"])
+        server_max = int(self.client.stats()["max-job-size"])
         _io_timeout(self.client._sock, self.io_timeout)
-        if limit != CAPABILITIES.max_message_size:
-            hint = f"this server was started with -z {limit}; {CAPABILITIES.size_limit_hint}"
-            self.capabilities = dataclasses.replace(CAPABILITIES, max_message_size=limit, size_limit_hint=hint)
+        self.max_put = server_max - _CRLF
+        if server_max != _SERVER_MAX:
+            hint = (f"this server was started with -z {server_max}, less 2 that beanstalkd needs to replay "
+                    "the job from its binlog; start beanstalkd with a larger -z BYTES to raise it")
+            self.capabilities = dataclasses.replace(CAPABILITIES, max_message_size=self.max_put, size_limit_hint=hint)
 
     def close(self) -> None:
         client, self.client = self.client, None
@@ -237,6 +257,8 @@ class BeanstalkBackend(Backend):
         c = self.client
         if c is None:
             raise ConnectionError("not connected")
+        if len(payload) > self.max_put:  # also replies, which the portable layer checks only against its own limit
+            raise _too_big(len(payload), self.max_put)
         if destination is not self.used_dest:
             tube = _tube(destination)
             if tube != self.used:
@@ -264,6 +286,9 @@ class BeanstalkBackend(Backend):
         atomic: the jobs before a failed one are in.
         """
         c = self._client()
+        for it in items:  # before anything is written: a refusal mid-batch would leave `use` out of step
+            if len(it.payload) > self.max_put:
+                raise _too_big(len(it.payload), self.max_put)
         for start in range(0, len(items), _PIPELINE):
             batch = items[start : start + _PIPELINE]
             out: list[bytes] = []
@@ -359,7 +384,7 @@ class _BeanstalkSub(Subscription):
         self.asked_at = 0.0  # when the pending reserve went out
         # a job's TTR is set by its producer; this assumes the producer used the same ?ttr=
         self.delivery_lease = float(backend.ttr)
-        self.max_size = backend.capabilities.max_message_size or CAPABILITIES.max_message_size or 0
+        self.max_size = backend.max_put
         self.held: set[int] = set()  # ids of the jobs this connection holds, unsettled
         self.pending = False  # a reserve sent, its answer not read yet
         self.gave_up: float | None = None  # when a receive() last returned with the reserve still pending
