@@ -136,13 +136,7 @@ def harness_url_ids() -> dict[str, str]:
 
 # Open defects the battery found, kept visible: the test runs and its figures go to
 # docs/reliability.md; a pass shows as XPASS. Each names where it is written up.
-KNOWN_DEFECTS = {
-    "test_broker_sigkill_mid_stream[beanstalk-ha]": (
-        "open defect: with both beanstalkd servers SIGKILLed mid-stream, 2-11 of 1000 single send()s "
-        "confirmed ~0.1 s before the kill are lost, only when server a was killed and restarted "
-        "earlier in the run; not reproduced with raw greenstalk (docs/high-availability.md)"
-    ),
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
