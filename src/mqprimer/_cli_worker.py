@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import logging
@@ -133,21 +134,24 @@ def add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from .aio._worker import Worker as AsyncWorker
+    from .aio._worker import is_async_handler
     from .backend import Topic
     from .retry import RetryPolicy
     from .worker import Worker
 
     url, (dest, spec) = split_url(args.pos, ["DEST", "MODULE:FUNCTION"])
     handler = load_handler(spec)
+    cls = AsyncWorker if is_async_handler(handler) else Worker  # async def: handlers as tasks on one loop
     policy = RetryPolicy(max_attempts=args.max_attempts, initial_delay=args.retry_delay,
                          multiplier=args.retry_multiplier, max_delay=args.retry_max_delay)
-    worker = Worker(
+    worker = cls(
         url, Topic(dest) if args.topic else dest, handler, concurrency=args.concurrency, prefetch=args.prefetch,
         retry=policy, max_messages=args.max_messages, max_memory=args.max_memory, max_time=args.max_time,
         idle_max=args.idle_max, reconnect_max=args.reconnect_max, subscription=args.subscription,
         touch_leases=args.touch_leases,
     )
-    code = worker.run()
+    code = asyncio.run(worker.run()) if isinstance(worker, AsyncWorker) else worker.run()
     s = worker.stats
     log.info("worker exiting with code %d: %d message(s) handled (ack %d, retry %d, dead-letter %d, lost %d)",
              code, worker.handled, s["ack"], s["retry"], s["dead-letter"], s["lost"])

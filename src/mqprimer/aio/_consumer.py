@@ -1,0 +1,181 @@
+"""The asyncio twin of :class:`mqprimer.Consumer` and :class:`mqprimer.Message`.
+
+A consumer owns one thread: its blocking receive waits there in short slices (so that a
+settle queued behind it waits at most a slice) and its settles run there in order. A
+``receive`` cancelled while a slice is under way leaves that slice running; a message it
+brings back is given back to the broker at once (``Subscription.requeue`` through the
+consumer's settle path), so cancellation never strands a delivery half-taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, TypeVar
+
+from ..backend import Destination
+from ..consumer import Consumer as _Consumer
+from ..envelope import Envelope
+from ..errors import MQError, StateError
+from ..message import Message as _Message
+from ..message import _State
+from ._runner import Runner
+
+T = TypeVar("T")
+log = logging.getLogger("mqprimer")
+_SLICE = 0.1  # longest one blocking receive holds the consumer's thread
+
+
+class _Calls(Protocol):
+    async def call(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
+                   inline: bool = True) -> T: ...
+
+
+class _Owner(Protocol):
+    def _forget(self, c: "Consumer") -> None: ...
+
+
+class Consumer:
+    """Receive with ``await consumer.receive(timeout=...)`` or ``async for message in consumer``."""
+
+    def __init__(self, blocking: _Consumer, *, inline: bool = False, owner: _Owner | None = None) -> None:
+        self.blocking = blocking
+        self._runner = Runner(1, "mqprimer-aio-consumer", inline=inline)
+        self._owner = owner
+        self._waiting = 0  # receives under way on the thread (inline settles must not wait behind them)
+
+    @property
+    def destination(self) -> Destination:
+        return self.blocking.destination
+
+    @property
+    def closed(self) -> bool:
+        return self.blocking.closed
+
+    @property
+    def delivery_lease(self) -> float | None:
+        return self.blocking.delivery_lease
+
+    async def call(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
+                   inline: bool = True) -> T:
+        """Run a settle of one of this consumer's messages (on its thread, in order)."""
+        if self._runner.closed:  # after close() (a settle then raises StateError, as in the blocking API)
+            return await asyncio.to_thread(fn, *args)
+        return await self._runner.call(fn, *args, on_late=on_late, inline=inline and not self._waiting)
+
+    async def receive(self, timeout: float | None = None) -> "Message | None":
+        """The next message, or ``None`` after ``timeout`` seconds (``None`` waits for ever)."""
+        c = self.blocking
+        if c.closed:
+            raise StateError("the consumer is closed")
+        if self._runner.inline and not self._waiting:
+            m = c.receive(0.0)  # memory://: a poll is in-process work
+            if m is not None or timeout == 0:
+                return Message(m, self) if m is not None else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _SLICE if deadline is None else min(_SLICE, max(deadline - time.monotonic(), 0.0))
+            self._waiting += 1
+            try:
+                m = await self._runner.call(c.receive, wait, on_late=_give_back, inline=False)
+            finally:
+                self._waiting -= 1
+            if m is not None:
+                return Message(m, self)
+            if c.closed or (deadline is not None and time.monotonic() >= deadline):
+                return None
+
+    def __aiter__(self) -> AsyncIterator["Message"]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator["Message"]:
+        while not self.blocking.closed:
+            try:
+                m = await self.receive(timeout=_SLICE)
+            except StateError:
+                return
+            if m is not None:
+                yield m
+
+    async def close(self) -> None:
+        """Stop; every unsettled message goes back to the broker."""
+        if self._owner is not None:
+            self._owner._forget(self)
+        if not self.blocking.closed:
+            try:
+                await self._runner.call(self.blocking.close, inline=False)
+            finally:
+                self._runner.shutdown()
+        else:
+            self._runner.shutdown()
+
+    async def __aenter__(self) -> "Consumer":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _give_back(m: _Message | None) -> None:
+    """A delivery that arrived for a receive cancelled meanwhile: back to the broker, as it is."""
+    if m is None or m.settled:
+        return
+    consumer = m._consumer
+    try:
+        consumer._settle(m, "give back", lambda sub: sub.requeue(m._delivery))  # type: ignore[attr-defined]
+        m._mark(_State.RETURNED)
+    except MQError as exc:  # its connection is gone: the broker has it back anyway
+        log.info("message %s of a cancelled receive not given back (%s); the broker redelivers it", m.id, exc)
+
+
+class Message:
+    """One delivery; the content is read as on :class:`mqprimer.Message`, the outcomes are awaited."""
+
+    __slots__ = ("blocking", "_calls")
+
+    def __init__(self, blocking: _Message, calls: _Calls) -> None:
+        self.blocking = blocking
+        self._calls = calls
+
+    id = property(lambda self: self.blocking.id)
+    body = property(lambda self: self.blocking.body)
+    headers = property(lambda self: self.blocking.headers)
+    type = property(lambda self: self.blocking.type)
+    attempt = property(lambda self: self.blocking.attempt)
+    destination = property(lambda self: self.blocking.destination)
+    time = property(lambda self: self.blocking.time)
+    source = property(lambda self: self.blocking.source)
+    reason = property(lambda self: self.blocking.reason)
+    error = property(lambda self: self.blocking.error)
+    reply_to = property(lambda self: self.blocking.reply_to)
+    correlation_id = property(lambda self: self.blocking.correlation_id)
+    settled = property(lambda self: self.blocking.settled)
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.blocking.envelope
+
+    async def ack(self) -> None:
+        await self._calls.call(self.blocking.ack)
+
+    async def retry(self, delay: float | None = None, *, error: str | None = None) -> None:
+        await self._calls.call(functools.partial(self.blocking.retry, delay, error=error))
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._calls.call(self.blocking.dead_letter, reason)
+
+    async def touch(self) -> None:
+        await self._calls.call(self.blocking.touch)
+
+    async def fail(self, error: BaseException | str) -> None:
+        await self._calls.call(self.blocking.fail, error)
+
+    async def reply(self, body: Any, *, headers: dict[str, str] | None = None, type: str | None = None) -> None:
+        await self._calls.call(functools.partial(self.blocking.reply, body, headers=headers, type=type),
+                               inline=False)
+
+    def __repr__(self) -> str:
+        return repr(self.blocking).replace("<Message", "<aio.Message", 1)
