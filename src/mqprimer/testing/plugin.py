@@ -13,6 +13,8 @@ import mqprimer
 
 from .control import BrokerControl, Figures, brokerless
 
+pytest_plugins = ["mqprimer.testing._aio_bridge"]  # --mq-aio: the same cases through mqprimer.aio
+
 _FIGURES = pytest.StashKey[Figures]()
 
 
@@ -40,17 +42,19 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    from ._aio_bridge import api_params  # not at import: pytest_plugins rewrites its asserts first
+
     if "mq_url" in metafunc.fixturenames:
         specs = [_split(s) for s in metafunc.config.getoption("mq_url")]
         if not specs:
             specs = [("memory", "memory://conformance")]
-        metafunc.parametrize("mq_url", [u for _, u in specs], ids=[i for i, _ in specs], scope="session")
+        metafunc.parametrize("mq_url", api_params(metafunc.config, specs, lambda i, u: u), scope="session")
     if "mq_target" in metafunc.fixturenames:
         config = metafunc.config
         targets = [_split(s) for s in config.getoption("mq_battery") or config.getoption("mq_url")]
         if not targets:
             targets = [("memory", "memory://battery")]
-        metafunc.parametrize("mq_target", targets, ids=[i for i, _ in targets], scope="session")
+        metafunc.parametrize("mq_target", api_params(config, targets, lambda i, u: (i, u)), scope="session")
 
 
 def pytest_configure(config: pytest.Config) -> None:
