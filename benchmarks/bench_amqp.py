@@ -2,6 +2,9 @@
 
 Run: scripts/brokers up rabbitmq && .venv/bin/python benchmarks/bench_amqp.py [--n 20000] [--single 2000]
      [--max-priority 9] [--json]
+     .venv/bin/python benchmarks/bench_amqp.py --before /tmp/amqp-before [--rounds 3] [--n 20000]
+     (``git worktree add --detach /tmp/amqp-before <commit>``: the consume cases of that checkout's
+     mqprimer and of this one, each in a subprocess, rounds alternating, best round of each kept)
 (URL from .run/brokers/urls, or --url amqp://...). ``--max-priority 0`` measures queues
 without ``x-max-priority`` (mqprimer's ``max_priority=0``) on every side.
 
@@ -9,6 +12,8 @@ Every message is persistent and goes to a durable queue on every side. Cases:
 
 - consume + ack at prefetch 100 from a pre-filled queue: mqprimer's Consumer (envelope
   decoding included) vs raw pika ``basic_consume`` acking in its callback vs kombu.
+- consumers on one connection (``--before``): 1 consumer receive+ack, and 50 consumers
+  on 50 queues (a thread each, one Connection), total msg/s, beside another checkout.
 - publish with confirms: pika's own blocking confirm (one round trip per message) vs
   mqprimer ``send()`` (the same: it returns when RabbitMQ confirmed) vs kombu
   ``confirm_publish``; and mqprimer ``send_many`` batches of 1000 and 5000 (pipelined,
@@ -18,7 +23,12 @@ Every message is persistent and goes to a durable queue on every side. Cases:
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -125,6 +135,71 @@ def publish_rows(url: str, conn: mqprimer.Connection, single: int, n: int) -> li
     return rows
 
 
+def consume_many(conn: mqprimer.Connection, queues: list[str], per_queue: int) -> float:
+    """Seconds for one consumer thread per queue (all on ``conn``) to receive+ack ``per_queue`` each."""
+    consumers = [conn.consumer(q, prefetch=100) for q in queues]
+    go = threading.Barrier(len(queues) + 1)
+
+    def run(c: mqprimer.Consumer) -> None:
+        go.wait()
+        for _ in range(per_queue):
+            m = c.receive(timeout=30)
+            assert m is not None, "mqprimer consumer starved"
+            m.ack()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in consumers]
+    for t in threads:
+        t.start()
+    go.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    secs = time.perf_counter() - start
+    for c in consumers:
+        c.close()
+    return secs
+
+
+def consume_cases(url: str, n: int, fanout: int) -> dict[str, float]:
+    """msg/s of the consume cases with the mqprimer this process imports (``--consume-only``)."""
+    out: dict[str, float] = {}
+    tag = uuid.uuid4().hex[:8]
+    with mqprimer.connect(url) as conn:
+        one = f"bench.one.{tag}"
+        many = [f"bench.many.{tag}.{i}" for i in range(fanout)]
+        fill(conn, one, n)
+        for q in many:
+            fill(conn, q, n // fanout)
+        out["1 consumer receive+ack"] = timed("", n, lambda: consume_ours(conn, one, n)).rate
+        each = n // fanout
+        out[f"{fanout} consumers on {fanout} queues, total"] = each * fanout / consume_many(conn, many, each)
+    pc = pika.BlockingConnection(pika_params(url))
+    ch = pc.channel()
+    for q in [one, *many]:
+        ch.queue_delete(q)
+    pc.close()
+    return out
+
+
+def before_after(url: str, before: str, n: int, rounds: int, fanout: int) -> None:
+    """The consume cases of ``before``'s checkout and of this one, rounds alternating (each in a
+    subprocess importing its own ``src``), best round of each."""
+    here = str(Path(__file__).resolve().parent.parent)
+    best: dict[str, dict[str, float]] = {"before": {}, "now": {}}
+    for _ in range(rounds):
+        for side, root in (("before", before), ("now", here)):
+            env = dict(os.environ, PYTHONPATH=str(Path(root) / "src"))
+            cmd = [sys.executable, __file__, "--url", url, "--n", str(n), "--fanout", str(fanout), "--consume-only"]
+            got = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+            for case, rate in got.items():
+                best[side][case] = max(rate, best[side].get(case, 0.0))
+    print(f"\n## AMQP consume + ack (prefetch 100), {before} vs this checkout, best of {rounds} alternating rounds")
+    print(f"{'case':44} {'before msg/s':>12} {'now msg/s':>10} {'now/before':>10}")
+    for case, rate in best["now"].items():
+        old = best["before"][case]
+        print(f"{case:44} {old:12.0f} {rate:10.0f} {rate / old:9.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None)
@@ -132,8 +207,18 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=2000)
     ap.add_argument("--max-priority", type=int, default=9)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--before", default=None, help="another checkout to compare the consume cases with")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fanout", type=int, default=50)
+    ap.add_argument("--consume-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     url = a.url or default_url()
+    if a.consume_only:
+        print(json.dumps(consume_cases(url, a.n, a.fanout)))
+        return
+    if a.before:
+        before_after(url, a.before, a.n, a.rounds, a.fanout)
+        return
     ARGS.clear()
     if a.max_priority:
         ARGS["x-max-priority"] = a.max_priority

@@ -1,26 +1,34 @@
-"""AMQP plumbing under :mod:`mqprimer.backends.amqp`: URL options, one pika connection
-with a heartbeat keeper, and a pipelined publisher-confirm channel.
+"""AMQP plumbing under :mod:`mqprimer.backends.amqp`: URL options, one pika connection run
+by one I/O thread, the channels on it, and a pipelined publisher-confirm channel.
 
-pika's ``BlockingConnection`` is not thread-safe and only does I/O (heartbeats included)
-inside its own calls. Each :class:`Link` therefore has a lock that every driver call
-holds, and a keeper thread that, when the lock is free, lets pika answer heartbeats: a
-connection whose user sits in a long handler stays alive, and one whose broker died or
-froze is noticed within ``heartbeat + 5`` seconds (pika's check interval) even when idle.
+Why one I/O thread running pika's ``SelectConnection``: a ``BlockingConnection`` does I/O
+only inside its own calls, from one thread at a time, so many subscriptions on one of them
+would share a lock that a consumer waiting for messages holds against every other
+consumer, every ack and every publish (or a keeper thread would fight them for it). Here
+one thread runs the connection's ioloop and owns every pika object; other threads hand it
+work through :meth:`Link.submit` (``add_callback_threadsafe``, pika's one thread-safe
+call, with wake-ups merged) and wait on a :class:`Waiter` (a bare lock) for the answer,
+while deliveries reach consumers through a ``queue.SimpleQueue`` each (C code, no Python
+lock). Heartbeats and broker flow control are pika's own timers on that loop, so a handler
+that holds a message for minutes keeps its connection, and a dead or frozen broker is
+noticed within ``heartbeat + 5`` s (pika's check interval) even when nobody calls.
+A connection costs one thread and four file descriptors (socket, epoll, wake-up pair),
+whatever the number of channels on it.
 """
 
 from __future__ import annotations
 
 import ssl
 import threading
-import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pika
 import pika.exceptions as px
-from pika.adapters.blocking_connection import ReturnedMessage
+from pika.adapters.blocking_connection import BlockingConnection, ReturnedMessage
+from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.spec import Basic, BasicProperties
 
 from .._ids import prepare
@@ -31,9 +39,10 @@ URL_PARAMS = frozenset({
     "heartbeat", "connect_timeout", "blocked_timeout", "max_priority", "exchange",
     "cafile", "certfile", "keyfile", "verify", "server_name",
 })
-_ACK_DELAY = 0.2  # longest an ack waits in pika's buffer while the consumer is busy elsewhere
-_CLOSE_WAIT = 2.0  # longest close() waits for the broker's Close-Ok
+_ACK_DELAY = 0.2  # longest an ack waits while its consumer is busy elsewhere
+_CLOSE_WAIT = 2.0  # longest a close waits for the broker's Close-Ok
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+Step = Callable[[Any, Callable[[Any], None]], None]  # (pika channel, done) -> None; done(result) when answered
 
 
 @dataclass(frozen=True)
@@ -128,74 +137,222 @@ def refused(exc: BaseException) -> BaseException:
     return exc
 
 
+class Waiter:
+    """One answer from the I/O thread: a value or an exception, set once."""
+
+    __slots__ = ("_lock", "value", "error", "done")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+    def set(self, value: Any = None, error: BaseException | None = None) -> None:
+        if not self.done:
+            self.done, self.value, self.error = True, value, error
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise px.AMQPConnectionError(f"no answer from the broker within {timeout:g}s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Link:
-    """One ``BlockingConnection``, its lock, and the keeper thread.
+    """One ``SelectConnection`` and the thread that runs its ioloop (see the module doc)."""
 
-    The keeper, when the lock is free, lets pika answer heartbeats (every
-    ``heartbeat / 2`` s) and writes out deferred acks (within ``_ACK_DELAY`` s).
-    """
+    def __init__(self, params: pika.ConnectionParameters) -> None:
+        self.error: BaseException | None = None  # what ended the connection
+        self._lock = threading.Lock()  # guards error and _pending
+        self._pending: set[Waiter] = set()  # answers user threads wait for
+        self._todo: deque[Callable[[], None]] = deque()
+        self._woken = False
+        self.chans: set[Chan] = set()  # open channels (I/O thread only)
+        self.flushers: set[Any] = set()  # subscriptions with acks to write out (I/O thread only)
+        ioloop = IOLoop()
+        ioloop.activate_poller()
+        done: list[Any] = []
+        try:  # connect in the caller's thread, as BlockingConnection does: same errors, same timeouts
+            SelectConnection.create_connection([params], on_done=done.append, custom_ioloop=ioloop)
+            while not done:
+                ioloop.poll()
+                ioloop.process_timeouts()
+        except BaseException:
+            ioloop.close()
+            raise
+        if isinstance(done[0], BaseException):
+            ioloop.close()
+            exc = BlockingConnection._reap_last_connection_workflow_error(done[0])
+            if not str(exc).strip("(),' "):  # pika's connect errors print as "" (only their repr tells)
+                exc = type(exc)(repr(exc))
+            raise exc
+        ioloop.deactivate_poller()  # start() activates it again, in the I/O thread
+        self.conn: SelectConnection = done[0]
+        self.ioloop = ioloop
+        self.conn.add_on_close_callback(self._on_close)
+        self.ioloop.call_later(_ACK_DELAY, self._tick)
+        self.thread = threading.Thread(target=self._run, name="mqprimer-amqp-io", daemon=True)
+        self.thread.start()
 
-    def __init__(self, params: pika.ConnectionParameters, heartbeat: int) -> None:
+    # -- I/O thread ----------------------------------------------------------------------
+    def _run(self) -> None:
         try:
-            self.conn = pika.BlockingConnection(params)
-        except px.AMQPConnectionError as exc:
-            if str(exc).strip("(),' "):
-                raise
-            # pika's connect errors print as "" (only their repr says what happened)
-            raise type(exc)(repr(exc)) from None
-        self.lock = threading.Lock()
-        self.error: BaseException | None = None  # what the keeper saw kill the connection
-        self.unflushed = 0  # acks written to pika's buffer but not to the socket yet
-        self.keeper = bool(heartbeat)
-        self._stop = threading.Event()
-        if heartbeat:
-            interval = max(heartbeat / 2.0, 0.5)
-            threading.Thread(target=self._keep, args=(interval,), name="mqprimer-amqp-keeper", daemon=True).start()
+            self.ioloop.start()
+        finally:
+            self.ioloop.close()  # the epoll fd and the wake-up pair
 
-    def flush(self) -> None:
-        """Write out what pika has buffered (in one send) and take in what arrived. Lock held."""
+    def _do_todo(self) -> None:
+        self._woken = False  # before draining: a submit from now on wakes the loop again
+        todo = self._todo
+        while todo:
+            todo.popleft()()
         coalesce(self.conn)
-        self.conn.process_data_events(0)
-        self.unflushed = 0
 
-    def _keep(self, interval: float) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(_ACK_DELAY):
-            now = time.monotonic()
-            if not self.unflushed and now - last < interval:
-                continue
-            if not self.lock.acquire(blocking=False):
-                continue  # a driver call is doing I/O right now, heartbeats included
+    def _tick(self) -> None:
+        for sub in list(self.flushers):
+            sub.drain_acks()
+        coalesce(self.conn)
+        self.ioloop.call_later(_ACK_DELAY, self._tick)
+
+    def _on_close(self, _conn: Any, reason: BaseException) -> None:
+        with self._lock:
+            self.error = reason
+            pending, self._pending = self._pending, set()
+        for w in pending:
+            w.set(error=reason)
+        for chan in list(self.chans):
+            chan.on_close(None, reason)
+        self.ioloop.stop()
+
+    def _abort(self) -> None:
+        if not self.conn.is_closed:
+            self.conn._adapter_disconnect_stream()  # a frozen broker never answers Close
+
+    # -- any thread ------------------------------------------------------------------------
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O thread soon; raise if the connection is gone."""
+        if self.error is not None:
+            raise self.error
+        self._todo.append(fn)
+        if not self._woken:  # one wake-up for what piles up before the loop runs
+            self._woken = True
+            self.ioloop.add_callback_threadsafe(self._do_todo)
+
+    def call(self, fn: Callable[[Waiter], None], timeout: float | None = None,
+             meanwhile: Callable[[], None] | None = None) -> Any:
+        """Run ``fn(waiter)`` on the I/O thread and wait for what it (or a callback) sets;
+        ``meanwhile`` runs in this thread while the broker works."""
+        w = Waiter()
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            self._pending.add(w)
+
+        def run() -> None:
             try:
-                if self._stop.is_set() or not self.conn.is_open:
-                    return
-                self.flush()
-                last = now
+                fn(w)
             except Exception as exc:
-                self.error = exc
-                return
-            finally:
-                self.lock.release()
+                w.set(error=exc)
+
+        try:
+            self.submit(run)
+            if meanwhile is not None:
+                meanwhile()
+            return w.wait(timeout)
+        finally:
+            with self._lock:
+                self._pending.discard(w)
 
     def close(self) -> None:
-        """Close politely, but give up after ``_CLOSE_WAIT`` s: a frozen broker never answers
-        Connection.Close, and pika's own ``close()`` would wait for the heartbeat check."""
-        self._stop.set()
-        with self.lock:
-            conn = self.conn
-            if self.error is not None or not conn.is_open:
-                return
+        """Close politely (pending acks first), but give up after ``_CLOSE_WAIT`` s."""
+        if threading.current_thread() is self.thread:
+            return
+        try:
+            self.submit(lambda: self.conn.close() if self.conn.is_open else None)
+        except Exception:
+            pass  # already gone
+        self.thread.join(_CLOSE_WAIT)
+        if self.thread.is_alive():
             try:
-                coalesce(conn)
-                conn._impl.close()  # queued behind the deferred acks, so they go first
-                deadline = time.monotonic() + _CLOSE_WAIT
-                while not conn.is_closed and time.monotonic() < deadline:
-                    conn.process_data_events(0.1)
+                self.submit(self._abort)
             except Exception:
-                pass  # closing a broken connection: nothing left to do
+                pass
+            self.thread.join(_CLOSE_WAIT)
 
 
-def coalesce(conn: pika.BlockingConnection) -> None:
+class Chan:
+    """One channel of a :class:`Link`. User threads drive it with :meth:`run`; what the
+    broker says arrives in pika callbacks on the I/O thread."""
+
+    def __init__(self, link: Link, on_closed: Callable[[BaseException], None] | None = None) -> None:
+        self.link = link
+        self._on_closed = on_closed
+        self.ch: Any = None  # pika's Channel (I/O thread only)
+        self.closed: BaseException | None = None
+        self.waiter: Waiter | None = None  # the run() under way, failed if the channel closes
+
+    def open_step(self, ch: Any, done: Callable[[Any], None]) -> None:
+        self.ch = self.link.conn.channel(on_open_callback=done)
+        self.ch.add_on_close_callback(self.on_close)
+        self.link.chans.add(self)
+
+    def run(self, *steps: Step, timeout: float | None = None) -> Any:
+        """Run ``steps`` one after another on the I/O thread (each calls ``done`` when
+        answered); return the last one's result. A channel closed meanwhile raises why."""
+
+        def start(w: Waiter) -> None:
+            if self.closed is not None:
+                w.set(error=refused(self.closed))
+                return
+            self.waiter = w
+            it = iter(steps)
+
+            def nxt(result: Any = None) -> None:
+                step = next(it, None)
+                if step is None:
+                    self.waiter = None
+                    w.set(result)
+                else:
+                    step(self.ch, nxt)
+
+            nxt()
+
+        return self.link.call(start, timeout)
+
+    def on_close(self, _ch: Any, reason: BaseException) -> None:
+        """pika's channel close callback (also called for a lost connection)."""
+        if self.closed is None:
+            self.closed = reason
+            self.link.chans.discard(self)
+            if self.waiter is not None:
+                self.waiter.set(error=refused(reason))
+            self.closed_hook(reason)
+
+    def closed_hook(self, reason: BaseException) -> None:
+        """What an owner does when the channel closes (I/O thread)."""
+        if self._on_closed is not None:
+            self._on_closed(reason)
+
+    def close(self) -> None:
+        """Close the channel and wait (at most ``_CLOSE_WAIT`` s) for the broker's Close-Ok;
+        the broker then has every unacked delivery of it back."""
+        if self.closed is not None or self.link.error is not None:
+            return
+
+        def step(ch: Any, _done: Callable[[Any], None]) -> None:
+            ch.close()  # on_close (ChannelClosedByClient) ends the wait
+
+        try:
+            self.run(step, timeout=_CLOSE_WAIT)
+        except (px.ChannelClosedByClient, px.AMQPError):
+            pass
+
+
+def coalesce(conn: Any) -> None:
     """Join pika's pending output into one buffer, so that it leaves in one ``send()``.
 
     pika writes every frame with its own ``send()`` (three per published message, one per
@@ -203,54 +360,36 @@ def coalesce(conn: pika.BlockingConnection) -> None:
     into pika's transport (``_transport._tx_buffers``, pika 1.x); if that ever changes,
     nothing breaks, the frames just leave one by one again.
     """
-    bufs = getattr(getattr(conn._impl, "_transport", None), "_tx_buffers", None)
+    bufs = getattr(getattr(conn, "_transport", None), "_tx_buffers", None)
     if bufs is not None and len(bufs) > 1:
         data = b"".join(bufs)
         bufs.clear()
         bufs.append(data)
 
 
-def _noop() -> None:
-    pass
-
-
-class Confirmer:
+class Confirmer(Chan):
     """A channel in confirm mode that pipelines: publish a batch, then wait for every confirm.
 
-    pika's ``BlockingChannel.basic_publish`` waits for each confirm in turn (one round
-    trip per message); here the publishes go out back to back on the channel underneath
-    (``BlockingChannel._impl``, pika's async ``Channel``) and the confirms are counted
-    as they arrive. Declarations use the blocking channel as usual.
+    The batch (and the nowait declarations it needs, which the broker applies first) goes
+    out in one hand-off to the I/O thread; the confirms are counted there as they arrive
+    and the caller is woken when the last one is in.
     """
 
     def __init__(self, link: Link) -> None:
-        self.link = link
-        self.channel = link.conn.channel()
-        self._impl = self.channel._impl
+        super().__init__(link)
         self._outstanding: OrderedDict[int, int] = OrderedDict()  # delivery tag -> index in batch
         self._nacked: list[int] = []
         self.returned: list[ReturnedMessage] = []  # mandatory messages the broker could not route
         self._seq = 0
-        self._ready = False
-        self.closed: BaseException | None = None
-        self._impl.add_on_close_callback(self._on_close)
-        self._impl.add_on_return_callback(self._on_return)
-        self._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_select_ok)
-        self._wait(lambda: self._ready)
+        self._batch: Waiter | None = None
 
-    # -- pika callbacks (run inside process_data_events) ---------------------------------
-    def _wake(self) -> None:
-        # a ready connection event ends process_data_events(None) at once
-        self.link.conn.call_later(0, _noop)
+        def select(ch: Any, done: Callable[[Any], None]) -> None:
+            ch.add_on_return_callback(self._on_return)
+            ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=done)
 
-    def _on_select_ok(self, _frame: Any) -> None:
-        self._ready = True
-        self._wake()
+        self.run(self.open_step, select)
 
-    def _on_close(self, _channel: Any, reason: BaseException) -> None:
-        self.closed = reason
-        self._wake()
-
+    # -- I/O thread ----------------------------------------------------------------------
     def _on_return(self, _channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
         self.returned.append(ReturnedMessage(method, props, body))
 
@@ -270,35 +409,44 @@ class Confirmer:
             idx = out.pop(method.delivery_tag, -1)
             if nack and idx >= 0:
                 self._nacked.append(idx)
-        if not out:
-            self._wake()
+        w = self._batch
+        if not out and w is not None:
+            self._batch = None
+            if self._nacked:
+                w.set(error=px.NackError([]))  # the broker refused them (internal error): nothing stored
+            elif self.returned:
+                w.set(error=px.UnroutableError(self.returned))
+            else:
+                w.set()
 
-    # -- driver side --------------------------------------------------------------------
-    def _wait(self, done: Callable[[], bool]) -> None:
-        while not done():
+    def closed_hook(self, reason: BaseException) -> None:
+        w, self._batch = self._batch, None
+        if w is not None:
+            w.set(error=refused(reason))
+
+    # -- any thread --------------------------------------------------------------------------
+    def publish(self, ops: Sequence[Callable[[Any], None]],
+                batch: Sequence[tuple[str, str, bytes, BasicProperties, bool]]) -> None:
+        """Run ``ops`` (nowait declarations) on the channel, then publish ``(exchange,
+        routing_key, body, properties, mandatory)`` items; return when all are confirmed."""
+
+        def start(w: Waiter) -> None:
             if self.closed is not None:
-                raise refused(self.closed)
-            # returns early on _wake(); the limit only bounds a missed wake-up
-            self.link.conn.process_data_events(time_limit=1.0)
+                w.set(error=refused(self.closed))
+                return
+            ch = self.ch
+            for op in ops:
+                op(ch)
+            self._nacked.clear()
+            self.returned = []
+            out = self._outstanding
+            publish = ch.basic_publish
+            seq = self._seq
+            for i, (exchange, key, body, props, mandatory) in enumerate(batch):
+                publish(exchange, key, body, props, mandatory)
+                seq += 1
+                out[seq] = i
+            self._seq = seq
+            self._batch = w
 
-    def publish(self, batch: Sequence[tuple[str, str, bytes, BasicProperties, bool]]) -> None:
-        """Publish ``(exchange, routing_key, body, properties, mandatory)`` items; return when all are confirmed."""
-        if self.closed is not None:
-            raise refused(self.closed)
-        self._nacked.clear()
-        self.returned = []
-        out = self._outstanding
-        publish = self._impl.basic_publish
-        for i, (exchange, key, body, props, mandatory) in enumerate(batch):
-            publish(exchange, key, body, props, mandatory)
-            self._seq += 1
-            out[self._seq] = i
-            if i % 512 == 511:  # write out and take confirms in, so buffers stay bounded
-                self.link.flush()
-        coalesce(self.link.conn)
-        prepare()  # the next message's id, made while RabbitMQ confirms this batch (see _ids)
-        self._wait(lambda: not self._outstanding)
-        if self._nacked:
-            raise px.NackError([])  # the broker refused them (internal error): nothing was stored
-        if self.returned:
-            raise px.UnroutableError(self.returned)
+        self.link.call(start, meanwhile=prepare)  # the next message's id, made while RabbitMQ confirms (see _ids)

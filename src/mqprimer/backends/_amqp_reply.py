@@ -1,9 +1,9 @@
 """RabbitMQ direct reply-to for :mod:`mqprimer.backends.amqp` (docs/request-reply.md).
 
 The reply path consumes the pseudo-queue ``amq.rabbitmq.reply-to`` (no-ack, as RabbitMQ
-requires) on a channel of its own connection, and publishes its requests on that same
-channel with ``reply_to: amq.rabbitmq.reply-to`` (RabbitMQ only accepts that on the
-consuming channel). No queue is declared, so none can be left behind: the path ends with
+requires) on a channel of its connection (run by the I/O thread of ``_amqp_link.Link``), and
+publishes its requests on that same channel with ``reply_to: amq.rabbitmq.reply-to``
+(RabbitMQ only accepts that on the consuming channel). No queue is declared, so none can be left behind: the path ends with
 its channel.
 
 The envelope must carry the address too (``mqreplyto``), so that any client can answer
@@ -14,7 +14,8 @@ probe to a server-named exclusive queue of its own and reads the rewritten prope
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import pika.exceptions as px
@@ -22,66 +23,91 @@ from pika.spec import BasicProperties
 
 from ..backend import Queue, ReplyPath
 from ..envelope import CONTENT_TYPE
-from ._amqp_link import Link
+from ._amqp_link import Chan, Link
 
 DIRECT = "amq.rabbitmq.reply-to"
 
 
 class DirectReplyPath(ReplyPath):
     publishes_requests = True
+    # request() only hands a publish to the I/O thread: callers need not wait for the reader
+    concurrent_requests = True
 
     def __init__(self, link: Link, queue_args: dict[str, Any]) -> None:
         self.link = link
         self.queue_args = queue_args
         self.declared: set[str] = set()
-        self.buf: deque[bytes] = deque()
-        with link.lock:
-            ch = self.ch = link.conn.channel()
-            ch.basic_consume(DIRECT, self._on_reply, auto_ack=True)
-            probe = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
-            ch.basic_publish("", probe, b"", BasicProperties(reply_to=DIRECT))
-            for _ in range(50):
-                _, props, _ = ch.basic_get(probe, auto_ack=True)
-                if props is not None:
-                    break
-                link.conn.process_data_events(0.01)
-            else:
-                raise px.AMQPChannelError("RabbitMQ did not return the direct reply-to probe")
-            ch.queue_delete(probe)
-            address = props.reply_to
-            if not isinstance(address, str) or not address.startswith(DIRECT + "."):
-                raise px.AMQPChannelError("RabbitMQ did not rewrite reply_to: no direct reply-to support")
-            self.address = address
+        self.buf: SimpleQueue[bytes | None] = SimpleQueue()
+        self.error: BaseException | None = None
+        self.chan = chan = Chan(link, self._ended)
+        probe: list[str] = []
+
+        def consume(ch: Any, done: Callable[[Any], None]) -> None:
+            ch.basic_consume(DIRECT, self._on_reply, auto_ack=True, callback=done)
+
+        def declare(ch: Any, done: Callable[[Any], None]) -> None:
+            def ok(frame: Any) -> None:
+                probe.append(frame.method.queue)
+                done(None)
+
+            ch.queue_declare("", exclusive=True, auto_delete=True, callback=ok)
+
+        def learn(ch: Any, done: Callable[[Any], None]) -> None:
+            def got(_ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+                ch.queue_delete(probe[0])
+                done(props.reply_to)
+
+            ch.basic_consume(probe[0], got, auto_ack=True)
+            ch.basic_publish("", probe[0], b"", BasicProperties(reply_to=DIRECT))
+
+        address = chan.run(chan.open_step, consume, declare, learn, timeout=10.0)
+        if not isinstance(address, str) or not address.startswith(DIRECT + "."):
+            chan.close()
+            raise px.AMQPChannelError("RabbitMQ did not rewrite reply_to: no direct reply-to support")
+        self.address = address
 
     def _on_reply(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
-        self.buf.append(body)
+        self.buf.put(body)
+
+    def _ended(self, reason: BaseException) -> None:
+        if isinstance(reason, px.AMQPChannelError):  # the path is gone: the portable layer makes a new one
+            reason = px.ChannelWrongStateError(f"the reply channel closed: {reason}")
+        self.error = reason
+        self.buf.put(None)
 
     def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
-        link = self.link
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            name = destination.name
-            if name not in self.declared:  # like send(): the request waits for its service
-                self.ch.queue_declare(name, durable=True, arguments=self.queue_args)
-                self.declared.add(name)
-            props = BasicProperties(
-                content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id, correlation_id=message_id,
-                reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
-            )
-            # no publisher confirm: the reply confirms the request, and a lost one is a Timeout
-            self.ch.basic_publish("", name, payload, props)
+        if self.error is not None:
+            raise self.error
+        name = destination.name
+        declare = name not in self.declared  # like send(): the request waits for its service
+        self.declared.add(name)
+        props = BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id, correlation_id=message_id,
+            reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
+        )
+        chan, args = self.chan, self.queue_args
+
+        # no publisher confirm: the reply confirms the request, and a lost one is a Timeout
+        def send() -> None:
+            if chan.closed is None:
+                if declare:
+                    chan.ch.queue_declare(name, durable=True, arguments=args)
+                chan.ch.basic_publish("", name, payload, props)
+
+        self.link.submit(send)
 
     def receive(self, timeout: float) -> bytes | None:
-        link, buf = self.link, self.buf
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            if not buf:
-                link.conn.process_data_events(time_limit=timeout)
-            return buf.popleft() if buf else None
+        if self.error is not None:
+            raise self.error
+        try:
+            payload = self.buf.get(True, timeout) if timeout > 0 else self.buf.get_nowait()
+        except Empty:
+            return None
+        if payload is None:
+            self.buf.put(None)
+            assert self.error is not None
+            raise self.error
+        return payload
 
     def close(self) -> None:
-        with self.link.lock:
-            if self.link.error is None and self.ch.is_open:
-                self.ch.close()
+        self.chan.close()

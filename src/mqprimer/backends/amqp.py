@@ -32,8 +32,9 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import pika.exceptions as px
@@ -57,7 +58,7 @@ from ..backend import (
 )
 from ..envelope import CONTENT_TYPE
 from ..url import URL
-from ._amqp_link import URL_PARAMS, Confirmer, Link, Options, coalesce, parameters, refused
+from ._amqp_link import _CLOSE_WAIT, URL_PARAMS, Chan, Confirmer, Link, Options, Step, parameters, refused
 from ._amqp_reply import DirectReplyPath
 
 CAPABILITIES = Capabilities(
@@ -103,11 +104,14 @@ def bucket_ms(delay: float) -> int:
 
 
 class AmqpBackend(Backend):
+    """One AMQP connection (a :class:`Link`): a confirm channel for publishing, a channel per
+    subscription, one for replies; all driven by the link's I/O thread."""
+
     capabilities = CAPABILITIES
-    # AMQPConnectorException: pika's connect-phase errors (e.g. a handshake timeout on a frozen broker)
-    connection_errors = (
-        px.AMQPConnectionError, AMQPConnectorException, px.ChannelWrongStateError, px.ConsumerCancelled, OSError,
-    )
+    # AMQPConnectorException: pika's connect-phase errors (e.g. a handshake timeout on a frozen
+    # broker). Not ConsumerCancelled nor ChannelClosedByBroker: they end one channel, and the
+    # connection with every other subscription on it stays up (a BrokerError for that one)
+    connection_errors = (px.AMQPConnectionError, AMQPConnectorException, px.ChannelWrongStateError, OSError)
     auth_errors = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.AuthenticationError)
     url_params = URL_PARAMS
 
@@ -119,23 +123,30 @@ class AmqpBackend(Backend):
         self.queue_args: dict[str, Any] = {"x-max-priority": self.opts.max_priority} if self.opts.max_priority else {}
         self._link: Link | None = None
         self._pub: Confirmer | None = None
-        self._reply_ch: Any = None  # a plain channel for replies (send_reply)
+        self._reply_ch: Chan | None = None  # a plain channel for replies (send_reply)
         self._declared: dict[str, float] = {}
 
     def open(self) -> None:
-        self._link = Link(parameters(self.url, self.opts, "mqprimer producer"), self.opts.heartbeat)
-        with self._link.lock:
-            self._confirmer()
+        self._link = Link(parameters(self.url, self.opts, "mqprimer"))
+        self._confirmer()
 
     def close(self) -> None:
         link, self._link, self._pub, self._reply_ch = self._link, None, None, None
         if link is not None:
             link.close()
 
+    def _alive(self) -> Link:
+        link = self._link
+        if link is None:
+            raise px.ConnectionWrongStateError("the AMQP backend is closed")
+        if link.error is not None:
+            raise link.error
+        return link
+
     def _confirmer(self) -> Confirmer:
         if self._pub is None or self._pub.closed is not None:
-            assert self._link is not None
-            self._pub = Confirmer(self._link)
+            self._declared.clear()  # declarations are nowait: the one that closed the channel may be among them
+            self._pub = Confirmer(self._alive())
         return self._pub
 
     # -- publishing -------------------------------------------------------------------
@@ -155,26 +166,22 @@ class AmqpBackend(Backend):
         self._send([(i.destination, i.payload, i.message_id, i.priority, i.delay, i.ttl) for i in items])
 
     def _send(self, items: list[tuple[Destination, bytes, str, int | None, float | None, float | None]]) -> None:
-        link = self._link
-        if link is None:
-            raise px.ConnectionWrongStateError("the AMQP backend is closed")
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            try:
-                pub = self._confirmer()
-                pub.publish([self._route(pub, *item) for item in items])
-            except px.UnroutableError:
-                assert self._pub is not None
-                for r in self._pub.returned:  # a queue deleted behind our back: declare it next time
-                    self._declared.pop("q:" + r.method.routing_key, None)
-                    self._declared.pop("b:" + r.method.exchange, None)
-                raise
-            except px.AMQPChannelError as exc:
-                raise refused(exc) from None
+        self._alive()
+        try:
+            pub = self._confirmer()
+            ops: list[Callable[[Any], None]] = []
+            pub.publish(ops, [self._route(ops, *item) for item in items])
+        except px.UnroutableError:
+            assert self._pub is not None
+            for r in self._pub.returned:  # a queue deleted behind our back: declare it next time
+                self._declared.pop("q:" + r.method.routing_key, None)
+                self._declared.pop("b:" + r.method.exchange, None)
+            raise
+        except px.AMQPChannelError as exc:
+            raise refused(exc) from None
 
     def _route(
-        self, pub: Confirmer, dest: Destination, payload: bytes, mid: str,
+        self, ops: list[Callable[[Any], None]], dest: Destination, payload: bytes, mid: str,
         priority: int | None, delay: float | None, ttl: float | None,
     ) -> tuple[str, str, bytes, BasicProperties, bool]:
         expiration = None
@@ -184,182 +191,244 @@ class AmqpBackend(Backend):
             content_type=CONTENT_TYPE, delivery_mode=2, message_id=mid, priority=priority, expiration=expiration
         )
         if isinstance(dest, Topic):
-            self._declare_exchange(pub)
+            self._declare_exchange(ops)
             exchange, dlx, mandatory = self.opts.exchange, self.opts.exchange, False
         else:
             if not isinstance(dest, SubQueue):
-                self._declare_queue(pub, dest.name)
+                self._declare_queue(ops, dest.name)
             exchange, dlx, mandatory = "", "", True
         if delay:
-            exchange, mandatory = self._declare_bucket(pub, delay, dlx), True
+            exchange, mandatory = self._declare_bucket(ops, delay, dlx), True
         return exchange, dest.name, payload, props, mandatory
 
-    def _declare_queue(self, pub: Confirmer, name: str) -> None:
+    # nowait declarations, sent before the publishes that need them: the broker applies them
+    # in order, and one it refuses closes the channel, which fails the publish with its reason
+    def _declare_queue(self, ops: list[Callable[[Any], None]], name: str) -> None:
         if "q:" + name not in self._declared:
-            pub.channel.queue_declare(name, durable=True, arguments=self.queue_args)
+            args = self.queue_args
+            ops.append(lambda ch: ch.queue_declare(name, durable=True, arguments=args))
             self._declared["q:" + name] = time.monotonic()
 
-    def _declare_exchange(self, pub: Confirmer) -> None:
+    def _declare_exchange(self, ops: list[Callable[[Any], None]]) -> None:
         if "x:" not in self._declared:
-            pub.channel.exchange_declare(self.opts.exchange, "topic", durable=True)
+            x = self.opts.exchange
+            ops.append(lambda ch: ch.exchange_declare(x, "topic", durable=True))
             self._declared["x:"] = time.monotonic()
 
-    def _declare_bucket(self, pub: Confirmer, delay: float, dlx: str) -> str:
+    def _declare_bucket(self, ops: list[Callable[[Any], None]], delay: float, dlx: str) -> str:
         ms = bucket_ms(delay)
         name = f"{dlx or 'mqprimer'}.delay.{ms}"
         now = time.monotonic()
         if now - self._declared.get("b:" + name, -math.inf) > _REDECLARE:
-            ch = pub.channel
-            ch.exchange_declare(name, "fanout", durable=True, auto_delete=True)
-            ch.queue_declare(name, durable=True, arguments={
-                "x-message-ttl": ms, "x-dead-letter-exchange": dlx, "x-expires": ms + 2 * int(_REDECLARE * 1000),
-            })
-            ch.queue_bind(name, name)
+            args = {"x-message-ttl": ms, "x-dead-letter-exchange": dlx, "x-expires": ms + 2 * int(_REDECLARE * 1000)}
+
+            def declare(ch: Any) -> None:
+                ch.exchange_declare(name, "fanout", durable=True, auto_delete=True)
+                ch.queue_declare(name, durable=True, arguments=args)
+                ch.queue_bind(name, name)
+
+            ops.append(declare)
             self._declared["b:" + name] = now
         return name
 
     # -- request/reply ----------------------------------------------------------------
     def reply_path(self, name: str) -> ReplyPath:
-        assert self._link is not None
-        return DirectReplyPath(self._link, self.queue_args)
+        return DirectReplyPath(self._alive(), self.queue_args)
 
     def send_reply(
         self, address: str, payload: bytes, *, message_id: str, ttl: float | None, correlation_id: str | None = None
     ) -> None:
-        link = self._link
-        if link is None:
-            raise px.ConnectionWrongStateError("the AMQP backend is closed")
+        link = self._alive()
         props = BasicProperties(content_type=CONTENT_TYPE, message_id=message_id, correlation_id=correlation_id,
                                 expiration=str(max(1, int(ttl * 1000))) if ttl else None)
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            try:
-                ch = self._reply_ch
-                if ch is None or not ch.is_open:
-                    ch = self._reply_ch = link.conn.channel()
-                # unconfirmed, not mandatory: like the reply path itself, a reply lives only as
-                # long as its caller waits (a lost one is the caller's Timeout), and a confirm
-                # would cost a round trip per call for nothing the caller could use
-                ch.basic_publish("", address, payload, props)
-            except px.AMQPChannelError as exc:
-                raise refused(exc) from None
+        chan = self._reply_ch
+        if chan is None or chan.closed is not None:
+            chan = Chan(link)
+            chan.run(chan.open_step)
+            self._reply_ch = chan
+
+        # unconfirmed, not mandatory, not waited for: like the reply path itself, a reply lives
+        # only as long as its caller waits (a lost one is the caller's Timeout), and a confirm
+        # would cost a round trip per call for nothing the caller could use
+        def send() -> None:
+            if chan.closed is None:
+                chan.ch.basic_publish("", address, payload, props)
+
+        link.submit(send)
 
     def stats(self, destination: Queue) -> QueueStats:
-        link = self._link
-        if link is None:
-            raise px.ConnectionWrongStateError("the AMQP backend is closed")
+        link = self._alive()
         counts: list[tuple[int, int]] = []
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            for name in (destination.name, f"{destination.name}.dead"):
-                # a channel each: the broker closes the channel that asks for a missing queue
-                ch = link.conn.channel()
-                try:
-                    ok = ch.queue_declare(name, passive=True).method
-                    counts.append((ok.message_count, ok.consumer_count))
-                except px.ChannelClosedByBroker as exc:
-                    if exc.reply_code != 404:
-                        raise refused(exc) from None
-                    counts.append((0, 0))  # never declared: nothing in it
-                finally:
-                    if ch.is_open:
-                        ch.close()
+        for name in (destination.name, f"{destination.name}.dead"):
+            # a channel each: the broker closes the channel that asks for a missing queue
+            chan = Chan(link)
+
+            def passive(ch: Any, done: Callable[[Any], None], name: str = name) -> None:
+                ch.queue_declare(name, passive=True, callback=done)
+
+            try:
+                ok = chan.run(chan.open_step, passive).method
+                counts.append((ok.message_count, ok.consumer_count))
+            except px.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise refused(exc) from None
+                counts.append((0, 0))  # never declared: nothing in it
+            finally:
+                chan.close()
         (ready, consumers), (dead, _) = counts
         return QueueStats(destination.name, ready=ready, delayed=None, reserved=None, dead=dead, consumers=consumers)
 
     # -- consuming --------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
-        # its own connection: pika connections are single-threaded, and a consumer may
-        # run in another thread than the producer
         return AmqpSubscription(self, destination, prefetch, subscription)
 
 
+def _nowait(fn: Callable[[Any], None]) -> Step:
+    def step(ch: Any, done: Callable[[Any], None]) -> None:
+        fn(ch)
+        done(None)
+
+    return step
+
+
 class AmqpSubscription(Subscription):
+    """A channel of the backend's connection: qos, declarations, one consumer. Deliveries
+    arrive in a ``SimpleQueue`` from the I/O thread; ``None`` in it means the channel ended."""
+
     def __init__(self, backend: AmqpBackend, destination: Destination, prefetch: int, name: str | None) -> None:
-        opts = backend.opts
         self.destination = destination
-        self._buf: deque[Delivery] = deque()
+        self._link = link = backend._alive()
+        self._q: SimpleQueue[Delivery | None] = SimpleQueue()
+        self._error: BaseException | None = None
         # acks are written in batches (see ack); this many may wait for the next one
         self._ack_batch = max(1, prefetch // 4)
-        self._link = link = Link(parameters(backend.url, opts, f"mqprimer consumer {destination}"), opts.heartbeat)
-        try:
-            with link.lock:  # the keeper thread must not pump the connection while we declare
-                self._setup(backend, destination, prefetch, name)
-        except px.AMQPChannelError as exc:
-            link.close()
-            raise refused(exc) from None
-        except BaseException:
-            link.close()
-            raise
-
-    def _setup(self, backend: AmqpBackend, destination: Destination, prefetch: int, name: str | None) -> None:
-        opts = backend.opts
-        ch = self._ch = self._link.conn.channel()
-        self._impl = ch._impl  # pika's async channel: basic_ack without a flush per ack
-        ch.basic_qos(prefetch_count=prefetch)
+        self._acks: deque[int] = deque()
+        self._flush_due = False
+        self._chan = chan = Chan(link, self._ended)
+        opts, args = backend.opts, backend.queue_args
+        steps: list[Step] = [chan.open_step, lambda ch, done: ch.basic_qos(prefetch_count=prefetch, callback=done)]
         if isinstance(destination, Topic):
             qname = name or f"mqprimer.sub.{uuid.uuid4().hex}"
-            ch.exchange_declare(opts.exchange, "topic", durable=True)
-            ch.queue_declare(qname, durable=name is not None, exclusive=name is None,
-                             auto_delete=name is None, arguments=backend.queue_args)
-            ch.queue_bind(qname, opts.exchange, routing_key=destination.name)
+            steps += [
+                _nowait(lambda ch: ch.exchange_declare(opts.exchange, "topic", durable=True)),
+                _nowait(lambda ch: ch.queue_declare(qname, durable=name is not None, exclusive=name is None,
+                                                    auto_delete=name is None, arguments=args)),
+                _nowait(lambda ch: ch.queue_bind(qname, opts.exchange, routing_key=destination.name)),
+            ]
             self.retry_target: Destination = SubQueue(qname)
         else:
             qname = destination.name
-            ch.queue_declare(qname, durable=True, arguments=backend.queue_args)
+            steps.append(_nowait(lambda ch: ch.queue_declare(qname, durable=True, arguments=args)))
             self.retry_target = destination
         self.dead_target = Queue(f"{qname}.dead")
-        ch.basic_consume(qname, self._on_message)
+        self._qname = qname
 
+        def consume(ch: Any, done: Callable[[Any], None]) -> None:
+            ch.add_on_cancel_callback(self._cancelled)
+            ch.basic_consume(qname, self._on_message, callback=done)
+            link.flushers.add(self)
+
+        steps.append(consume)
+        try:
+            chan.run(*steps)
+        except px.AMQPChannelError as exc:  # refused: that channel is closed, the connection is fine
+            raise refused(exc) from None
+        except BaseException:
+            chan.close()
+            raise
+
+    # -- I/O thread -----------------------------------------------------------------------
     def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
-        self._buf.append(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to,
-                                  props.correlation_id))
+        self._q.put(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to, props.correlation_id))
 
+    def _cancelled(self, _frame: Any) -> None:
+        # RabbitMQ cancels the consumer of a deleted queue (consumer_cancel_notify); the
+        # channel stays open, the other subscriptions are untouched
+        self._ended(px.ConsumerCancelled(f"the broker cancelled the consumer of queue {self._qname!r} "
+                                         "(the queue was deleted?); close this consumer and subscribe again"))
+
+    def _ended(self, reason: BaseException) -> None:
+        if self._error is None:
+            self._error = refused(reason)
+            self._link.flushers.discard(self)
+            self._q.put(None)  # wakes a waiting receive
+
+    def drain_acks(self) -> None:
+        """Write out the acks waiting (I/O thread; the link's timer calls it every 0.2 s)."""
+        self._flush_due = False  # first: an ack from now on schedules another drain
+        acks = self._acks
+        if self._chan.closed is not None:
+            acks.clear()  # their delivery tags died with the channel
+            return
+        ack = self._chan.ch.basic_ack
+        while acks:
+            ack(acks.popleft())
+
+    # -- consumer thread --------------------------------------------------------------------
     def receive(self, timeout: float | None) -> Delivery | None:
-        link, buf = self._link, self._buf
-        with link.lock:
-            if link.error is not None:  # what is buffered will be redelivered: do not hand it out
-                raise link.error
-            if buf:
-                if link.unflushed >= self._ack_batch:
-                    link.flush()
-                return buf.popleft()
-            coalesce(link.conn)
-            link.unflushed = 0  # process_data_events writes everything out first
-            if timeout is None:
-                while not buf:
-                    link.conn.process_data_events(time_limit=1.0)
-            else:
-                link.conn.process_data_events(time_limit=timeout)
-            return buf.popleft() if buf else None
+        if self._error is not None:  # what is buffered will be redelivered: do not hand it out
+            raise self._error
+        q = self._q
+        try:
+            d = q.get_nowait()
+        except Empty:
+            if timeout is not None and timeout <= 0:
+                return None
+            if self._acks:
+                self._flush()
+            try:
+                d = q.get(True, timeout)
+            except Empty:
+                return None
+        if d is None:
+            q.put(None)
+            assert self._error is not None
+            raise self._error
+        return d
+
+    def _flush(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            self._link.submit(self.drain_acks)
 
     def ack(self, delivery: Delivery) -> None:
         """Ack. While more prefetched messages wait, the frame leaves with the next batch
         of acks (every ``prefetch / 4``, when the consumer next waits or closes, or within
-        0.2 s by the keeper thread); when none waits, at once.
+        0.2 s by the I/O thread's timer); when none waits, at once.
 
-        Batching saves a send() per message on busy queues. A process killed inside that
-        window gets the message redelivered: at-least-once either way.
+        Batching saves a hand-off and a send() per message on busy queues. A process killed
+        inside that window gets the message redelivered: at-least-once either way.
         """
-        link = self._link
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            self._impl.basic_ack(delivery.tag)
-            link.unflushed += 1
-            if not self._buf or not link.keeper:
-                link.flush()
+        if self._error is not None:
+            raise self._error
+        acks = self._acks
+        acks.append(delivery.tag)
+        if len(acks) >= self._ack_batch or self._q.empty():
+            self._flush()
 
     def requeue(self, delivery: Delivery) -> None:
-        link = self._link
-        with link.lock:
-            if link.error is not None:
-                raise link.error
-            self._ch.basic_nack(delivery.tag, requeue=True)
+        if self._error is not None:
+            raise self._error
+        chan, tag = self._chan, delivery.tag
+
+        def nack() -> None:
+            if chan.closed is None:
+                chan.ch.basic_nack(tag, requeue=True)
+
+        self._link.submit(nack)
 
     def close(self) -> None:
-        # closing the connection hands every unacked delivery (buffered ones too) back
-        self._buf.clear()
-        self._link.close()
+        # closing the channel hands every unacked delivery (buffered ones too) back; the
+        # acks given before go first
+        chan, link = self._chan, self._link
+
+        def last(ch: Any, _done: Callable[[Any], None]) -> None:
+            link.flushers.discard(self)
+            self.drain_acks()
+            ch.close()  # its close callback ends the wait
+
+        if chan.closed is None and link.error is None:
+            try:
+                chan.run(last, timeout=_CLOSE_WAIT)
+            except px.AMQPError:
+                pass
