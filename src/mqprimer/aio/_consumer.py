@@ -9,7 +9,6 @@ consumer's settle path), so cancellation never strands a delivery half-taken.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -63,7 +62,11 @@ class Consumer:
                    inline: bool = True) -> T:
         """Run a settle of one of this consumer's messages (on its thread, in order)."""
         if self._runner.closed:  # after close() (a settle then raises StateError, as in the blocking API)
-            return await asyncio.to_thread(fn, *args)
+            once = Runner(1, "mqprimer-aio-closed")
+            try:
+                return await once.call(fn, *args)
+            finally:
+                once.shutdown()
         return await self._runner.call(fn, *args, on_late=on_late, inline=inline and not self._waiting)
 
     async def receive(self, timeout: float | None = None) -> "Message | None":

@@ -13,6 +13,7 @@ cancellation propagates.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import inspect
 import signal
@@ -67,8 +68,7 @@ class Worker(_w.Worker):
                 loop.call_soon_threadsafe(_finish, done, code, None)
 
         installed = self._loop_signals(loop)
-        thread = threading.Thread(target=owner, name="mqprimer-aio-worker", daemon=True)
-        thread.start()
+        _thread.start_new_thread(owner, ())  # returns at once (see _runner: Thread.start can hold the loop)
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
