@@ -45,6 +45,9 @@ def expected_brokers() -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "disruptive(*brokers): kills, freezes or restarts the named scripts/brokers broker(s); "
+        "scripts/test runs it in its serial-per-broker phase (see DISRUPTIVE below)")
     if not config.getoption("mq_url"):
         tmp = tempfile.mkdtemp(prefix="mqprimer-conformance-")
         specs = ["memory=memory://conformance", f"sqlite=sqlite:///{tmp}/conformance.db"]
@@ -139,8 +142,89 @@ def harness_url_ids() -> dict[str, str]:
 KNOWN_DEFECTS: dict[str, str] = {}
 
 
+# -- tests that disturb a shared broker ------------------------------------------------------------
+# THE RULE: a test that SIGKILLs, freezes (SIGSTOP), stops, restarts or otherwise blocks a broker of
+# scripts/brokers carries ``@pytest.mark.disruptive("NAME", ...)`` with the scripts/brokers.d name(s)
+# of what it disturbs (rabbitmq, activemq, beanstalkd, gearmand, prosody). scripts/test runs the suite
+# in two phases: every other test in parallel (pytest-xdist), then the disruptive ones, those of one
+# broker one after another and never beside a test that uses that broker. During a scripts/test run,
+# scripts/brokers refuses kill|freeze|thaw|down of a broker the running test did not declare, so a
+# test that forgets the marker fails at once, instead of making other tests fail at random.
+# The battery's broker faults are marked in mqprimer.testing.battery (its broker is that of its
+# mq_target); tests of files owned elsewhere are listed here until they carry the marker themselves.
+DISRUPTIVE: dict[str, tuple[str, ...]] = {
+    "test_beanstalk.py::test_job_restored_without_its_crlf_is_dead_lettered_and_the_consumer_goes_on":
+        ("beanstalkd",),
+    "test_gearman.py::test_server_sigkill_keeps_every_created_job": ("gearmand",),
+    "test_gearman.py::test_server_down_at_connect_and_mid_stream_then_recovery": ("gearmand",),
+    "test_gearman.py::test_two_servers_fail_over_on_send_and_consume_from_both": ("gearmand",),
+    "test_xmpp.py::test_sigkill_and_restart_every_confirmed_item_reaches_a_named_subscription": ("prosody",),
+}
+_DISRUPTS = pytest.StashKey[tuple[str, ...]]()
+
+
+def disrupted_brokers(item: pytest.Item) -> tuple[str, ...] | None:
+    """The brokers ``item`` disturbs; ``None`` if it disturbs none, ``()`` if it is marked but
+    names none (an error, reported when it runs)."""
+    mark = item.get_closest_marker("disruptive")
+    listed = DISRUPTIVE.get(f"{item.path.name}::{getattr(item, 'originalname', item.name)}")
+    if mark is None and listed is None:
+        return None
+    names = set(mark.args if mark else ()) | set(listed or ())
+    callspec = getattr(item, "callspec", None)
+    if not names and callspec is not None and "mq_target" in callspec.params:
+        broker = brokers_providing().get(callspec.params["mq_target"][0])
+        if broker is None:  # memory, sqlite, zeromq: no broker, the fault is N/A there (a quick skip)
+            return ("no-broker",)
+        names = {broker}
+    return tuple(sorted(names))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         reason = KNOWN_DEFECTS.get(item.name)
         if reason:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
+        brokers = disrupted_brokers(item)
+        if brokers is not None:
+            item.stash[_DISRUPTS] = brokers
+            if item.get_closest_marker("disruptive") is None:
+                item.add_marker(pytest.mark.disruptive(*brokers))
+        if not xdist:
+            continue
+        group = ""
+        if brokers:  # one worker per broker: its faults run one after another
+            group = "disrupts-" + "+".join(brokers)
+        elif any(d.scope in ("module", "class") for defs in item._fixtureinfo.name2fixturedefs.values()
+                 for d in defs):
+            # a module-scoped fixture (one supervisord, say) is set up once: keep its tests together
+            group = item.nodeid.split("::")[0]
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+            _group_nodeid(item, group)
+
+
+def _group_nodeid(item: pytest.Item, group: str) -> None:
+    """What ``--dist loadgroup`` does to a grouped item (the ``@group`` suffix its scheduler
+    reads): xdist 3.8 sets ``item._nodeid``, which pytest 9 no longer reads (``item._id``)."""
+    if "@" in item.nodeid or not hasattr(item, "_id"):
+        return  # done by xdist itself (an older pytest), or a pytest this does not know
+    from _pytest.nodeid import NodeId
+
+    item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    brokers = item.stash.get(_DISRUPTS, None)
+    if brokers == ():
+        pytest.fail("pytest.mark.disruptive needs the scripts/brokers name(s) of the broker(s) the test "
+                    "disturbs, e.g. @pytest.mark.disruptive('rabbitmq')", pytrace=False)
+    # scripts/brokers (under scripts/test) refuses kill|freeze|thaw|down of any other broker
+    os.environ["MQPRIMER_MAY_DISRUPT"] = " ".join(brokers or ())
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    os.environ["MQPRIMER_MAY_DISRUPT"] = ""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mqprimer
@@ -120,19 +120,30 @@ class Stream:
         finally:
             self._subscribed.set()  # never leave the producer waiting
 
-    def finish(self, timeout: float, settle: float = 3.0, expect_all: bool = True) -> None:
+    def finish(self, timeout: float, settle: float = 3.0, expect_all: bool = True,
+               drained: Callable[[], bool] | None = None, quiet: float = 10.0) -> None:
         """Wait for the producer, then until every confirmed message arrived (or ``timeout``;
         without ``expect_all``, an at-most-once backend, until nothing arrived for 5 s);
-        then ``settle`` seconds more of nothing new, so late duplicates are counted too."""
+        then ``settle`` seconds more of nothing new, so late duplicates are counted too.
+
+        ``drained`` (where the broker can tell) says the broker holds nothing more for the
+        stream's queue (nothing ready, delayed or delivered-unsettled): after ``quiet`` seconds
+        without a delivery it ends the wait for confirmed messages that are not coming, which
+        then count as lost, instead of waiting out ``timeout`` for them."""
         deadline = time.monotonic() + timeout
         self._produced.wait(max(0.0, deadline - time.monotonic()))
-        last, seen_at = len(self.received), time.monotonic()
+        last, seen_at, asked_at = len(self.received), time.monotonic(), 0.0
         while time.monotonic() < deadline and not self.errors and not set(self.confirmed) <= set(self.received):
             time.sleep(0.05)
+            now = time.monotonic()
             if len(self.received) != last:
-                last, seen_at = len(self.received), time.monotonic()
-            elif not expect_all and time.monotonic() - seen_at > 5:
+                last, seen_at = len(self.received), now
+            elif not expect_all and now - seen_at > 5:
                 break
+            elif drained is not None and now - seen_at > quiet and now - asked_at > 2:
+                asked_at = now
+                if drained() and len(self.received) == last:
+                    break
         quiet_until = time.monotonic() + settle
         seen = len(self.received)
         while time.monotonic() < min(quiet_until, deadline + settle):

@@ -10,6 +10,7 @@ raise :class:`NotApplicable` with the reason, which the battery writes into its 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -203,17 +204,21 @@ class Figures:
         """Merge into the file (a partial run updates its own rows, keeps the others)."""
         if not self.rows:
             return
-        old: list[dict[str, Any]] = []
-        if self.path.exists():
-            try:
-                old = json.loads(self.path.read_text())["rows"]
-            except (ValueError, KeyError, TypeError):
-                old = []
-        merged = {(r["backend"], r["fault"]): r for r in old}
-        merged.update(self.rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                   "rows": sorted(merged.values(), key=lambda r: (r["backend"], r["fault"]))},
-                                  indent=1))
-        tmp.replace(self.path)
+        # several pytest processes (xdist workers, scripts/test's two phases) each merge their own
+        # rows: the read-merge-write is under a lock, so no process writes over another's rows
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old: list[dict[str, Any]] = []
+            if self.path.exists():
+                try:
+                    old = json.loads(self.path.read_text())["rows"]
+                except (ValueError, KeyError, TypeError):
+                    old = []
+            merged = {(r["backend"], r["fault"]): r for r in old}
+            merged.update(self.rows)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "rows": sorted(merged.values(), key=lambda r: (r["backend"], r["fault"]))},
+                                      indent=1))
+            tmp.replace(self.path)

@@ -58,6 +58,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # the battery's broker faults carry it: a runner can keep them apart from tests that use the
+    # same broker (tests/conftest.py names the broker of each mq_target; scripts/test runs them last)
+    config.addinivalue_line("markers", "disruptive(*brokers): kills, freezes or restarts a broker "
+                            "(default: the broker of the test's mq_target)")
     path = config.getoption("mq_figures", None)
     config.stash[_FIGURES] = Figures(Path(path) if path else config.rootpath / ".run" / "reliability.json")
 
