@@ -171,6 +171,8 @@ class Producer:
                    ttl: float | None = None, id: str | None = None) -> str:
         """Send one message; return its id once the broker has it (where it confirms)."""
         if headers is None and ttl is None and id is None and priority is None and delay is None:
+            if self._runner.inline:  # memory://: no I/O (see _runner), and no coroutine hop either
+                return self.blocking.send(destination, body, type=type)
             return await self._runner.call(self._send_plain, destination, body, type)
         return await self._runner.call(functools.partial(
             self.blocking.send, destination, body, headers=headers, type=type, priority=priority, delay=delay,

@@ -1,0 +1,1 @@
+"""An asyncio web service on mqprimer.aio (Starlette): enqueue jobs, answer a request/reply call."""
