@@ -1,9 +1,14 @@
-"""One STOMP 1.2 connection (stomp.py) with receipts, an inbox and loss detection.
+"""One STOMP 1.2 connection (stomp.py) with receipts, per-subscription inboxes and loss detection.
 
 stomp.py delivers frames on its own receiver thread and never reconnects. A :class:`Link`
 turns that into calls that either complete or raise: every wait (CONNECTED, receipts,
-the inbox) also ends when the connection drops or the broker sends ERROR, so a lost
+an inbox) also ends when the connection drops or the broker sends ERROR, so a lost
 broker surfaces as an exception from publish / receive / ack, never as a hang.
+
+Subscriptions share a link: each registers its SUBSCRIBE ids with an inbox of its own, to
+which the receiver thread routes MESSAGEs by their ``subscription`` header. An ERROR naming a
+subscription (RabbitMQ's "Server cancelled subscription": its queue was deleted) ends that
+one only; any other ERROR ends the link for everyone (the broker closes it after an ERROR).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,6 +56,10 @@ class ConnectionLost(StompException):  # type: ignore[misc]
     """The STOMP connection dropped (or stopped answering) while we waited on it."""
 
 
+class SubscriptionEnded(StompBrokerError):
+    """The broker ended one subscription with an ERROR naming it; the connection goes on."""
+
+
 def _short(text: str | None) -> str:
     lines = (text or "").strip().splitlines()
     return lines[0][:300] if lines else "no reason given"
@@ -79,19 +89,13 @@ def encode_frame(cmd: str, headers: dict[str, str], body: bytes = b"") -> bytes:
 
 
 class Link(stomp.ConnectionListener):  # type: ignore[misc]
-    """A connected STOMP session. Not thread-safe for senders: the backend serialises calls."""
+    """A connected STOMP session, shared by a backend's senders and subscriptions, from any thread:
+    each write is one ``sendall`` under stomp.py's socket lock, ids come from one counter, and
+    each waiter waits for its own receipts or reads its own inbox."""
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        login: str | None,
-        passcode: str | None,
-        vhost: str,
-        heartbeat_ms: int,
-        ssl: dict[str, Any] | None = None,
-        extra_connect_headers: dict[str, str] | None = None,
+        self, host: str, port: int, *, login: str | None, passcode: str | None, vhost: str, heartbeat_ms: int,
+        ssl: dict[str, Any] | None = None, extra_connect_headers: dict[str, str] | None = None,
         io_timeout: float = RECEIPT_TIMEOUT,
     ) -> None:
         _silence_stomp_py()
@@ -127,6 +131,8 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._acks: list[bytes] = []
         self._ack_cond = threading.Condition()
         self._flusher: threading.Thread | None = None
+        self.routes: dict[str, queue.SimpleQueue[Any]] = {}  # SUBSCRIBE id -> its subscription's inbox
+        self._routes_lock = threading.Lock()
 
     # -- listener callbacks (stomp.py's receiver thread) ----------------------------
     def on_connected(self, frame: Any) -> None:
@@ -138,6 +144,12 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
 
     def on_error(self, frame: Any) -> None:
         message = _short(frame.headers.get("message"))
+        sid = frame.headers.get("subscription", "")
+        with self._routes_lock:
+            box = self.routes.pop(sid, None) if self.connected else None
+        if box is not None:  # about one subscription only: the connection goes on
+            box.put(SubscriptionEnded(f"the broker ended subscription {sid}: {message} (was its queue deleted?)"))
+            return
         if not self.connected and isinstance(frame.body, bytes):
             # a refused CONNECT says why in the body (RabbitMQ: "Bad CONNECT" + "Access refused
             # for user 'x'"); no payload can be in it yet, so its first line is safe to show
@@ -158,13 +170,20 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             self.cond.notify_all()
 
     def on_message(self, frame: Any) -> None:
-        self.inbox.put(frame)
+        box = self.routes.get(frame.headers.get("subscription", ""))
+        (self.inbox if box is None else box).put(frame)
 
     def on_disconnected(self) -> None:
         with self.cond:
             self.alive = False
             self.cond.notify_all()
-        self.inbox.put(_LOST)
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        with self._routes_lock:
+            boxes = {id(b): b for b in (self.inbox, *self.routes.values())}  # a subscription's ids share one
+        for box in boxes.values():
+            box.put(_LOST)
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
@@ -203,19 +222,18 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             self.conn.transport.disconnect_socket()
         except Exception:
             pass
-        self.inbox.put(_LOST)
+        self._wake_all()
 
     # -- helpers -------------------------------------------------------------------------
     def next_id(self, prefix: str = "r") -> str:
         return f"{prefix}{next(self._ids)}"
 
     def check(self) -> None:
-        """Raise if the connection is no longer usable."""
-        if not self.alive:
+        """Raise if the connection is no longer usable: after an ERROR too (the broker ends the
+        connection then; the request that drew it has raised the ERROR's own error already)."""
+        if not self.alive or self.error is not None:
             why = f" after the broker's ERROR: {self.error}" if self.error else ""
             raise ConnectionLost("the STOMP connection was lost" + why)
-        if self.error is not None:
-            raise _broker_error(self.error)
 
     def send_frame(self, cmd: str, headers: dict[str, str], body: bytes = b"") -> None:
         self.write(encode_frame(cmd, headers, body))
@@ -314,17 +332,84 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             except Exception:
                 return  # the connection is gone; the owner's next call says so
 
-    def get(self, timeout: float | None) -> Any:
-        """The next MESSAGE frame, or ``None`` after ``timeout``; raises once the link is gone."""
+    def get(self, timeout: float | None, box: queue.SimpleQueue[Any] | None = None) -> Any:
+        """The next MESSAGE frame of ``box`` (default: the link's own inbox), or ``None`` after
+        ``timeout``; raises once the link is gone, or the broker ended that subscription."""
         self.check()
-        if self._acks and (timeout != 0 and self.inbox.empty() or len(self._acks) >= ACK_BATCH):
+        box = self.inbox if box is None else box
+        if self._acks and (timeout != 0 and box.empty() or len(self._acks) >= ACK_BATCH):
             self.flush_acks()  # about to wait: let the broker have every ACK first
         try:
-            frame = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
+            frame = box.get(timeout=timeout) if timeout != 0 else box.get_nowait()
         except queue.Empty:
             return None
+        if isinstance(frame, SubscriptionEnded):
+            box.put(frame)  # every later call says the same
+            raise frame
         if frame is _LOST:
-            self.inbox.put(_LOST)
+            box.put(_LOST)
             self.check()
             raise ConnectionLost("the STOMP connection was lost")
         return frame
+
+    # -- subscriptions sharing the link ---------------------------------------------------
+    def subscribe(self, frames: list[dict[str, str]], box: queue.SimpleQueue[Any]) -> None:
+        """SUBSCRIBE with every frame (each has its ``id``), routing their MESSAGEs to ``box``."""
+        self.check()
+        ids = [f["id"] for f in frames]
+        with self._routes_lock:
+            taken = [i for i in ids if i in self.routes]
+            if taken:
+                raise StompBrokerError(f"subscription id {taken[0]} is already in use on this connection")
+            self.routes.update(dict.fromkeys(ids, box))
+        try:
+            subs = [{**f, "receipt": self.next_id()} for f in frames]
+            self.write(b"".join(encode_frame("SUBSCRIBE", f) for f in subs))
+            self.wait_receipts(f["receipt"] for f in subs)
+        except BaseException:
+            self.unroute(ids)
+            raise
+
+    def unroute(self, ids: Iterable[str]) -> None:
+        with self._routes_lock:
+            for i in ids:
+                self.routes.pop(i, None)
+
+    def unsubscribe(self, ids: list[str], box: queue.SimpleQueue[Any], unsettled: dict[str, str], park: bool) -> None:
+        """UNSUBSCRIBE ``ids`` (those the broker has not ended); with ``park`` (RabbitMQ), give
+        back what they hold: ``unsettled`` (ack id -> SUBSCRIBE id) and what waits in ``box``.
+
+        RabbitMQ keeps an unsubscribed id's unacked messages until the connection closes and
+        refuses a NACK once the id is gone. After the UNSUBSCRIBE receipt (all its MESSAGEs
+        are in by then) each such id is subscribed again to a topic that never delivers, its
+        messages NACKed through it (RabbitMQ requeues them: delivery tags are per connection)
+        and it is unsubscribed. ActiveMQ gives them back on UNSUBSCRIBE by itself.
+        """
+        with self._routes_lock:
+            ids = [i for i in ids if i in self.routes]
+        try:
+            if not self.alive or self.error is not None or not ids:
+                return  # the connection is gone (the broker has everything back), or nothing to end
+            self.flush_acks()
+            unsub = {i: self.next_id() for i in ids}
+            self.write(b"".join(encode_frame("UNSUBSCRIBE", {"id": i, "receipt": r}) for i, r in unsub.items()))
+            self.wait_receipts(unsub.values())
+            held = dict(unsettled)
+            while park and not box.empty():
+                f = box.get_nowait()
+                if f is not _LOST and not isinstance(f, Exception):
+                    held[f.headers["ack"]] = f.headers["subscription"]
+            frames: list[bytes] = []
+            rids: list[str] = []
+            for sid in ids if park else ():
+                acks = [encode_frame("NACK", {"id": a}) for a, i in held.items() if i == sid]
+                if acks:
+                    rids.append(self.next_id())
+                    where = f"/topic/mqprimer.parked.{uuid.uuid4().hex}"
+                    frames += [encode_frame("SUBSCRIBE", {"id": sid, "ack": "client-individual", "destination": where}),
+                               *acks, encode_frame("UNSUBSCRIBE", {"id": sid, "receipt": rids[-1]})]
+            if frames:
+                self.write(b"".join(frames))
+                self.wait_receipts(rids)
+        finally:
+            self.unroute(ids)

@@ -13,9 +13,8 @@ headers below. What mqprimer does about each difference:
   copies that do not match the exact pattern (they are this subscription's own copies).
 - every SEND carries ``persistent:true`` and a ``receipt``: ``publish`` returns when the
   broker has the message; ``publish_many`` sends the whole batch, then waits for all.
-- retry and dead letters are emulated the same way on both (publish a copy, then ACK):
-  NACK requeues for ever on RabbitMQ and goes to ``ActiveMQ.DLQ`` on ActiveMQ, so it is
-  never used for either.
+- retry and dead letters are emulated on both (publish a copy, then ACK): NACK requeues for
+  ever on RabbitMQ and goes to ``ActiveMQ.DLQ`` on ActiveMQ.
 - delay: ActiveMQ's scheduler (``AMQ_SCHEDULED_DELAY``); on RabbitMQ a per-delay TTL queue
   ``mqprimer.delay.<ms>.<queue>`` that dead-letters back into the queue.
 - priority: ``priority`` header; RabbitMQ needs the queue declared with ``x-max-priority``,
@@ -30,8 +29,9 @@ headers below. What mqprimer does about each difference:
   ``/topic/VirtualTopic.<name>`` and a named subscription consumes the queue
   ``Consumer.<name>.VirtualTopic.<pattern>`` (dots in the name become ``~``: ActiveMQ's
   ``Consumer.*.`` prefix takes one word), which the broker fills while nobody consumes.
-- each subscription has its own STOMP connection, so closing it (DISCONNECT) makes both
-  brokers give every unacked message back.
+- one STOMP connection per backend carries the sends and every subscription (ids, ack mode
+  and prefetch of its own; closing one UNSUBSCRIBEs it and gives back what it held), except
+  where a connection of its own is needed (docs/backend-stomp.md, "Connection model").
 - ``io_timeout`` (seconds, default 30): how long a receipt may take, and a CONNECT (at most
   15 s); past it the connection counts as lost (a hung broker surfaces as ConnectionFailed).
 """
@@ -41,6 +41,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from queue import SimpleQueue as Inbox
 from typing import Any
 
 from stomp.exception import StompException
@@ -102,7 +103,7 @@ _DELAY_TOPIC_PREFIX = "mqprimer.delay-topic."
 _SUB_PREFIX = "mqprimer.sub."
 # ActiveMQ's default virtual topics (VirtualTopic.>, consumer queues Consumer.*.VirtualTopic.>)
 _VT = "VirtualTopic."
-_GROUP_ID = "/group"  # SUBSCRIBE id of a named subscription's queue on ActiveMQ
+_GROUP_ID = "/group"  # SUBSCRIBE ids of a named subscription's queue on ActiveMQ start with it
 _DELAY_QUEUE_IDLE_MS = 60_000  # RabbitMQ deletes an unused delay queue after this
 _PRIVATE_QUEUE_IDLE_MS = 600_000  # ... and an abandoned private topic-retry queue after this
 
@@ -296,23 +297,35 @@ class StompBackend(Backend):
 
     # -- consuming -------------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
-        link = self.new_link()
+        link = self.main()
+        # a connection of its own on a generic broker, and for a RabbitMQ group whose id (its
+        # name) this one has in use already (docs/backend-stomp.md, "Connection model")
+        own = self.flavour == "generic" or (
+            self.flavour == "rabbitmq" and isinstance(destination, Topic) and subscription in link.routes)
+        link = self.new_link() if own else link
         try:
-            return StompSubscription(self, link, destination, prefetch, subscription)
+            return StompSubscription(self, link, destination, prefetch, subscription, own=own)
         except BaseException:
-            self.drop(link)
+            if own:
+                self.drop(link)
             raise
 
 
 class StompSubscription(Subscription):
     def __init__(
-        self, backend: StompBackend, link: Link, destination: Destination, prefetch: int, subscription: str | None
+        self, backend: StompBackend, link: Link, destination: Destination, prefetch: int, subscription: str | None,
+        *, own: bool,
     ) -> None:
         self.backend = backend
         self.link = link
+        self.own = own  # the link is this subscription's alone (closed with it)
         self.destination = destination
         self.filter: str | None = None
+        self.box: Inbox[Any] = Inbox()
+        self.unsettled: dict[str, str] = {}  # ack id -> SUBSCRIBE id (RabbitMQ: NACKed on close)
+        self.park = backend.flavour == "rabbitmq" and not own
         flavour = backend.flavour
+        n = link.next_id("")
         base = {"ack": "client-individual"}
         if flavour == "rabbitmq":
             base["prefetch-count"] = str(prefetch)
@@ -320,10 +333,10 @@ class StompSubscription(Subscription):
             base["activemq.prefetchSize"] = str(prefetch)
         frames: list[dict[str, str]] = []
         if isinstance(destination, Topic):
-            own = subscription or f"{_SUB_PREFIX}{uuid.uuid4().hex[:16]}"
+            own_queue = subscription or f"{_SUB_PREFIX}{uuid.uuid4().hex[:16]}"
             stomp_dest, self.filter = _topic_destination(destination.name, flavour)
             # ids with a '/' cannot clash with a subscription name (RabbitMQ's durable id)
-            t = {**base, "destination": stomp_dest, "id": "/topic"}
+            t = {**base, "destination": stomp_dest, "id": f"/topic/{n}"}
             if flavour == "rabbitmq":
                 t["x-max-priority"] = _MAX_PRIORITY  # the subscription's queue, as for /queue/
             if subscription and flavour == "rabbitmq":
@@ -332,52 +345,51 @@ class StompSubscription(Subscription):
                 # the group's queue, which ActiveMQ fills from the virtual topic (a pattern makes a
                 # wildcard queue that the broker keeps as one destination, filled while nobody reads)
                 t["destination"] = f"/queue/Consumer.{subscription.replace('.', '~')}.{stomp_dest[len('/topic/'):]}"
-                t["id"] = _GROUP_ID
+                t["id"] = f"{_GROUP_ID}/{n}"
             elif subscription:
                 raise UnsupportedError(f"durable topic subscriptions are not supported by the {flavour} STOMP broker")
             frames.append(t)
-            queue = own
+            queue = own_queue
         else:
             queue = destination.name
-        frames.append({**base, "destination": f"/queue/{queue}", "id": "/queue", **backend.queue_headers(queue)})
+        frames.append({**base, "destination": f"/queue/{queue}", "id": f"/queue/{n}", **backend.queue_headers(queue)})
         self.retry_target = Queue(queue)
         self.dead_target = Queue(f"{queue}.dead")
-        rids = []
-        for f in frames:
-            f["receipt"] = rid = link.next_id()
-            link.send_frame("SUBSCRIBE", f)
-            rids.append(rid)
-        link.wait_receipts(rids)
+        self.ids = [f["id"] for f in frames]
+        link.subscribe(frames, self.box)
         backend.declared.add(queue)
 
     def receive(self, timeout: float | None) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            frame = self.link.get(left)
+            frame = self.link.get(left, self.box)
             if frame is None:
                 return None
             h = frame.headers
-            if self.filter is not None and h.get("subscription") in ("/topic", _GROUP_ID):
+            if self.filter is not None and h.get("subscription") == self.ids[0]:  # the topic's copies
                 # a group's copy names its topic in original-destination (ActiveMQ virtual topics)
                 topic = h.get("original-destination") or h.get("destination", "")
                 topic = topic.removeprefix("/topic/").removeprefix(_VT)
                 if not matches(self.filter, topic):
-                    self.ack_frame(frame)  # this subscription's own copy, outside the exact pattern
+                    self.link.ack(h["ack"])  # this subscription's own copy, outside the exact pattern
                     continue
+            if self.park:
+                self.unsettled[h["ack"]] = h["subscription"]
             return Delivery(frame.body, frame, broker_redelivered=h.get("redelivered") == "true",
                             reply_to=h.get("reply-to"), correlation_id=h.get("correlation-id"))
 
-    def ack_frame(self, frame: Any) -> None:
-        self.link.ack(frame.headers["ack"])
-
     def ack(self, delivery: Delivery) -> None:
-        self.ack_frame(delivery.tag)
+        ack_id = delivery.tag.headers["ack"]
+        self.link.ack(ack_id)
+        if self.park:
+            self.unsettled.pop(ack_id, None)
 
     def requeue(self, delivery: Delivery) -> None:
         frame = delivery.tag
         if self.backend.flavour == "rabbitmq":
             self.link.send_frame("NACK", {"id": frame.headers["ack"]})  # RabbitMQ requeues a NACK
+            self.unsettled.pop(frame.headers["ack"], None)
             return
         # elsewhere NACK may mean "dead letter" (ActiveMQ): put a copy back, then ACK
         out = Outgoing(self.retry_target, frame.body, "requeue")
@@ -386,10 +398,13 @@ class StompSubscription(Subscription):
         headers = {**self.backend.send_headers(out), **keep, "receipt": link.next_id()}
         link.send_frame("SEND", headers, frame.body)
         link.wait_receipts([headers["receipt"]])
-        self.ack_frame(frame)
+        self.ack(delivery)
 
     def close(self) -> None:
-        self.backend.drop(self.link)
+        if self.own:
+            self.backend.drop(self.link)  # DISCONNECT: the broker gives every unacked message back
+            return
+        self.link.unsubscribe(self.ids, self.box, self.unsettled, self.park)
 
 
 def _topic_destination(pattern: str, flavour: str) -> tuple[str, str | None]:

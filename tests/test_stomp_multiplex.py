@@ -1,0 +1,176 @@
+"""STOMP subscriptions multiplexed on one connection per endpoint (issue 18, STOMP side).
+
+Many consumers of one ``Connection`` share one STOMP connection: threads and sockets do not
+grow with them; closing one consumer gives its messages back without disturbing the others;
+a broker SIGKILL brings every one of them back; a queue deleted behind one consumer's back
+(RabbitMQ: over AMQP with pika; ActiveMQ has no way to do it from here: no JMX, no web
+console, no OpenWire client) fails that consumer only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+
+import pika
+import pytest
+
+import mqprimer
+from conftest import need_broker
+from mqprimer import BrokerError, Consumer
+from mqprimer.backends.stomp import StompBackend
+from mqprimer.testing.helpers import wait_until
+from mqprimer.url import URL
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("stomp-rabbitmq", "stomp-activemq")
+BROKER = {"stomp-rabbitmq": "rabbitmq", "stomp-activemq": "activemq"}
+# an endpoint's connection: stomp.py's receiver and heart-beat threads, the ACK flusher
+THREADS_PER_ENDPOINT = 3
+
+
+def _usage() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def _backend(conn: mqprimer.Connection) -> StompBackend:
+    backend = conn.endpoints[0].backend
+    assert isinstance(backend, StompBackend)
+    return backend
+
+
+def _names(n: int) -> list[str]:
+    base = f"mx{uuid.uuid4().hex[:10]}"
+    return [f"{base}.{i}" for i in range(n)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", TARGETS)
+def test_200_consumers_cost_one_connection_and_close_releases_it(target: str) -> None:
+    url = need_broker(target)
+    queues = _names(200)
+    threads0, fds0 = _usage()
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        consumers = [conn.consumer(q, prefetch=5) for q in queues]
+        p.send_many([(q, i) for i, q in enumerate(queues)])
+        for i, c in enumerate(consumers):
+            m = c.receive(timeout=15)
+            assert m is not None and m.body == i, f"consumer of {queues[i]} got {m and m.body!r}"
+            m.ack()
+        threads, fds = _usage()
+        assert threads - threads0 <= THREADS_PER_ENDPOINT, f"{threads - threads0} threads for 200 consumers"
+        assert fds - fds0 <= 2, f"{fds - fds0} file descriptors for 200 consumers"
+        assert len(_backend(conn).links) == 1
+        for c in consumers:
+            c.close()
+        assert not _backend(conn).main().routes, "subscriptions left on the connection after close"
+    wait_until(lambda: _usage() <= (threads0, fds0), timeout=10,
+               what=f"threads and fds back to {threads0}, {fds0} (now {_usage()})")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_closing_one_consumer_gives_its_messages_back_to_another_on_the_same_connection(target: str) -> None:
+    """RabbitMQ keeps an UNSUBSCRIBEd subscription's unacked messages until the connection
+    closes: the driver NACKs them back (received but unsettled, and prefetched)."""
+    url = need_broker(target)
+    q, other = _names(2)
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        ids = p.send_many([(q, i) for i in range(5)])
+        bystander = conn.consumer(other)
+        first = conn.consumer(q, prefetch=5)
+        held = first.receive(timeout=10)
+        assert held is not None
+        wait_until(lambda: first._subs[0].sub.box.qsize() == 4, timeout=10,  # type: ignore[union-attr]
+                   what="the other four prefetched")
+        first.close()  # one received and unsettled, four prefetched: all go back
+        with conn.consumer(q, prefetch=5) as second:
+            got = []
+            for _ in range(5):
+                m = second.receive(timeout=10)
+                assert m is not None, f"got back only {len(got)} of 5 after the first consumer closed"
+                got.append(m.id)
+                m.ack()
+            assert sorted(got) == sorted(ids)
+        mid = p.send(other, "unaffected")
+        m = bystander.receive(timeout=10)
+        assert m is not None and m.id == mid
+        m.ack()
+        bystander.close()
+
+
+def test_a_queue_deleted_behind_one_consumer_fails_that_consumer_only() -> None:
+    url = need_broker("stomp-rabbitmq")
+    amqp = URL.parse(need_broker("amqp"))
+    queues = _names(50)
+    with mqprimer.connect(url) as conn:
+        consumers = [conn.consumer(q) for q in queues]
+        backend = _backend(conn)
+        link = backend.main()
+        params = pika.ConnectionParameters(amqp.host, amqp.port, "/", pika.PlainCredentials(amqp.username or "",
+                                                                                             amqp.password or ""))
+        with pika.BlockingConnection(params) as admin:
+            admin.channel().queue_delete(queues[7])
+        with pytest.raises(BrokerError, match="ended subscription"):
+            wait_until(lambda: consumers[7].receive(timeout=0.2), timeout=10, what="the deleted queue's error")
+        with pytest.raises(BrokerError, match="ended subscription"):
+            consumers[7].receive(timeout=0)  # it stays failed until closed
+        p = conn.producer()
+        p.send_many([(q, i) for i, q in enumerate(queues) if i != 7])
+        for i, c in enumerate(consumers):
+            if i == 7:
+                continue
+            m = c.receive(timeout=10)
+            assert m is not None and m.body == i
+            m.ack()
+        assert conn.endpoints[0].backend is backend and backend.link is link and link.alive, "reconnected"
+        for c in consumers:
+            c.close()
+        assert not link.routes
+
+
+def _broker(action: str, name: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "brokers"), action, name], check=True, timeout=180,
+                   stdout=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("target", [pytest.param(t, marks=pytest.mark.disruptive(BROKER[t])) for t in TARGETS])
+def test_broker_sigkill_and_restart_with_50_consumers_every_one_resubscribes(target: str) -> None:
+    url = need_broker(target)
+    queues = _names(50)
+    with mqprimer.connect(url, reconnect_timeout=90) as conn:
+        p = conn.producer()
+        consumers: dict[str, Consumer] = {q: conn.consumer(q, prefetch=5) for q in queues}
+        sent = {q: set(p.send_many([(q, n) for n in range(4)])) for q in queues}
+        seen: dict[str, set[str]] = {q: set() for q in queues}
+        for q, c in consumers.items():  # one each acked before the kill, the rest in flight
+            m = c.receive(timeout=10)
+            assert m is not None
+            seen[q].add(m.id)
+            m.ack()
+        generation = conn.endpoints[0].generation
+        _broker("kill", BROKER[target])
+        _broker("up", BROKER[target])
+        for q in queues:
+            sent[q] |= set(p.send_many([(q, n) for n in range(4, 6)]))  # confirmed after the restart
+
+        def all_back() -> bool:
+            for q, c in consumers.items():
+                while (m := c.receive(timeout=0.01)) is not None:
+                    seen[q].add(m.id)
+                    m.ack()
+            return all(sent[q] <= seen[q] for q in queues)
+
+        wait_until(all_back, timeout=90, what="every confirmed message on every queue")
+        all_back()
+        # one reconnect serves them all: a consumer that finds its subscription gone does not
+        # reset the connection the others have resubscribed on already
+        assert conn.endpoints[0].generation - generation <= 2, "a storm of reconnects"
+        assert len(_backend(conn).links) == 1
+        for c in consumers.values():
+            c.close()
