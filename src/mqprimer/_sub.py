@@ -15,7 +15,7 @@ from .backend import Destination, Subscription
 class _Sub:
     """A consumer's subscription on one endpoint, rebuilt after reconnects."""
 
-    __slots__ = ("ep", "sub", "generation", "next_try", "backoff", "down_since", "destination", "lock")
+    __slots__ = ("ep", "sub", "generation", "next_try", "backoff", "down_since", "destination", "lock", "made_on")
 
     def __init__(self, ep: Endpoint, destination: Destination) -> None:
         self.ep = ep
@@ -26,3 +26,4 @@ class _Sub:
         self.down_since: float | None = None
         self.destination = destination
         self.lock = threading.RLock()
+        self.made_on = 0  # the endpoint's generation (its backend instance) that ``sub`` lives on

@@ -335,9 +335,10 @@ class Consumer:
     # -- connection loss ------------------------------------------------------------
     def _subscribe(self, s: _Sub) -> None:
         with s.lock:
-            s.sub = s.ep.call(
+            s.sub, s.made_on = s.ep.call(
                 "subscribe",
-                lambda b: b.subscribe(self.destination, prefetch=self.prefetch, subscription=self.subscription),
+                lambda b: (b.subscribe(self.destination, prefetch=self.prefetch, subscription=self.subscription),
+                           s.ep.generation),
             )
             s.generation += 1
             s.backoff = 0.05
@@ -354,7 +355,10 @@ class Consumer:
                 sub.close()
             except Exception:
                 pass
-        s.ep.reset()
+        if s.made_on == s.ep.generation:
+            # only the backend this subscription lived on: a newer one carries the consumers that
+            # resubscribed already (they share its connection), resetting it would drop them again
+            s.ep.reset()
         now = time.monotonic()
         s.down_since = s.down_since or now
         s.next_try = now
