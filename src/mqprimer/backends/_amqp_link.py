@@ -1,5 +1,5 @@
 """AMQP plumbing under :mod:`mqprimer.backends.amqp`: URL options, one pika connection run
-by one I/O thread, the channels on it, and a pipelined publisher-confirm channel.
+by one I/O thread, and the channel base class (the channel kinds: ``_amqp_channels``).
 
 Why one I/O thread running pika's ``SelectConnection``: a ``BlockingConnection`` does I/O
 only inside its own calls, from one thread at a time, so many subscriptions on one of them
@@ -18,22 +18,23 @@ whatever the number of channels on it.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pika
 import pika.exceptions as px
-from pika.adapters.blocking_connection import BlockingConnection, ReturnedMessage
+from pika.adapters.blocking_connection import BlockingConnection
 from pika.adapters.select_connection import IOLoop, SelectConnection
-from pika.spec import Basic, BasicProperties
 
-from .._ids import prepare
 from ..errors import ConfigurationError
 from ..url import URL
+
+log = logging.getLogger("mqprimer")
 
 URL_PARAMS = frozenset({
     "heartbeat", "connect_timeout", "blocked_timeout", "max_priority", "exchange",
@@ -202,6 +203,9 @@ class Link:
     def _run(self) -> None:
         try:
             self.ioloop.start()
+        except BaseException as exc:  # pika itself failed: nobody may wait for this loop any more
+            self._fail_all(px.ConnectionWrongStateError(f"the AMQP I/O thread failed: {exc!r}"))
+            raise
         finally:
             self.ioloop.close()  # the epoll fd and the wake-up pair
 
@@ -209,24 +213,35 @@ class Link:
         self._woken = False  # before draining: a submit from now on wakes the loop again
         todo = self._todo
         while todo:
-            todo.popleft()()
+            fn = todo.popleft()
+            try:
+                fn()
+            except Exception as exc:  # one caller's failure must not stop the loop of all
+                log.debug("AMQP I/O thread: %r", exc)
         coalesce(self.conn)
 
     def _tick(self) -> None:
         for sub in list(self.flushers):
-            sub.drain_acks()
+            try:
+                sub.drain_acks()
+            except Exception as exc:
+                log.debug("AMQP I/O thread: %r", exc)
         coalesce(self.conn)
         self.ioloop.call_later(_ACK_DELAY, self._tick)
 
     def _on_close(self, _conn: Any, reason: BaseException) -> None:
+        self._fail_all(reason)
+        self.ioloop.stop()
+
+    def _fail_all(self, reason: BaseException) -> None:
         with self._lock:
-            self.error = reason
+            if self.error is None:
+                self.error = reason
             pending, self._pending = self._pending, set()
         for w in pending:
             w.set(error=reason)
         for chan in list(self.chans):
             chan.on_close(None, reason)
-        self.ioloop.stop()
 
     def _abort(self) -> None:
         if not self.conn.is_closed:
@@ -365,88 +380,3 @@ def coalesce(conn: Any) -> None:
         data = b"".join(bufs)
         bufs.clear()
         bufs.append(data)
-
-
-class Confirmer(Chan):
-    """A channel in confirm mode that pipelines: publish a batch, then wait for every confirm.
-
-    The batch (and the nowait declarations it needs, which the broker applies first) goes
-    out in one hand-off to the I/O thread; the confirms are counted there as they arrive
-    and the caller is woken when the last one is in.
-    """
-
-    def __init__(self, link: Link) -> None:
-        super().__init__(link)
-        self._outstanding: OrderedDict[int, int] = OrderedDict()  # delivery tag -> index in batch
-        self._nacked: list[int] = []
-        self.returned: list[ReturnedMessage] = []  # mandatory messages the broker could not route
-        self._seq = 0
-        self._batch: Waiter | None = None
-
-        def select(ch: Any, done: Callable[[Any], None]) -> None:
-            ch.add_on_return_callback(self._on_return)
-            ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=done)
-
-        self.run(self.open_step, select)
-
-    # -- I/O thread ----------------------------------------------------------------------
-    def _on_return(self, _channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
-        self.returned.append(ReturnedMessage(method, props, body))
-
-    def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        nack = isinstance(method, Basic.Nack)
-        out = self._outstanding
-        if method.multiple:
-            while out:
-                tag = next(iter(out))
-                if tag > method.delivery_tag:
-                    break
-                idx = out.pop(tag)
-                if nack:
-                    self._nacked.append(idx)
-        else:
-            idx = out.pop(method.delivery_tag, -1)
-            if nack and idx >= 0:
-                self._nacked.append(idx)
-        w = self._batch
-        if not out and w is not None:
-            self._batch = None
-            if self._nacked:
-                w.set(error=px.NackError([]))  # the broker refused them (internal error): nothing stored
-            elif self.returned:
-                w.set(error=px.UnroutableError(self.returned))
-            else:
-                w.set()
-
-    def closed_hook(self, reason: BaseException) -> None:
-        w, self._batch = self._batch, None
-        if w is not None:
-            w.set(error=refused(reason))
-
-    # -- any thread --------------------------------------------------------------------------
-    def publish(self, ops: Sequence[Callable[[Any], None]],
-                batch: Sequence[tuple[str, str, bytes, BasicProperties, bool]]) -> None:
-        """Run ``ops`` (nowait declarations) on the channel, then publish ``(exchange,
-        routing_key, body, properties, mandatory)`` items; return when all are confirmed."""
-
-        def start(w: Waiter) -> None:
-            if self.closed is not None:
-                w.set(error=refused(self.closed))
-                return
-            ch = self.ch
-            for op in ops:
-                op(ch)
-            self._nacked.clear()
-            self.returned = []
-            out = self._outstanding
-            publish = ch.basic_publish
-            seq = self._seq
-            for i, (exchange, key, body, props, mandatory) in enumerate(batch):
-                publish(exchange, key, body, props, mandatory)
-                seq += 1
-                out[seq] = i
-            self._seq = seq
-            self._batch = w
-
-        self.link.call(start, meanwhile=prepare)  # the next message's id, made while RabbitMQ confirms (see _ids)

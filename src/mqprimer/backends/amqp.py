@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from queue import Empty, SimpleQueue
+from dataclasses import replace
 from typing import Any
 
 import pika.exceptions as px
@@ -47,7 +44,6 @@ from ..backend import (
     UNSUPPORTED,
     Backend,
     Capabilities,
-    Delivery,
     Destination,
     Outgoing,
     Queue,
@@ -58,8 +54,8 @@ from ..backend import (
 )
 from ..envelope import CONTENT_TYPE
 from ..url import URL
-from ._amqp_link import _CLOSE_WAIT, URL_PARAMS, Chan, Confirmer, Link, Options, Step, parameters, refused
-from ._amqp_reply import DirectReplyPath
+from ._amqp_channels import AmqpSubscription, Confirmer, DirectReplyPath, SubQueue
+from ._amqp_link import URL_PARAMS, Chan, Link, Options, parameters, refused
 
 CAPABILITIES = Capabilities(
     name="amqp",
@@ -86,11 +82,6 @@ CAPABILITIES = Capabilities(
     "retry and dead letters republish then ack",
 )
 _REDECLARE = 300.0  # seconds before a delay bucket is declared again (it expires 600 s after)
-
-
-@dataclass(frozen=True)
-class SubQueue(Queue):
-    """A subscription's own queue: exists already (maybe exclusive to another connection)."""
 
 
 def bucket_ms(delay: float) -> int:
@@ -251,7 +242,7 @@ class AmqpBackend(Backend):
         # only as long as its caller waits (a lost one is the caller's Timeout), and a confirm
         # would cost a round trip per call for nothing the caller could use
         def send() -> None:
-            if chan.closed is None:
+            if chan.ch.is_open:
                 chan.ch.basic_publish("", address, payload, props)
 
         link.submit(send)
@@ -280,155 +271,5 @@ class AmqpBackend(Backend):
 
     # -- consuming --------------------------------------------------------------------
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
-        return AmqpSubscription(self, destination, prefetch, subscription)
-
-
-def _nowait(fn: Callable[[Any], None]) -> Step:
-    def step(ch: Any, done: Callable[[Any], None]) -> None:
-        fn(ch)
-        done(None)
-
-    return step
-
-
-class AmqpSubscription(Subscription):
-    """A channel of the backend's connection: qos, declarations, one consumer. Deliveries
-    arrive in a ``SimpleQueue`` from the I/O thread; ``None`` in it means the channel ended."""
-
-    def __init__(self, backend: AmqpBackend, destination: Destination, prefetch: int, name: str | None) -> None:
-        self.destination = destination
-        self._link = link = backend._alive()
-        self._q: SimpleQueue[Delivery | None] = SimpleQueue()
-        self._error: BaseException | None = None
-        # acks are written in batches (see ack); this many may wait for the next one
-        self._ack_batch = max(1, prefetch // 4)
-        self._acks: deque[int] = deque()
-        self._flush_due = False
-        self._chan = chan = Chan(link, self._ended)
-        opts, args = backend.opts, backend.queue_args
-        steps: list[Step] = [chan.open_step, lambda ch, done: ch.basic_qos(prefetch_count=prefetch, callback=done)]
-        if isinstance(destination, Topic):
-            qname = name or f"mqprimer.sub.{uuid.uuid4().hex}"
-            steps += [
-                _nowait(lambda ch: ch.exchange_declare(opts.exchange, "topic", durable=True)),
-                _nowait(lambda ch: ch.queue_declare(qname, durable=name is not None, exclusive=name is None,
-                                                    auto_delete=name is None, arguments=args)),
-                _nowait(lambda ch: ch.queue_bind(qname, opts.exchange, routing_key=destination.name)),
-            ]
-            self.retry_target: Destination = SubQueue(qname)
-        else:
-            qname = destination.name
-            steps.append(_nowait(lambda ch: ch.queue_declare(qname, durable=True, arguments=args)))
-            self.retry_target = destination
-        self.dead_target = Queue(f"{qname}.dead")
-        self._qname = qname
-
-        def consume(ch: Any, done: Callable[[Any], None]) -> None:
-            ch.add_on_cancel_callback(self._cancelled)
-            ch.basic_consume(qname, self._on_message, callback=done)
-            link.flushers.add(self)
-
-        steps.append(consume)
-        try:
-            chan.run(*steps)
-        except px.AMQPChannelError as exc:  # refused: that channel is closed, the connection is fine
-            raise refused(exc) from None
-        except BaseException:
-            chan.close()
-            raise
-
-    # -- I/O thread -----------------------------------------------------------------------
-    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
-        self._q.put(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to, props.correlation_id))
-
-    def _cancelled(self, _frame: Any) -> None:
-        # RabbitMQ cancels the consumer of a deleted queue (consumer_cancel_notify); the
-        # channel stays open, the other subscriptions are untouched
-        self._ended(px.ConsumerCancelled(f"the broker cancelled the consumer of queue {self._qname!r} "
-                                         "(the queue was deleted?); close this consumer and subscribe again"))
-
-    def _ended(self, reason: BaseException) -> None:
-        if self._error is None:
-            self._error = refused(reason)
-            self._link.flushers.discard(self)
-            self._q.put(None)  # wakes a waiting receive
-
-    def drain_acks(self) -> None:
-        """Write out the acks waiting (I/O thread; the link's timer calls it every 0.2 s)."""
-        self._flush_due = False  # first: an ack from now on schedules another drain
-        acks = self._acks
-        if self._chan.closed is not None:
-            acks.clear()  # their delivery tags died with the channel
-            return
-        ack = self._chan.ch.basic_ack
-        while acks:
-            ack(acks.popleft())
-
-    # -- consumer thread --------------------------------------------------------------------
-    def receive(self, timeout: float | None) -> Delivery | None:
-        if self._error is not None:  # what is buffered will be redelivered: do not hand it out
-            raise self._error
-        q = self._q
-        try:
-            d = q.get_nowait()
-        except Empty:
-            if timeout is not None and timeout <= 0:
-                return None
-            if self._acks:
-                self._flush()
-            try:
-                d = q.get(True, timeout)
-            except Empty:
-                return None
-        if d is None:
-            q.put(None)
-            assert self._error is not None
-            raise self._error
-        return d
-
-    def _flush(self) -> None:
-        if not self._flush_due:
-            self._flush_due = True
-            self._link.submit(self.drain_acks)
-
-    def ack(self, delivery: Delivery) -> None:
-        """Ack. While more prefetched messages wait, the frame leaves with the next batch
-        of acks (every ``prefetch / 4``, when the consumer next waits or closes, or within
-        0.2 s by the I/O thread's timer); when none waits, at once.
-
-        Batching saves a hand-off and a send() per message on busy queues. A process killed
-        inside that window gets the message redelivered: at-least-once either way.
-        """
-        if self._error is not None:
-            raise self._error
-        acks = self._acks
-        acks.append(delivery.tag)
-        if len(acks) >= self._ack_batch or self._q.empty():
-            self._flush()
-
-    def requeue(self, delivery: Delivery) -> None:
-        if self._error is not None:
-            raise self._error
-        chan, tag = self._chan, delivery.tag
-
-        def nack() -> None:
-            if chan.closed is None:
-                chan.ch.basic_nack(tag, requeue=True)
-
-        self._link.submit(nack)
-
-    def close(self) -> None:
-        # closing the channel hands every unacked delivery (buffered ones too) back; the
-        # acks given before go first
-        chan, link = self._chan, self._link
-
-        def last(ch: Any, _done: Callable[[Any], None]) -> None:
-            link.flushers.discard(self)
-            self.drain_acks()
-            ch.close()  # its close callback ends the wait
-
-        if chan.closed is None and link.error is None:
-            try:
-                chan.run(last, timeout=_CLOSE_WAIT)
-            except px.AMQPError:
-                pass
+        return AmqpSubscription(self._alive(), destination, prefetch, subscription, self.opts.exchange,
+                                self.queue_args)

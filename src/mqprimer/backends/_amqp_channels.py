@@ -1,0 +1,360 @@
+"""The kinds of channel :mod:`mqprimer.backends.amqp` opens on its connection (a
+:class:`~._amqp_link.Link`): the publisher-confirm channel, a consumer's channel, and
+RabbitMQ direct reply-to (docs/request-reply.md).
+
+Direct reply-to: the reply path consumes the pseudo-queue ``amq.rabbitmq.reply-to``
+(no-ack, as RabbitMQ requires) and publishes its requests on that same channel with
+``reply_to: amq.rabbitmq.reply-to`` (RabbitMQ only accepts that on the consuming
+channel). No queue is declared, so none can be left behind: the path ends with its
+channel. The envelope must carry the address too (``mqreplyto``), so that any client can
+answer through the envelope alone; RabbitMQ only reveals the channel's address in the
+``reply_to`` property of a message it rewrites. So the path learns it once: it publishes a
+probe to a server-named exclusive queue of its own and reads the rewritten property back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from queue import Empty, SimpleQueue
+from typing import Any
+
+import pika.exceptions as px
+from pika.adapters.blocking_connection import ReturnedMessage
+from pika.spec import Basic, BasicProperties
+
+from .._ids import prepare
+from ..backend import Delivery, Destination, Queue, ReplyPath, Subscription, Topic
+from ..envelope import CONTENT_TYPE
+from ._amqp_link import _CLOSE_WAIT, Chan, Link, Step, Waiter, refused
+
+
+@dataclass(frozen=True)
+class SubQueue(Queue):
+    """A subscription's own queue: exists already (maybe exclusive to another connection)."""
+
+
+class Confirmer(Chan):
+    """A channel in confirm mode that pipelines: publish a batch, then wait for every confirm.
+
+    The batch (and the nowait declarations it needs, which the broker applies first) goes
+    out in one hand-off to the I/O thread; the confirms are counted there as they arrive
+    and the caller is woken when the last one is in.
+    """
+
+    def __init__(self, link: Link) -> None:
+        super().__init__(link)
+        self._outstanding: OrderedDict[int, int] = OrderedDict()  # delivery tag -> index in batch
+        self._nacked: list[int] = []
+        self.returned: list[ReturnedMessage] = []  # mandatory messages the broker could not route
+        self._seq = 0
+        self._batch: Waiter | None = None
+
+        def select(ch: Any, done: Callable[[Any], None]) -> None:
+            ch.add_on_return_callback(self._on_return)
+            ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=done)
+
+        self.run(self.open_step, select)
+
+    # -- I/O thread ----------------------------------------------------------------------
+    def _on_return(self, _channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        self.returned.append(ReturnedMessage(method, props, body))
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        nack = isinstance(method, Basic.Nack)
+        out = self._outstanding
+        if method.multiple:
+            while out:
+                tag = next(iter(out))
+                if tag > method.delivery_tag:
+                    break
+                idx = out.pop(tag)
+                if nack:
+                    self._nacked.append(idx)
+        else:
+            idx = out.pop(method.delivery_tag, -1)
+            if nack and idx >= 0:
+                self._nacked.append(idx)
+        w = self._batch
+        if not out and w is not None:
+            self._batch = None
+            if self._nacked:
+                w.set(error=px.NackError([]))  # the broker refused them (internal error): nothing stored
+            elif self.returned:
+                w.set(error=px.UnroutableError(self.returned))
+            else:
+                w.set()
+
+    def closed_hook(self, reason: BaseException) -> None:
+        w, self._batch = self._batch, None
+        if w is not None:
+            w.set(error=refused(reason))
+
+    # -- any thread --------------------------------------------------------------------------
+    def publish(self, ops: Sequence[Callable[[Any], None]],
+                batch: Sequence[tuple[str, str, bytes, BasicProperties, bool]]) -> None:
+        """Run ``ops`` (nowait declarations) on the channel, then publish ``(exchange,
+        routing_key, body, properties, mandatory)`` items; return when all are confirmed."""
+
+        def start(w: Waiter) -> None:
+            if self.closed is not None:
+                w.set(error=refused(self.closed))
+                return
+            ch = self.ch
+            for op in ops:
+                op(ch)
+            self._nacked.clear()
+            self.returned = []
+            out = self._outstanding
+            publish = ch.basic_publish
+            seq = self._seq
+            for i, (exchange, key, body, props, mandatory) in enumerate(batch):
+                publish(exchange, key, body, props, mandatory)
+                seq += 1
+                out[seq] = i
+            self._seq = seq
+            self._batch = w
+
+        self.link.call(start, meanwhile=prepare)  # the next message's id, made while RabbitMQ confirms (see _ids)
+
+
+def _nowait(fn: Callable[[Any], None]) -> Step:
+    def step(ch: Any, done: Callable[[Any], None]) -> None:
+        fn(ch)
+        done(None)
+
+    return step
+
+
+class AmqpSubscription(Subscription):
+    """A channel of the backend's connection: qos, declarations, one consumer. Deliveries
+    arrive in a ``SimpleQueue`` from the I/O thread; ``None`` in it means the channel ended."""
+
+    def __init__(self, link: Link, destination: Destination, prefetch: int, name: str | None, exchange: str,
+                 args: dict[str, Any]) -> None:
+        self.destination = destination
+        self._link = link
+        self._q: SimpleQueue[Delivery | None] = SimpleQueue()
+        self._error: BaseException | None = None
+        # acks are written in batches (see ack); this many may wait for the next one
+        self._ack_batch = max(1, prefetch // 4)
+        self._acks: deque[int] = deque()
+        self._flush_due = False
+        self._chan = chan = Chan(link, self._ended)
+        steps: list[Step] = [chan.open_step, lambda ch, done: ch.basic_qos(prefetch_count=prefetch, callback=done)]
+        if isinstance(destination, Topic):
+            qname = name or f"mqprimer.sub.{uuid.uuid4().hex}"
+            steps += [
+                _nowait(lambda ch: ch.exchange_declare(exchange, "topic", durable=True)),
+                _nowait(lambda ch: ch.queue_declare(qname, durable=name is not None, exclusive=name is None,
+                                                    auto_delete=name is None, arguments=args)),
+                _nowait(lambda ch: ch.queue_bind(qname, exchange, routing_key=destination.name)),
+            ]
+            self.retry_target: Destination = SubQueue(qname)
+        else:
+            qname = destination.name
+            steps.append(_nowait(lambda ch: ch.queue_declare(qname, durable=True, arguments=args)))
+            self.retry_target = destination
+        self.dead_target = Queue(f"{qname}.dead")
+        self._qname = qname
+
+        def consume(ch: Any, done: Callable[[Any], None]) -> None:
+            ch.add_on_cancel_callback(self._cancelled)
+            ch.basic_consume(qname, self._on_message, callback=done)
+            link.flushers.add(self)
+
+        steps.append(consume)
+        try:
+            chan.run(*steps)
+        except px.AMQPChannelError as exc:  # refused: that channel is closed, the connection is fine
+            raise refused(exc) from None
+        except BaseException:
+            chan.close()
+            raise
+
+    # -- I/O thread -----------------------------------------------------------------------
+    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
+        self._q.put(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to, props.correlation_id))
+
+    def _cancelled(self, _frame: Any) -> None:
+        # RabbitMQ cancels the consumer of a deleted queue (consumer_cancel_notify); the
+        # channel stays open, the other subscriptions are untouched
+        self._ended(px.ConsumerCancelled(f"the broker cancelled the consumer of queue {self._qname!r} "
+                                         "(the queue was deleted?); close this consumer and subscribe again"))
+
+    def _ended(self, reason: BaseException) -> None:
+        if self._error is None:
+            self._error = refused(reason)
+            self._link.flushers.discard(self)
+            self._q.put(None)  # wakes a waiting receive
+
+    def drain_acks(self) -> None:
+        """Write out the acks waiting (I/O thread; the link's timer calls it every 0.2 s)."""
+        self._flush_due = False  # first: an ack from now on schedules another drain
+        acks, ch = self._acks, self._chan.ch
+        if not ch.is_open:
+            acks.clear()  # their delivery tags die with the channel
+            return
+        ack = ch.basic_ack
+        while acks:
+            ack(acks.popleft())
+
+    # -- consumer thread --------------------------------------------------------------------
+    def receive(self, timeout: float | None) -> Delivery | None:
+        if self._error is not None:  # what is buffered will be redelivered: do not hand it out
+            raise self._error
+        q = self._q
+        try:
+            d = q.get_nowait()
+        except Empty:
+            if timeout is not None and timeout <= 0:
+                return None
+            if self._acks:
+                self._flush()
+            try:
+                d = q.get(True, timeout)
+            except Empty:
+                return None
+        if d is None:
+            q.put(None)
+            assert self._error is not None
+            raise self._error
+        return d
+
+    def _flush(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            self._link.submit(self.drain_acks)
+
+    def ack(self, delivery: Delivery) -> None:
+        """Ack. While more prefetched messages wait, the frame leaves with the next batch
+        of acks (every ``prefetch / 4``, when the consumer next waits or closes, or within
+        0.2 s by the I/O thread's timer); when none waits, at once.
+
+        Batching saves a hand-off and a send() per message on busy queues. A process killed
+        inside that window gets the message redelivered: at-least-once either way.
+        """
+        if self._error is not None:
+            raise self._error
+        acks = self._acks
+        acks.append(delivery.tag)
+        if len(acks) >= self._ack_batch or self._q.empty():
+            self._flush()
+
+    def requeue(self, delivery: Delivery) -> None:
+        if self._error is not None:
+            raise self._error
+        chan, tag = self._chan, delivery.tag
+
+        def nack() -> None:
+            if chan.ch.is_open:
+                chan.ch.basic_nack(tag, requeue=True)
+
+        self._link.submit(nack)
+
+    def close(self) -> None:
+        # closing the channel hands every unacked delivery (buffered ones too) back; the
+        # acks given before go first
+        chan, link = self._chan, self._link
+
+        def last(ch: Any, _done: Callable[[Any], None]) -> None:
+            link.flushers.discard(self)
+            self.drain_acks()
+            ch.close()  # its close callback ends the wait
+
+        if chan.closed is None and link.error is None:
+            try:
+                chan.run(last, timeout=_CLOSE_WAIT)
+            except px.AMQPError:
+                pass
+
+
+DIRECT = "amq.rabbitmq.reply-to"
+
+
+class DirectReplyPath(ReplyPath):
+    publishes_requests = True
+    # request() only hands a publish to the I/O thread: callers need not wait for the reader
+    concurrent_requests = True
+
+    def __init__(self, link: Link, queue_args: dict[str, Any]) -> None:
+        self.link = link
+        self.queue_args = queue_args
+        self.declared: set[str] = set()
+        self.buf: SimpleQueue[bytes | None] = SimpleQueue()
+        self.error: BaseException | None = None
+        self.chan = chan = Chan(link, self._ended)
+        probe: list[str] = []
+
+        def consume(ch: Any, done: Callable[[Any], None]) -> None:
+            ch.basic_consume(DIRECT, self._on_reply, auto_ack=True, callback=done)
+
+        def declare(ch: Any, done: Callable[[Any], None]) -> None:
+            def ok(frame: Any) -> None:
+                probe.append(frame.method.queue)
+                done(None)
+
+            ch.queue_declare("", exclusive=True, auto_delete=True, callback=ok)
+
+        def learn(ch: Any, done: Callable[[Any], None]) -> None:
+            def got(_ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+                ch.queue_delete(probe[0])
+                done(props.reply_to)
+
+            ch.basic_consume(probe[0], got, auto_ack=True)
+            ch.basic_publish("", probe[0], b"", BasicProperties(reply_to=DIRECT))
+
+        address = chan.run(chan.open_step, consume, declare, learn, timeout=10.0)
+        if not isinstance(address, str) or not address.startswith(DIRECT + "."):
+            chan.close()
+            raise px.AMQPChannelError("RabbitMQ did not rewrite reply_to: no direct reply-to support")
+        self.address = address
+
+    def _on_reply(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+        self.buf.put(body)
+
+    def _ended(self, reason: BaseException) -> None:
+        if isinstance(reason, px.AMQPChannelError):  # the path is gone: the portable layer makes a new one
+            reason = px.ChannelWrongStateError(f"the reply channel closed: {reason}")
+        self.error = reason
+        self.buf.put(None)
+
+    def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        if self.error is not None:
+            raise self.error
+        name = destination.name
+        declare = name not in self.declared  # like send(): the request waits for its service
+        self.declared.add(name)
+        props = BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id, correlation_id=message_id,
+            reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
+        )
+        chan, args = self.chan, self.queue_args
+
+        # no publisher confirm: the reply confirms the request, and a lost one is a Timeout
+        def send() -> None:
+            if chan.ch.is_open:
+                if declare:
+                    chan.ch.queue_declare(name, durable=True, arguments=args)
+                chan.ch.basic_publish("", name, payload, props)
+
+        self.link.submit(send)
+
+    def receive(self, timeout: float) -> bytes | None:
+        if self.error is not None:
+            raise self.error
+        try:
+            payload = self.buf.get(True, timeout) if timeout > 0 else self.buf.get_nowait()
+        except Empty:
+            return None
+        if payload is None:
+            self.buf.put(None)
+            assert self.error is not None
+            raise self.error
+        return payload
+
+    def close(self) -> None:
+        self.chan.close()
