@@ -53,12 +53,15 @@ _REMEMBER = 4096  # answered correlation ids kept, to tell a duplicate reply fro
 
 
 class _Slot:
-    __slots__ = ("payload", "env", "event")
+    __slots__ = ("payload", "env", "event", "turn")
 
     def __init__(self) -> None:
         self.payload: bytes | None = None
         self.env: Envelope | None = None
-        self.event = threading.Event()  # set when the reply is in, or when it is this caller's turn to read
+        # made only by a caller that has to wait (a lone caller reads its own reply): set when
+        # the reply is in, or when it is this caller's turn to read
+        self.event: threading.Event | None = None
+        self.turn = False  # it is this caller's turn to read (set with self.cond held)
 
 
 class _Settled:
@@ -93,6 +96,7 @@ class Replies:
         self.answered: deque[str] = deque(maxlen=_REMEMBER)
         self.answered_set: set[str] = set()
         self.path: ReplyPath | None = None
+        self.reply_sub: _Sub | None = None  # what reply messages name as their subscription
         # requests for a path that publishes them, waiting for whoever holds it (the reader)
         self.outbox: deque[tuple[Queue, bytes, str, float | None]] = deque()
         self.generation = 0
@@ -104,6 +108,7 @@ class Replies:
         if self.path is None:
             name = f"mqreply.{uuid.uuid4().hex[:16]}"
             self.path = self.ep.call("open reply path", lambda b: b.reply_path(name))
+            self.reply_sub = _Sub(self.ep, Queue(name))
             self.generation += 1
         return self.path
 
@@ -209,8 +214,19 @@ class Replies:
                 if slot.env is not None:
                     self._hand_over(slot)
             else:
-                slot.event.wait(min(left, _SLICE))
-                slot.event.clear()
+                self._sleep(slot, min(left, _SLICE))
+
+    def _sleep(self, slot: _Slot, timeout: float) -> None:
+        """Wait until the reply is in, it is this caller's turn to read, or ``timeout``."""
+        with self.cond:
+            if slot.env is not None or slot.turn:
+                slot.turn = False
+                return
+            event = slot.event
+            if event is None:
+                event = slot.event = threading.Event()
+        event.wait(timeout)
+        event.clear()  # a set() racing this is not lost: env or turn says it on the next call
 
     def _queues(self) -> bool:
         path = self.path
@@ -221,7 +237,9 @@ class Replies:
         with self.cond:
             for s in self.waiting.values():
                 if s is not leaving and s.env is None:
-                    s.event.set()
+                    s.turn = True
+                    if s.event is not None:
+                        s.event.set()
                     return
 
     def _read(self, timeout: float) -> None:
@@ -255,14 +273,15 @@ class Replies:
                 self._drop("duplicate" if dup else "late", corr, "")
                 return
             slot.env, slot.payload = env, payload
-            slot.event.set()
+            if slot.event is not None:
+                slot.event.set()
 
     def _drop(self, why: str, corr: str, detail: str) -> None:
         self.dropped[why] += 1
         log.debug("reply dropped (%s) for request %s%s", why, corr, f": {detail}" if detail else "")
 
     def _message(self, env: Envelope, payload: bytes) -> Message:
-        sub = _Sub(self.ep, Queue(self.path.address if self.path is not None else "mqreply"))
+        sub = self.reply_sub or _Sub(self.ep, Queue("mqreply"))
         m = Message(_SETTLED, sub, Delivery(payload), env, 0)
         m._mark(_State.ACKED)
         if env.type == ERROR_TYPE:

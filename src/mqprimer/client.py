@@ -69,7 +69,7 @@ class Connection:
         self._closed = False
         self._children: list[Producer | Consumer] = []
         self._limits: dict[int, tuple[object, tuple[int, str]]] = {}
-        self._fast: tuple[Backend, int, tuple[type, ...]] | None = None  # see _check_one
+        self._fast: tuple[Backend, int, tuple[type, ...], bool] | None = None  # see _check_one
         self._replies: Replies | None = None  # made by the first request()
         self._replies_lock = threading.Lock()
 
@@ -281,7 +281,7 @@ class Connection:
             # fast path: the active endpoint is connected
             fast = self._fast
             if (fast is None or fast[0] is not backend or priority is not None or delay
-                    or dest.__class__ not in fast[2] or len(payload) > fast[1] or ttl is not None):
+                    or dest.__class__ not in fast[2] or len(payload) > fast[1] or ttl is not None and not fast[3]):
                 self._check_one(ep, backend, Outgoing(dest, payload, message_id, priority, delay, ttl))
             try:
                 with ep.lock:
@@ -304,8 +304,9 @@ class Connection:
         kinds = ((Queue,) if caps.queue else ()) + ((Topic,) if caps.topic else ())
         if kinds:
             # until this backend is replaced, a message to a destination of these kinds
-            # without priority, delay or ttl and within this size is known to be acceptable
-            self._fast = (backend, self.size_limit(ep)[0], kinds)
+            # without priority or delay (and ttl where declared) within this size is known
+            # to be acceptable
+            self._fast = (backend, self.size_limit(ep)[0], kinds, bool(caps.ttl))
 
     def _publish_slow(self, items: Sequence[Outgoing]) -> None:
         deadline = time.monotonic() + self.reconnect_timeout

@@ -69,6 +69,7 @@ _TUBE_MAX = 195
 _CONNECT_TIMEOUT = 5.0
 _IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error (waiting reserves are read only once answered)
 _POLL_MAX = 0.02  # longest pause between polls while a consumer holds jobs
+_GRACE = 0.001  # how long a poll (receive(0)) holding nothing waits for its reserve's answer
 # seconds a waiting reserve stays on the server: a consumer that stops calling receive() can
 # take a job no later than this after its last call (the job then waits for that consumer or
 # for its TTR); one round trip a second is what an idle consumer costs
@@ -224,6 +225,7 @@ class BeanstalkBackend(Backend):
         self.used = "default"
         self.used_dest: Destination | None = None  # the destination last checked and used
         self.max_put = _SERVER_MAX - _CRLF  # the largest job put (set from the server's limit in open())
+        self.reply_dests: dict[str, Queue] = {}  # reply address -> the Queue publish() last checked
 
     def open(self) -> None:
         self.client = _connect(self.host, self.port, io_timeout=self.io_timeout)
@@ -321,6 +323,15 @@ class BeanstalkBackend(Backend):
         client = _connect(self.host, self.port, use=tube, watch=tube, io_timeout=self.io_timeout)
         return _BeanstalkSub(self, tube, client)
 
+    def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
+        # one Queue per address, so publish() skips its tube checks for replies to the same caller
+        dest = self.reply_dests.get(address)
+        if dest is None:
+            if len(self.reply_dests) >= 256:
+                self.reply_dests.clear()
+            dest = self.reply_dests[address] = Queue(address)
+        self.publish(dest, payload, message_id=message_id, ttl=ttl)
+
     def delete_queue(self, name: str) -> None:
         # a tube exists while watched or not empty: deleting the late replies left in a reply
         # tube makes it vanish (at most a few: each request gets one reply)
@@ -399,8 +410,14 @@ class _BeanstalkSub(Subscription):
     def receive(self, timeout: float | None) -> Delivery | None:
         if self.pending:
             return self._await(timeout)
-        if timeout is not None and timeout <= 0 or self.held:
+        if self.held:
             return self._poll(timeout)
+        if timeout is not None and timeout <= 0:
+            # a poll while holding nothing: the waiting reserve that a receive with a timeout
+            # (the consumer's next step) sends anyway, with a short grace for its answer; a
+            # reserve-with-timeout 0 first would be one more round trip (~0.8 per request of
+            # a request/reply service)
+            return self._await(_GRACE)
         return self._await(timeout)
 
     def _reserved(self, line: bytes) -> Delivery:
@@ -412,7 +429,11 @@ class _BeanstalkSub(Subscription):
         connection forever. Such a body is delivered as it is: it fails to decode and is
         dead-lettered, and the consumer goes on.
         """
-        jid, size = (int(n) for n in _parse_response(line, b"RESERVED"))
+        if line[:9] == b"RESERVED " and line[-1:] == b"\n":
+            head = line[9:].split()
+            jid, size = int(head[0]), int(head[1])
+        else:  # TIMED_OUT, DEADLINE_SOON, an error, or a line cut short: greenstalk's exceptions
+            jid, size = (int(n) for n in _parse_response(line, b"RESERVED"))
         data = self.c._reader.read(size + 2)
         if len(data) != size + 2:
             raise ConnectionError("unexpected EOF reading a job")
@@ -460,7 +481,7 @@ class _BeanstalkSub(Subscription):
                 continue  # _WAIT seconds without a job: wait again
             except greenstalk.DeadlineSoonError:
                 return None
-            if self._stale(delivery):
+            if self.gave_up is not None and self._stale(delivery):
                 continue
             return delivery
 
