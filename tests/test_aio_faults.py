@@ -18,7 +18,9 @@ import pytest
 import mqprimer
 import mqprimer.aio as aio
 from conftest import ROOT, need_broker
+from mqprimer.aio._runner import Runner
 from mqprimer.testing.helpers import unreachable_url, wait_until
+from mqprimer.testing.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(90)
 # seconds a callback may hold the loop before asyncio's debug mode reports it. Unloaded, every
@@ -84,24 +86,39 @@ def no_leaks() -> Iterator[None]:
     wait_until(lambda: resources()[1] <= fds, timeout=10, what=f"file descriptors back to {fds}")
 
 
-def test_broker_down_never_blocks_the_loop() -> None:
+def test_broker_down_or_slow_never_blocks_the_loop() -> None:
+    """Through a TCP proxy to beanstalkd: calls while the broker is slow (every chunk 50 ms late)
+    and while it is down (connections refused: the portable layer's reconnect loop sleeps and
+    retries until reconnect_timeout) all wait off the loop; so do connects that fail."""
     url = need_broker("beanstalk")
-    down = unreachable_url(url)
+    host, port = mqprimer.URL.parse(url).hosts[0]
+    dest = f"d{uuid.uuid4().hex[:8]}"
 
     async def main() -> None:
-        start = time.monotonic()
-        with pytest.raises(mqprimer.ConnectionFailed):
-            await aio.connect(down)
-        with pytest.raises(mqprimer.ConnectionFailed):
-            await aio.connect("sqlite:////proc/mqprimer-nonexistent/x.db")
-        async with aio.connect([down, url]) as conn:  # failover past the dead one
-            dest = f"d{uuid.uuid4().hex[:8]}"
-            await conn.producer().send(dest, "x")
-            async with conn.consumer(dest) as c:
+        control = Runner(1, "test-proxy-control")  # Proxy.refuse() waits: not on the loop
+        with Proxy((host or "127.0.0.1", port)) as proxy:
+            via = f"beanstalk://127.0.0.1:{proxy.port}"
+            with pytest.raises(mqprimer.ConnectionFailed):
+                await aio.connect(unreachable_url(url))
+            async with aio.connect([unreachable_url(url), via], reconnect_timeout=1.5) as conn, \
+                    conn.consumer(dest) as c:
+                p = conn.producer()
+                await p.send(dest, "up")
                 m = await c.receive(timeout=5)
-                assert m is not None
+                assert m is not None and m.body == "up"
                 await m.ack()
-        assert time.monotonic() - start < 30
+                proxy.slow(0.05)
+                await asyncio.gather(*(p.send(dest, i) for i in range(5)))
+                got = [await c.receive(timeout=5) for _ in range(5)]
+                assert all(g is not None for g in got)
+                await asyncio.gather(*(g.ack() for g in got if g is not None))
+                await control.call(proxy.refuse)
+                down = await asyncio.gather(p.send(dest, "down"), c.receive(timeout=1.0), conn.stats(dest),
+                                            return_exceptions=True)
+                assert isinstance(down[0], mqprimer.ConnectionFailed), down[0]
+                assert down[1] is None or isinstance(down[1], mqprimer.ConnectionFailed), down[1]
+                assert isinstance(down[2], mqprimer.ConnectionFailed), down[2]
+        control.shutdown()
 
     run_watched(main)
 
@@ -158,10 +175,18 @@ def test_cancelled_receives_lose_nothing_and_leak_nothing(url: str, no_leaks: No
 
     async def main() -> None:
         async with aio.connect(url) as conn:
-            sent = set(await conn.producer().send_many([(dest, i) for i in range(n)]))
+            p = conn.producer()
+            sent: set[str] = set()
+
+            async def produce() -> None:  # messages arrive while receives wait: some land in a cancelled one
+                for i in range(n):
+                    sent.add(await p.send(dest, i))
+                    await asyncio.sleep(rng.uniform(0, 0.006))
+
             acked: list[str] = []
             async with conn.consumer(dest, prefetch=5) as c:
-                for _ in range(60):  # cancel at random points: queued, waiting, or just delivered
+                producing = asyncio.create_task(produce())
+                while not producing.done():  # cancel at random points: queued, waiting, or just delivered
                     task = asyncio.create_task(c.receive(timeout=2))
                     await asyncio.sleep(rng.uniform(0, 0.004))
                     task.cancel()
@@ -172,7 +197,8 @@ def test_cancelled_receives_lose_nothing_and_leak_nothing(url: str, no_leaks: No
                     if m is not None:
                         await m.ack()
                         acked.append(m.id)
-                deadline = time.monotonic() + 30
+                await producing
+                deadline = time.monotonic() + 10
                 while len(acked) < n and time.monotonic() < deadline:
                     m = await c.receive(timeout=1)
                     if m is not None:
@@ -194,8 +220,8 @@ def test_cancelled_requests_and_workers_lose_nothing_and_leak_nothing(tmp_path: 
         await asyncio.sleep(rng.uniform(0, 0.01))
         return m.body
 
-    async def job(m: aio.Message) -> None:
-        await asyncio.sleep(rng.uniform(0, 0.02))
+    async def job(m: aio.Message) -> None:  # long enough that a cancel catches handlers mid-way
+        await asyncio.sleep(rng.uniform(0, 0.1))
         handled.append(m.id)
 
     async def main() -> None:
@@ -215,8 +241,8 @@ def test_cancelled_requests_and_workers_lose_nothing_and_leak_nothing(tmp_path: 
             await serving
             sent = set(await conn.producer().send_many([(jobs, i) for i in range(n)]))
             acks = 0
-            for _ in range(30):  # workers cancelled at random points until every job is acked
-                w = aio.Worker(url, jobs, job, concurrency=3, idle_max=0.05, handle_signals=False)
+            for _ in range(60):  # workers cancelled at random points until every job is acked
+                w = aio.Worker(url, jobs, job, concurrency=5, idle_max=0.05, handle_signals=False)
                 task = asyncio.create_task(w.run())
                 await asyncio.sleep(rng.uniform(0.01, 0.15))
                 task.cancel()
