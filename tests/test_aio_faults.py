@@ -96,7 +96,7 @@ def test_broker_down_or_slow_never_blocks_the_loop() -> None:
 
     async def main() -> None:
         control = Runner(1, "test-proxy-control")  # Proxy.refuse() waits: not on the loop
-        with Proxy((host or "127.0.0.1", port)) as proxy:
+        with Proxy((host or "127.0.0.1", port or 11300)) as proxy:
             via = f"beanstalk://127.0.0.1:{proxy.port}"
             with pytest.raises(mqprimer.ConnectionFailed):
                 await aio.connect(unreachable_url(url))
