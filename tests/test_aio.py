@@ -188,3 +188,19 @@ def test_cli_worker_runs_an_async_handler_recycles_and_drains_on_sigterm(tmp_pat
         proc.kill()
     with mqprimer.connect(url) as conn, conn.consumer("jobs") as c:
         assert c.receive(timeout=0.3) is None, "the drained message was not acked"
+        conn.producer().send("jobs", "slow2")
+    log = tmp_path / "worker.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:  # a second signal aborts: 128 + SIGTERM, the message in flight goes back to the broker
+        wait_until(lambda: (out / "slow2.started").exists(), timeout=20, what="the second slow handler to start")
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: b"SIGTERM received" in log.read_bytes(), what="the first SIGTERM to be taken")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    with mqprimer.connect(url) as conn, conn.consumer("jobs") as c:
+        back = c.receive(timeout=5)
+        assert back is not None and back.body == "slow2", "the aborted message did not go back to the broker"
+        back.ack()
