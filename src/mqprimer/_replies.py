@@ -50,6 +50,7 @@ log = logging.getLogger("mqprimer")
 _SLICE = 0.05  # longest one caller reads the path at a time (same-channel paths publish between reads)
 _SHORT = 0.002  # the slice while other callers' requests may be waiting in the outbox
 _REMEMBER = 4096  # answered correlation ids kept, to tell a duplicate reply from a late one
+_local = threading.local()
 
 
 class _Slot:
@@ -224,7 +225,12 @@ class Replies:
                 return
             event = slot.event
             if event is None:
-                event = slot.event = threading.Event()
+                # one per thread, reused: a thread waits for one request at a time, and a stale
+                # set() only ends one wait early (env and turn say what really happened)
+                event = getattr(_local, "event", None)
+                if event is None:
+                    event = _local.event = threading.Event()
+                slot.event = event
         event.wait(timeout)
         event.clear()  # a set() racing this is not lost: env or turn says it on the next call
 
