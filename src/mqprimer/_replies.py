@@ -23,6 +23,7 @@ from ._ids import stamp
 from ._sub import _Sub
 from .backend import NATIVE, Capabilities, Delivery, Destination, Queue, ReplyPath
 from .consumer import ERROR_TYPE
+from .destinations import as_destination
 from .envelope import DEFAULT_TYPE, Envelope, decode, encode, make
 from .errors import ConnectionFailed, EnvelopeError, RemoteError, Timeout
 from .message import Message, _State
@@ -45,12 +46,60 @@ class Owner(Protocol):
     def publish_one(self, dest: Destination, payload: bytes, message_id: str, priority: int | None = None,
                     delay: float | None = None, ttl: float | None = None) -> None: ...
 
+class Caller(Owner, Protocol):
+    """What :func:`request` uses of its :class:`~mqprimer.Connection`."""
+
+    _replies: "Replies | None"
+    _replies_lock: threading.Lock
+
+    def _check(self) -> None: ...
+
+
 log = logging.getLogger("mqprimer")
 
 _SLICE = 0.05  # longest one caller reads the path at a time (same-channel paths publish between reads)
 _SHORT = 0.002  # the slice while other callers' requests may be waiting in the outbox
 _REMEMBER = 4096  # answered correlation ids kept, to tell a duplicate reply from a late one
 _local = threading.local()
+
+
+def check_headers(headers: dict[str, str] | None) -> None:
+    if headers:
+        for k, v in headers.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError("headers must map str to str")
+
+
+def check_type(type: str | None) -> None:
+    if type is not None and (not isinstance(type, str) or not type):
+        raise ValueError(f"type must be a non-empty string, got {type!r}")
+
+
+def request(conn: Caller, destination: str, body: Any, timeout: float, headers: dict[str, str] | None,
+            type: str | None) -> Message:
+    """:meth:`mqprimer.Connection.request`: its arguments checked, then the connection's
+    :class:`Replies` (made by the first call) sends the request and waits."""
+    conn.capabilities.require("request_reply", "request/reply (conn.request)")
+    dest = as_destination(destination)
+    if not isinstance(dest, Queue):
+        raise ValueError("request() sends to a queue (a str), not a Topic: exactly one service must answer")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    check_headers(headers)
+    check_type(type)
+    replies = conn._replies
+    if replies is None:
+        with conn._replies_lock:
+            conn._check()
+            if conn._replies is None:
+                conn._replies = Replies(conn)
+            replies = conn._replies
+    return replies.request(dest, body, float(timeout), headers, type)
+
+
+def dropped_counts(replies: "Replies | None") -> dict[str, int]:
+    """The replies a connection dropped so far (:attr:`mqprimer.Connection.dropped_replies`)."""
+    return dict(replies.dropped) if replies is not None else {"duplicate": 0, "late": 0, "invalid": 0}
 
 
 class _Slot:

@@ -20,7 +20,8 @@ import msgspec
 
 from ._endpoint import Endpoint
 from ._ids import stamp
-from ._replies import Replies
+from ._replies import Replies, check_headers, request, dropped_counts
+from ._replies import check_type as _check_type
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, QueueStats, Status, Topic
 from .consumer import Consumer
 from .deadletters import DeadLetters
@@ -168,32 +169,13 @@ class Connection:
         first call and removed on :meth:`close`.
         """
         self._check()
-        self.capabilities.require("request_reply", "request/reply (conn.request)")
-        dest = as_destination(destination)
-        if not isinstance(dest, Queue):
-            raise ValueError("request() sends to a queue (a str), not a Topic: exactly one service must answer")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if headers:
-            for k, v in headers.items():
-                if not isinstance(k, str) or not isinstance(v, str):
-                    raise TypeError("headers must map str to str")
-        _check_type(type)
-        replies = self._replies
-        if replies is None:
-            with self._replies_lock:
-                self._check()
-                if self._replies is None:
-                    self._replies = Replies(self)
-                replies = self._replies
-        return replies.request(dest, body, float(timeout), headers, type)
+        return request(self, destination, body, timeout, headers, type)
 
     @property
     def dropped_replies(self) -> dict[str, int]:
         """Replies dropped so far: ``duplicate`` (a second reply to one request),
         ``late`` (after its caller's timeout) and ``invalid`` (not an envelope)."""
-        r = self._replies
-        return dict(r.dropped) if r is not None else {"duplicate": 0, "late": 0, "invalid": 0}
+        return dropped_counts(self._replies)
 
     def status(self, message_id: str) -> Status:
         """Where a message is (backends with ``status`` capability)."""
@@ -375,11 +357,6 @@ def _check_options(priority: int | None, delay: float | None, ttl: float | None)
         raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
 
 
-def _check_type(type: str | None) -> None:
-    if type is not None and (not isinstance(type, str) or not type):
-        raise ValueError(f"type must be a non-empty string, got {type!r}")
-
-
 def _check_size(conn: Connection, ep: Endpoint, items: Sequence[Outgoing]) -> None:
     limit, what = conn.size_limit(ep)
     for it in items:
@@ -413,10 +390,7 @@ class Producer:
     ) -> Outgoing:
         """Validate and encode one message without sending it."""
         dest = as_destination(destination)
-        if headers:
-            for k, v in headers.items():
-                if not isinstance(k, str) or not isinstance(v, str):
-                    raise TypeError("headers must map str to str")
+        check_headers(headers)
         _check_options(priority, delay, ttl)
         _check_type(type)
         mid, now = stamp()
