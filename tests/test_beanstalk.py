@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -326,3 +327,44 @@ def test_a_job_reserved_while_nobody_received_is_not_handed_out_after_its_ttr(ur
         finally:
             idle.close()
             other.close()
+
+
+def test_a_request_reply_round_trip_costs_the_commands_raw_greenstalk_needs(private_server: PrivateServer) -> None:
+    """Per sequential round trip: the caller's put, reserve and delete, the service's reserve,
+    put and delete (raw greenstalk: the same and a use). Counted by the server itself (its
+    cmd-* stats), so the figure is exact whatever the machine's load. A service whose
+    receive() polled with reserve-with-timeout 0 before its waiting reserve made ~2.65
+    reserves per round trip (bench_rpc.py's 0.6-0.8x of raw greenstalk)."""
+    url, n = private_server.url, 40
+    stop = threading.Event()
+
+    def serve() -> None:
+        with mqprimer.connect(url) as conn, conn.consumer("svc") as c:
+            while not stop.is_set():
+                m = c.receive(timeout=0.1)
+                if m is not None:
+                    m.reply({"width": 640})
+                    m.ack()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    admin = greenstalk.Client(("127.0.0.1", private_server.port))
+    try:
+        with mqprimer.connect(url) as conn:
+            for _ in range(5):  # the reply path, caches
+                conn.request("svc", {"path": "a.jpg"}, timeout=30)
+            before = admin.stats()
+            for _ in range(n):
+                assert conn.request("svc", {"path": "a.jpg"}, timeout=30).body == {"width": 640}
+            after = admin.stats()
+    finally:
+        stop.set()
+        server.join(10)
+        admin.close()
+    per = {k[4:]: (int(after[k]) - int(before[k])) / n  # type: ignore[literal-required]
+           for k in after if k.startswith("cmd-") and k != "cmd-stats" and after[k] != before[k]}  # type: ignore[literal-required]
+    assert per.get("put") == 2 and per.get("delete") == 2, per
+    # a waiting reserve on each side; one that ran its 1 s out on a stalled machine may add a few
+    assert 2 <= per.get("reserve-with-timeout", 0) <= 2.15, per
+    assert set(per) <= {"put", "delete", "reserve-with-timeout"}, per
+
