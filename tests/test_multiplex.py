@@ -32,7 +32,7 @@ from mqprimer.testing.control import ScriptedControl
 from mqprimer.testing.helpers import wait_until
 from mqprimer.url import URL
 
-TARGETS = ("amqp",)
+TARGETS = ("amqp", "stomp-rabbitmq")
 # what one endpoint of a Connection may cost, whatever the number of consumers on it
 THREADS_PER_ENDPOINT = 3
 FDS_PER_ENDPOINT = 8

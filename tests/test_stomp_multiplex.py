@@ -1,10 +1,11 @@
 """STOMP subscriptions multiplexed on one connection per endpoint (issue 18, STOMP side).
 
-Many consumers of one ``Connection`` share one STOMP connection: threads and sockets do not
-grow with them; closing one consumer gives its messages back without disturbing the others;
-a broker SIGKILL brings every one of them back; a queue deleted behind one consumer's back
-(RabbitMQ: over AMQP with pika; ActiveMQ has no way to do it from here: no JMX, no web
-console, no OpenWire client) fails that consumer only.
+tests/test_multiplex.py runs the issue's three cases on ``stomp-rabbitmq``; ActiveMQ is not
+among its targets because a queue cannot be deleted behind a consumer's back there from a
+test (no JMX, no web console, no OpenWire client), so its other two cases run here. Plus
+what is STOMP's own: closing one consumer gives back what it held, on the shared
+connection, without disturbing the others (RabbitMQ keeps it otherwise); and after a broker
+SIGKILL one reconnect serves every consumer (no storm of reconnects).
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import threading
 import uuid
 from pathlib import Path
 
-import pika
 import pytest
 
 import mqprimer
 from conftest import need_broker
-from mqprimer import BrokerError, Consumer
+from mqprimer import Consumer
 from mqprimer.backends.stomp import StompBackend
 from mqprimer.testing.helpers import wait_until
-from mqprimer.url import URL
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("stomp-rabbitmq", "stomp-activemq")
@@ -48,9 +47,8 @@ def _names(n: int) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("target", TARGETS)
-def test_200_consumers_cost_one_connection_and_close_releases_it(target: str) -> None:
-    url = need_broker(target)
+def test_200_consumers_cost_one_connection_and_close_releases_it() -> None:
+    url = need_broker("stomp-activemq")
     queues = _names(200)
     threads0, fds0 = _usage()
     with mqprimer.connect(url) as conn:
@@ -89,7 +87,7 @@ def test_closing_one_consumer_gives_its_messages_back_to_another_on_the_same_con
                    what="the other four prefetched")
         first.close()  # one received and unsettled, four prefetched: all go back
         with conn.consumer(q, prefetch=5) as second:
-            got = []
+            got: list[str] = []
             for _ in range(5):
                 m = second.receive(timeout=10)
                 assert m is not None, f"got back only {len(got)} of 5 after the first consumer closed"
@@ -103,44 +101,15 @@ def test_closing_one_consumer_gives_its_messages_back_to_another_on_the_same_con
         bystander.close()
 
 
-def test_a_queue_deleted_behind_one_consumer_fails_that_consumer_only() -> None:
-    url = need_broker("stomp-rabbitmq")
-    amqp = URL.parse(need_broker("amqp"))
-    queues = _names(50)
-    with mqprimer.connect(url) as conn:
-        consumers = [conn.consumer(q) for q in queues]
-        backend = _backend(conn)
-        link = backend.main()
-        params = pika.ConnectionParameters(amqp.host, amqp.port, "/", pika.PlainCredentials(amqp.username or "",
-                                                                                             amqp.password or ""))
-        with pika.BlockingConnection(params) as admin:
-            admin.channel().queue_delete(queues[7])
-        with pytest.raises(BrokerError, match="ended subscription"):
-            wait_until(lambda: consumers[7].receive(timeout=0.2), timeout=10, what="the deleted queue's error")
-        with pytest.raises(BrokerError, match="ended subscription"):
-            consumers[7].receive(timeout=0)  # it stays failed until closed
-        p = conn.producer()
-        p.send_many([(q, i) for i, q in enumerate(queues) if i != 7])
-        for i, c in enumerate(consumers):
-            if i == 7:
-                continue
-            m = c.receive(timeout=10)
-            assert m is not None and m.body == i
-            m.ack()
-        assert conn.endpoints[0].backend is backend and backend.link is link and link.alive, "reconnected"
-        for c in consumers:
-            c.close()
-        assert not link.routes
-
-
 def _broker(action: str, name: str) -> None:
     subprocess.run([str(ROOT / "scripts" / "brokers"), action, name], check=True, timeout=180,
                    stdout=subprocess.DEVNULL)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("target", [pytest.param(t, marks=pytest.mark.disruptive(BROKER[t])) for t in TARGETS])
-def test_broker_sigkill_and_restart_with_50_consumers_every_one_resubscribes(target: str) -> None:
+@pytest.mark.disruptive("activemq")
+def test_broker_sigkill_and_restart_with_50_consumers_every_one_resubscribes_on_one_reconnect() -> None:
+    target = "stomp-activemq"
     url = need_broker(target)
     queues = _names(50)
     with mqprimer.connect(url, reconnect_timeout=90) as conn:

@@ -132,6 +132,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._ack_cond = threading.Condition()
         self._flusher: threading.Thread | None = None
         self.routes: dict[str, queue.SimpleQueue[Any]] = {}  # SUBSCRIBE id -> its subscription's inbox
+        self.subscribed: dict[str, str] = {}  # SUBSCRIBE id -> its destination (for errors)
         self._routes_lock = threading.Lock()
 
     # -- listener callbacks (stomp.py's receiver thread) ----------------------------
@@ -147,8 +148,9 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         sid = frame.headers.get("subscription", "")
         with self._routes_lock:
             box = self.routes.pop(sid, None) if self.connected else None
+            where = self.subscribed.pop(sid, sid)
         if box is not None:  # about one subscription only: the connection goes on
-            box.put(SubscriptionEnded(f"the broker ended subscription {sid}: {message} (was its queue deleted?)"))
+            box.put(SubscriptionEnded(f"the broker ended the subscription to {where}: {message} (queue deleted?)"))
             return
         if not self.connected and isinstance(frame.body, bytes):
             # a refused CONNECT says why in the body (RabbitMQ: "Bad CONNECT" + "Access refused
@@ -362,6 +364,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             if taken:
                 raise StompBrokerError(f"subscription id {taken[0]} is already in use on this connection")
             self.routes.update(dict.fromkeys(ids, box))
+            self.subscribed.update({f["id"]: f["destination"] for f in frames})
         try:
             subs = [{**f, "receipt": self.next_id()} for f in frames]
             self.write(b"".join(encode_frame("SUBSCRIBE", f) for f in subs))
@@ -374,6 +377,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         with self._routes_lock:
             for i in ids:
                 self.routes.pop(i, None)
+                self.subscribed.pop(i, None)
 
     def unsubscribe(self, ids: list[str], box: queue.SimpleQueue[Any], unsettled: dict[str, str], park: bool) -> None:
         """UNSUBSCRIBE ``ids`` (those the broker has not ended); with ``park`` (RabbitMQ), give
