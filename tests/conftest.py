@@ -182,7 +182,7 @@ def disrupted_brokers(item: pytest.Item) -> tuple[str, ...] | None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    xdist = config.pluginmanager.hasplugin("xdist")
+    grouped = config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"
     for item in items:
         reason = KNOWN_DEFECTS.get(item.name)
         if reason:
@@ -192,7 +192,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.stash[_DISRUPTS] = brokers
             if item.get_closest_marker("disruptive") is None:
                 item.add_marker(pytest.mark.disruptive(*brokers))
-        if not xdist:
+        if not grouped:
             continue
         group = ""
         if brokers:  # one worker per broker: its faults run one after another

@@ -46,3 +46,43 @@ def test_resend_duplicates_are_allowed_only_for_the_calls_under_way_at_the_fault
     stream.received = ["early", "spanning", "spanning", "late"]
     with pytest.raises(AssertionError, match="duplicates on an at-most-once backend"):
         _assert_guarantee(target, fig, broker_died=False, stream=stream)
+
+
+def test_a_stream_stops_waiting_for_lost_messages_once_the_broker_says_it_holds_none() -> None:
+    """Stream.finish: confirmed messages that never came end the wait when ``drained`` says the
+    broker holds nothing more (after ``quiet`` s with no delivery); without it, the full timeout."""
+    import time
+
+    from mqprimer.testing._stream import Stream
+
+    for drained, least, most in ((lambda: True, 0.5, 4.0), (lambda: False, 6.0, 12.0), (None, 6.0, 12.0)):
+        stream = Stream("memory://x", "q", 0)
+        stream._produced.set()  # the producer is done; "lost" was confirmed and never delivered
+        stream.confirmed, stream.received = ["got", "lost"], ["got"]
+        start = time.monotonic()
+        stream.finish(timeout=6, settle=0.1, drained=drained, quiet=0.5)
+        took = time.monotonic() - start
+        assert least <= took <= most, f"drained={drained}: finish took {took:.1f}s"
+        assert stream.figures()["lost"] == 1
+
+
+def test_figures_of_several_processes_are_all_kept(tmp_path: Path) -> None:
+    """xdist workers and scripts/test's two phases each merge their rows into one file."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from pathlib import Path
+from mqprimer.testing.control import Figures
+f = Figures(Path(sys.argv[1]))
+for i in range(15):
+    f.record(f"b{sys.argv[2]}", f"fault {i}", sent=i)
+    f.write()
+"""
+    path = tmp_path / "reliability.json"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(n)]) for n in range(6)]
+    assert [p.wait(60) for p in procs] == [0] * 6
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 6 * 15, f"{6 * 15 - len(rows)} rows written over by another process"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,39 @@ def test_a_missing_url_of_an_expected_broker_fails_even_outside_ci(
         raise AssertionError("need_broker returned a URL that is not there")
     with pytest.raises(pytest.skip.Exception):
         conftest.need_broker("beanstalk")  # beanstalkd is not expected by this run
+
+
+# -- the two phases of scripts/test (tests/conftest.py: pytest.mark.disruptive) -----------------------
+def _harness(*args: str, run_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(conftest.ROOT / "scripts" / "brokers"), *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "MQPRIMER_RUN_DIR": str(run_dir), **env})
+
+
+def test_under_scripts_test_a_broker_the_running_test_did_not_declare_is_not_disturbed(tmp_path: Path) -> None:
+    """The guard that keeps an unmarked fault test from failing the parallel phase at random.
+    (An empty runtime dir: were the guard broken, there would be no broker there to hurt.)"""
+    for action in ("kill", "freeze", "thaw", "down", "clean"):
+        r = _harness(action, "gearmand", run_dir=tmp_path, MQPRIMER_DISRUPT_GUARD="1",
+                     MQPRIMER_MAY_DISRUPT="beanstalkd")
+        assert r.returncode != 0, f"{action} of an undeclared broker went ahead"
+        assert f"refusing to {action} gearmand" in r.stderr and "@pytest.mark.disruptive(\"gearmand\")" in r.stderr
+    # the declared broker passes the guard (and then finds nothing to kill in the empty dir)
+    r = _harness("kill", "gearmand", run_dir=tmp_path, MQPRIMER_DISRUPT_GUARD="1", MQPRIMER_MAY_DISRUPT="gearmand")
+    assert r.returncode == 0 and "refusing" not in r.stderr, r.stderr
+    assert os.environ.get("MQPRIMER_MAY_DISRUPT") == "", "a test that declares nothing may disturb nothing"
+
+
+def test_fault_tests_are_in_the_disruptive_phase() -> None:
+    """Each broker's SIGKILL and freeze cases of the battery, and the listed fault tests of other files,
+    are what scripts/test's second phase selects; a test that kills nothing is not."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                        "-m", "disruptive", "tests/test_battery.py", "tests/test_gearman.py", "tests/test_api.py"],
+                       cwd=conftest.ROOT, capture_output=True, text=True, timeout=120)
+    picked = set(r.stdout.split())
+    for url_id in conftest.brokers_providing():
+        if not conftest._is_tls_twin(url_id, conftest.broker_urls()[url_id]):
+            for test in ("test_broker_sigkill_mid_stream", "test_frozen_broker"):
+                assert f"tests/test_battery.py::{test}[{url_id}]" in picked, (url_id, r.stdout[-2000:])
+    assert "tests/test_gearman.py::test_server_sigkill_keeps_every_created_job" in picked
+    assert not any("test_api.py" in p or "test_cut_connection" in p for p in picked), "a test that kills nothing"
+
