@@ -2,7 +2,8 @@
 
 URL options, TLS variants, refusals (password, vhost, permissions), what is declared on
 the broker, delay buckets, durable vs private topic subscriptions, foreign messages from
-raw pika, poison messages, and the heartbeat keeper. Broker faults: test_amqp_faults.py.
+raw pika, poison messages, and heartbeats while a handler holds a message. Broker faults:
+the battery (test_battery.py); many consumers on one connection: test_multiplex.py.
 """
 
 from __future__ import annotations
@@ -290,7 +291,8 @@ def test_poison_with_delayed_retries_is_dead_lettered_after_exactly_max_attempts
 # -- heartbeats ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_long_handler_keeps_its_connection(url: str, queue: str) -> None:
-    """The keeper answers heartbeats while the application holds a message (pika alone would not)."""
+    """The connection's I/O thread answers heartbeats while the application holds a message
+    (a BlockingConnection alone would not)."""
     with mqprimer.connect(_with(url, heartbeat="1")) as conn:
         conn.producer().send(queue, "slow job")
         with conn.consumer(queue) as c:
