@@ -81,10 +81,10 @@ def bench_mqprimer(url: str, n: int) -> list[Result]:
 
         threads = [threading.Thread(target=caller) for _ in range(INFLIGHT)]
         start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
         out.append(Result(f"mqprimer {INFLIGHT} in flight", per * INFLIGHT, time.perf_counter() - start))
     stop.set()
     server.join(10)

@@ -217,7 +217,13 @@ def test_stomp_a_reply_to_a_caller_that_has_gone_is_dropped_and_the_service_goes
         m.reply("too late")  # no error: the caller has gone
         m.ack()
         with mqprimer.connect(url) as again:
-            t = threading.Thread(target=lambda: (lambda r: (r.reply("on time"), r.ack()))(c.receive(timeout=10)))
+            def answer() -> None:
+                r = c.receive(timeout=10)
+                assert r is not None
+                r.reply("on time")
+                r.ack()
+
+            t = threading.Thread(target=answer)
             t.start()
             assert again.request(dest, "now", timeout=10).body == "on time"
             t.join(10)

@@ -20,7 +20,7 @@ import msgspec
 
 from ._endpoint import Endpoint
 from ._ids import stamp
-from ._replies import Replies, check_headers, request, dropped_counts
+from ._replies import Replies, check_headers, dropped_counts, request
 from ._replies import check_type as _check_type
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, QueueStats, Status, Topic
 from .consumer import Consumer
