@@ -36,11 +36,13 @@ def main() -> int:
     workers = start_workers(2, url, queue, "examples.rpc.handler:resize", "--max-attempts", "1", quiet=True)
     try:
         with mqprimer.connect(url_list(url)) as conn:
+            served = set()  # the workers that answered
             for path in images:
                 start = time.perf_counter()
                 # the first call waits for the workers to start: a generous timeout
                 reply = conn.request(queue, {"path": str(path), "max": 320}, timeout=60)
                 ms = (time.perf_counter() - start) * 1000
+                served.add(reply.body["worker"])
                 say(f"resized {path.name} to {reply.body['width']}x{reply.body['height']} in {ms:.0f} ms")
             try:
                 conn.request(queue, {"path": str(folder / "missing.png")}, timeout=30)
@@ -48,6 +50,11 @@ def main() -> int:
                 say(f"missing.png: the service failed the request: {exc.reason}")
             else:
                 raise SystemExit("a request for a missing file got a normal reply")
+            # a worker stopped before it is up dies of the signal instead of draining (exit
+            # -15): call again until each worker has answered once, so both stop cleanly
+            deadline = time.monotonic() + 30
+            while images and len(served) < len(workers) and time.monotonic() < deadline:
+                served.add(conn.request(queue, {"path": str(images[0]), "max": 320}, timeout=60).body["worker"])
     finally:
         codes = stop_workers(workers)
     say(f"workers stopped with exit codes {codes}")

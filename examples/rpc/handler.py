@@ -8,6 +8,7 @@ The request carries a path, never the image bytes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,4 +29,4 @@ def resize(message: mqprimer.Message) -> dict[str, Any]:
         img.convert("RGB").save(tmp, "JPEG", quality=85)
         width, height = img.size
     tmp.replace(dest)  # atomic: a request handled twice writes the same file, never half of one
-    return {"path": str(dest), "width": width, "height": height}
+    return {"path": str(dest), "width": width, "height": height, "worker": os.getpid()}
