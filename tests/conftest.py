@@ -182,7 +182,9 @@ def disrupted_brokers(item: pytest.Item) -> tuple[str, ...] | None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    grouped = config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"
+    # (an xdist worker has dist "no" and loadgroup True; the controller, dist "loadgroup")
+    grouped = config.pluginmanager.hasplugin("xdist") and (
+        getattr(config.option, "loadgroup", False) or config.getoption("dist", "no") == "loadgroup")
     for item in items:
         reason = KNOWN_DEFECTS.get(item.name)
         if reason:

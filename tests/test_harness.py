@@ -79,3 +79,14 @@ def test_fault_tests_are_in_the_disruptive_phase() -> None:
     assert "tests/test_gearman.py::test_server_sigkill_keeps_every_created_job" in picked
     assert not any("test_api.py" in p or "test_cut_connection" in p for p in picked), "a test that kills nothing"
 
+
+
+def test_under_xdist_a_brokers_fault_tests_share_one_worker() -> None:
+    """--dist loadgroup sends a group to one worker; the group is the nodeid's @suffix (set by
+    tests/conftest.py: xdist 3.8 sets it where pytest 9 no longer reads it)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-n", "2", "--dist",
+                        "loadgroup", "-m", "disruptive", "-k", "memory or sqlite", "tests/test_battery.py"],
+                       cwd=conftest.ROOT, capture_output=True, text=True, timeout=120)
+    ran = [line for line in r.stdout.splitlines() if "SKIPPED" in line and "test_battery.py::" in line]
+    assert len(ran) == 4 and all(line.split()[0] == ran[0].split()[0] for line in ran), r.stdout[-3000:]
+    assert all("@disrupts-no-broker" in line for line in ran), r.stdout[-3000:]
