@@ -130,14 +130,19 @@ def _nowait(fn: Callable[[Any], None]) -> Step:
 
 
 class AmqpSubscription(Subscription):
-    """A channel of the backend's connection: qos, declarations, one consumer. Deliveries
-    arrive in a ``SimpleQueue`` from the I/O thread; ``None`` in it means the channel ended."""
+    """A channel of the backend's connection: qos, declarations, one consumer.
+
+    Deliveries reach the consumer thread through a ``SimpleQueue``, one list per read of the
+    socket (a burst: one wake-up for many messages, not one each); ``None`` in it means the
+    channel ended. The consumer thread takes them out of its own deque."""
 
     def __init__(self, link: Link, destination: Destination, prefetch: int, name: str | None, exchange: str,
                  args: dict[str, Any]) -> None:
         self.destination = destination
         self._link = link
-        self._q: SimpleQueue[Delivery | None] = SimpleQueue()
+        self._q: SimpleQueue[list[Delivery] | None] = SimpleQueue()
+        self._burst: list[Delivery] = []  # I/O thread: deliveries of the read under way
+        self._local: deque[Delivery] = deque()  # consumer thread: handed over, not received yet
         self._error: BaseException | None = None
         # acks are written in batches (see ack); this many may wait for the next one
         self._ack_batch = max(1, prefetch // 4)
@@ -177,7 +182,15 @@ class AmqpSubscription(Subscription):
 
     # -- I/O thread -----------------------------------------------------------------------
     def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
-        self._q.put(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to, props.correlation_id))
+        burst = self._burst
+        burst.append(Delivery(body, method.delivery_tag, 0, method.redelivered, props.reply_to, props.correlation_id))
+        if len(burst) == 1:  # handed over once pika has parsed all it read (timers run after reads)
+            self._link.ioloop.call_later(0, self._hand_over)
+
+    def _hand_over(self) -> None:
+        burst, self._burst = self._burst, []
+        if burst and self._error is None:
+            self._q.put(burst)
 
     def _cancelled(self, _frame: Any) -> None:
         # RabbitMQ cancels the consumer of a deleted queue (consumer_cancel_notify); the
@@ -206,23 +219,27 @@ class AmqpSubscription(Subscription):
     def receive(self, timeout: float | None) -> Delivery | None:
         if self._error is not None:  # what is buffered will be redelivered: do not hand it out
             raise self._error
+        local = self._local
+        if local:
+            return local.popleft()
         q = self._q
         try:
-            d = q.get_nowait()
+            burst = q.get_nowait()
         except Empty:
             if timeout is not None and timeout <= 0:
                 return None
             if self._acks:
                 self._flush()
             try:
-                d = q.get(True, timeout)
+                burst = q.get(True, timeout)
             except Empty:
                 return None
-        if d is None:
+        if burst is None:
             q.put(None)
             assert self._error is not None
             raise self._error
-        return d
+        local.extend(burst)
+        return local.popleft()
 
     def _flush(self) -> None:
         if not self._flush_due:
@@ -241,7 +258,7 @@ class AmqpSubscription(Subscription):
             raise self._error
         acks = self._acks
         acks.append(delivery.tag)
-        if len(acks) >= self._ack_batch or self._q.empty():
+        if len(acks) >= self._ack_batch or (not self._local and self._q.empty()):
             self._flush()
 
     def requeue(self, delivery: Delivery) -> None:
