@@ -91,10 +91,14 @@ def test_request_reply_with_an_async_worker(url: str) -> None:
         async with aio.connect(url) as conn:
             reply = await conn.request(dest, "hi", timeout=10)
             assert reply.body == {"echo": "hi"} and reply.settled
+            with pytest.raises(mqprimer.StateError):
+                await reply.ack()  # a reply is settled when it is read
             with pytest.raises(mqprimer.RemoteError, match="poison pill"):
                 await conn.request(dest, "poison", timeout=10)
         worker.stop()
         assert await running == EXIT_OK
+        with pytest.raises(mqprimer.StateError):
+            await reply.ack()  # after the connection closed too: StateError, as in the blocking API
 
     asyncio.run(main())
 

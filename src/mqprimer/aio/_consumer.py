@@ -61,12 +61,6 @@ class Consumer:
     async def call(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
                    inline: bool = True) -> T:
         """Run a settle of one of this consumer's messages (on its thread, in order)."""
-        if self._runner.closed:  # after close() (a settle then raises StateError, as in the blocking API)
-            once = Runner(1, "mqprimer-aio-closed")
-            try:
-                return await once.call(fn, *args)
-            finally:
-                once.shutdown()
         return await self._runner.call(fn, *args, on_late=on_late, inline=inline and not self._waiting)
 
     async def receive(self, timeout: float | None = None) -> "Message | None":

@@ -75,8 +75,9 @@ class Runner:
         self._put(_Job(None, None, fn, args, None))
 
     def _put(self, job: _Job) -> None:
-        if self.closed:
-            raise RuntimeError(f"{self.name}: the pool is shut down")
+        if self.closed:  # a call after close (it raises StateError in the portable layer): one thread for it
+            _thread.start_new_thread(_run_one, (job,))
+            return
         self._jobs.put(job)
         with self._lock:
             spawn = self._idle == 0 and self._threads < self._max
@@ -96,17 +97,7 @@ class Runner:
                 if job is None:
                     self._threads -= 1
                     return
-            fut = job.fut
-            if fut is not None and fut.cancelled():
-                continue  # cancelled before it started: nothing was done
-            try:
-                result = job.fn(*job.args)
-            except BaseException as exc:
-                if job.loop is not None:
-                    _resolve(job, None, exc)
-                continue
-            if job.loop is not None:
-                _resolve(job, result, None)
+            _run_one(job)
 
     def shutdown(self) -> None:
         """Let the threads end once idle (never waits: callable from the loop)."""
@@ -117,6 +108,20 @@ class Runner:
             n = self._threads
         for _ in range(n):
             self._jobs.put(None)
+
+
+def _run_one(job: _Job) -> None:
+    fut = job.fut
+    if fut is not None and fut.cancelled():
+        return  # cancelled before it started: nothing was done
+    try:
+        result = job.fn(*job.args)
+    except BaseException as exc:
+        if job.loop is not None:
+            _resolve(job, None, exc)
+        return
+    if job.loop is not None:
+        _resolve(job, result, None)
 
 
 def _resolve(job: _Job, result: Any, exc: BaseException | None) -> None:
