@@ -179,8 +179,9 @@ def test_oversize_names_the_server_limit_and_its_option(url: str, q: str) -> Non
 class PrivateServer:
     """A beanstalkd of this test alone (its own port and binlog): killing it disturbs nobody."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *options: str) -> None:
         self.dir, self.log = tmp / "binlog", tmp / "beanstalkd.log"
+        self.options = options
         self.dir.mkdir()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -190,8 +191,8 @@ class PrivateServer:
 
     def start(self) -> None:
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(["beanstalkd", "-l", "127.0.0.1", "-p", str(self.port), "-b", str(self.dir)],
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen(["beanstalkd", "-l", "127.0.0.1", "-p", str(self.port), "-b", str(self.dir),
+                                          *self.options], stdout=log, stderr=log)
         wait_until(self._answers, timeout=10, what="the private beanstalkd to answer")
 
     def _answers(self) -> bool:
@@ -327,6 +328,24 @@ def test_a_job_reserved_while_nobody_received_is_not_handed_out_after_its_ttr(ur
         finally:
             idle.close()
             other.close()
+
+
+def test_a_server_started_with_its_own_job_size_limit_gets_that_limit_less_2(tmp_path: Path, q: str) -> None:
+    need_broker("beanstalk")
+    server = PrivateServer(tmp_path, "-z", "1000")
+    server.start()
+    try:
+        with mqprimer.connect(server.url) as conn:
+            assert conn.capabilities.max_message_size == 998
+            with pytest.raises(mqprimer.MessageTooLarge, match=r"-z 1000, less 2"):
+                conn.producer().send(q, "x" * 1000)
+            with pytest.raises(mqprimer.MessageTooLarge, match="limit of 998 bytes"):
+                conn.endpoints[0].call("publish", lambda b: b.publish(Queue(q), b"x" * 999, message_id="over"))
+            p = conn.producer()
+            fits = p.build(q, "x" * (998 - len(p.build(q, "").payload)))
+            assert p.send_many([fits]) == [fits.message_id]
+    finally:
+        server.kill()
 
 
 def test_a_request_reply_round_trip_costs_the_commands_raw_greenstalk_needs(private_server: PrivateServer) -> None:
