@@ -44,7 +44,6 @@ class Consumer:
         self.blocking = blocking
         self._runner = Runner(1, "mqprimer-aio-consumer", inline=inline)
         self._owner = owner
-        self._waiting = 0  # receives under way on the thread (inline settles must not wait behind them)
 
     @property
     def destination(self) -> Destination:
@@ -61,25 +60,23 @@ class Consumer:
     async def call(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
                    inline: bool = True) -> T:
         """Run a settle of one of this consumer's messages (on its thread, in order)."""
-        return await self._runner.call(fn, *args, on_late=on_late, inline=inline and not self._waiting)
+        return await self._runner.call(fn, *args, on_late=on_late, inline=inline and not self._runner.pending)
 
     async def receive(self, timeout: float | None = None) -> "Message | None":
         """The next message, or ``None`` after ``timeout`` seconds (``None`` waits for ever)."""
         c = self.blocking
         if c.closed:
             raise StateError("the consumer is closed")
-        if self._runner.inline and not self._waiting:
+        # inline (memory://) only while the thread runs nothing: a cancelled receive's slice
+        # may still hold the subscription's lock there, and the loop must not wait for it
+        if self._runner.inline and not self._runner.pending:
             m = c.receive(0.0)  # memory://: a poll is in-process work
             if m is not None or timeout == 0:
                 return Message(m, self) if m is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _SLICE if deadline is None else min(_SLICE, max(deadline - time.monotonic(), 0.0))
-            self._waiting += 1
-            try:
-                m = await self._runner.call(c.receive, wait, on_late=_give_back, inline=False)
-            finally:
-                self._waiting -= 1
+            m = await self._runner.call(c.receive, wait, on_late=_give_back, inline=False)
             if m is not None:
                 return Message(m, self)
             if c.closed or (deadline is not None and time.monotonic() >= deadline):

@@ -59,6 +59,7 @@ class Runner:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        self.pending = 0  # calls submitted and not finished (or skipped): the pool's thread may hold locks
 
     async def call(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
                    inline: bool = True) -> T:
@@ -68,7 +69,13 @@ class Runner:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._put(_Job(loop, fut, fn, args, on_late))
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # the result came in, but the task was cancelled before it resumed: nobody takes it
+            if on_late is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                _thread.start_new_thread(on_late, (fut.result(),))
+            raise
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on a pool thread; nobody waits for it."""
@@ -78,11 +85,12 @@ class Runner:
         if self.closed:  # a call after close (it raises StateError in the portable layer): one thread for it
             _thread.start_new_thread(_run_one, (job,))
             return
-        self._jobs.put(job)
         with self._lock:
+            self.pending += 1
             spawn = self._idle == 0 and self._threads < self._max
             if spawn:
                 self._threads += 1
+        self._jobs.put(job)
         if spawn:
             _thread.start_new_thread(self._work, ())
 
@@ -97,7 +105,11 @@ class Runner:
                 if job is None:
                     self._threads -= 1
                     return
-            _run_one(job)
+            try:
+                _run_one(job)
+            finally:
+                with self._lock:
+                    self.pending -= 1
 
     def shutdown(self) -> None:
         """Let the threads end once idle (never waits: callable from the loop)."""
