@@ -211,7 +211,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _group_nodeid(item: pytest.Item, group: str) -> None:
     """What ``--dist loadgroup`` does to a grouped item (the ``@group`` suffix its scheduler
     reads): xdist 3.8 sets ``item._nodeid``, which pytest 9 no longer reads (``item._id``)."""
-    if "@" in item.nodeid or not hasattr(item, "_id"):
+    if item.nodeid.endswith(f"@{group}") or not hasattr(item, "_id"):
         return  # done by xdist itself (an older pytest), or a pytest this does not know
     from _pytest.nodeid import NodeId
 
