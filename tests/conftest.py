@@ -150,6 +150,8 @@ KNOWN_DEFECTS: dict[str, str] = {}
 # broker one after another and never beside a test that uses that broker. During a scripts/test run,
 # scripts/brokers refuses kill|freeze|thaw|down of a broker the running test did not declare, so a
 # test that forgets the marker fails at once, instead of making other tests fail at random.
+# (A test naming two brokers gets a worker of its own, which may run beside either broker's other
+# fault tests: keep each fault test to one broker.)
 # The battery's broker faults are marked in mqprimer.testing.battery (its broker is that of its
 # mq_target); tests of files owned elsewhere are listed here until they carry the marker themselves.
 DISRUPTIVE: dict[str, tuple[str, ...]] = {
