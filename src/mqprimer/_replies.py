@@ -221,8 +221,11 @@ class Replies:
         finally:
             with self.cond:
                 del self.waiting[mid]
-            if slot.env is not None:
-                self._answered(mid)
+                if slot.env is not None:  # remembered, to tell a duplicate reply from a late one
+                    self.answered.append(mid)
+                    if len(self.answered_set) >= _REMEMBER:
+                        self.answered_set = set(self.answered)
+                    self.answered_set.add(mid)
         assert slot.env is not None and slot.payload is not None
         return self._message(slot.env, slot.payload)
 
@@ -239,13 +242,6 @@ class Replies:
         except Exception as exc:
             raise self._lost(exc, "request") from None
 
-    def _answered(self, mid: str) -> None:
-        with self.cond:
-            self.answered.append(mid)
-            if len(self.answered_set) >= _REMEMBER:
-                self.answered_set = set(self.answered)
-            self.answered_set.add(mid)
-
     def _wait(self, slot: _Slot, deadline: float, timeout: float, dest: Queue) -> None:
         while slot.env is None:
             left = deadline - time.monotonic()
@@ -261,7 +257,7 @@ class Replies:
                         self._read(min(left, _SHORT if short else _SLICE))
                 finally:
                     self.lock.release()
-                if slot.env is not None:
+                if slot.env is not None and len(self.waiting) > 1:
                     self._hand_over(slot)
             else:
                 self._sleep(slot, min(left, _SLICE))
