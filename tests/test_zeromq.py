@@ -294,6 +294,47 @@ def test_bound_push_with_no_worker_fails_clearly_after_send_timeout() -> None:
     assert time.monotonic() - start < 5
 
 
+def test_send_fast_path_writes_the_same_frames_and_keeps_refusals_and_errors() -> None:
+    # after a first plain send, Producer.send goes through the driver's fast_publisher: it must
+    # frame and encode exactly like publish, refuse the same things, and word HWM errors alike
+    import zmq
+
+    import mqprimer
+    from mqprimer.envelope import decode
+
+    port = _port()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.rcvtimeo = 5000
+    pull.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        with mqprimer.connect(f"zmq+tcp://127.0.0.1:{port}?bind=producer&send_timeout=0.3&hwm=1",
+                              max_message_size=2000) as conn:
+            p = conn.producer()
+            ids = [p.send("jobs", {"n": i}) for i in range(3)] + [p.send("jobs", {"n": 3}, type="job.made")]
+            conn.endpoints[0].reset()  # as after a lost connection: the learnt path is stale
+            ids += [p.send("jobs", {"n": 4}), p.send("jobs", {"n": 5})]
+            assert p._fast["jobs"][5] is not None, "the fast path was never learnt"
+            frames = [pull.recv() for _ in ids]
+            envs = [decode(f.partition(b"\0")[2]) for f in frames]
+            assert all(f.startswith(b"jobs\0{") for f in frames)
+            assert [e.id for e in envs] == ids and [e.body["n"] for e in envs] == list(range(6))
+            assert [e.type for e in envs] == ["mqprimer.message"] * 3 + ["job.made"] + ["mqprimer.message"] * 2
+            with pytest.raises(mqprimer.errors.MessageTooLarge, match="2,000 bytes"):
+                p.send("jobs", "x" * 2000)
+            with pytest.raises(TypeError, match="not JSON-serialisable"):
+                p.send("jobs", {"when": object()})
+            pull.close(0)  # no peer any more: the PUSH blocks, then times out
+            start = time.monotonic()
+            with pytest.raises(mqprimer.errors.BrokerError, match="send_timeout=0.3s"):
+                for _ in range(100):
+                    p.send("jobs", {"nobody": "reading"})
+            assert time.monotonic() - start < 10
+    finally:
+        pull.close(0)
+        ctx.term()
+
+
 def test_bad_urls_name_what_is_wrong(tmp_path: Path) -> None:
     import mqprimer
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -382,6 +382,18 @@ class Backend(ABC):
                 delay=item.delay,
                 ttl=item.ttl,
             )
+
+    def fast_publisher(self, destination: Destination) -> tuple[bytes, Callable[[bytes], object]] | None:
+        """Optional: ``(prefix, send)``, where ``send(prefix + payload)`` does what ``publish(
+        destination, payload, message_id=...)`` without options does; ``None`` (the default): no such path.
+
+        For drivers whose option-less publish is one library call on an object that stays
+        valid while this backend is open (ZeroMQ's PUSH socket): the per-message call chain
+        costs as much as the send itself there. The portable layer asks only after a
+        ``publish`` to ``destination`` succeeded, calls ``send`` under the endpoint's lock after
+        its own checks, maps its errors as ``publish``'s, and asks again after a reconnect.
+        """
+        return None
 
     @abstractmethod
     def subscribe(

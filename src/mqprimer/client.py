@@ -278,6 +278,15 @@ class Connection:
                 log.warning("publish to %s failed (%s); reconnecting", ep.url, err)
         self._publish_slow([Outgoing(dest, payload, message_id, priority, delay, ttl)])
 
+    def _fast_failed(self, ep: Endpoint, exc: Exception, dest: Destination, payload: bytes, mid: str) -> None:
+        """A driver's fast send (Producer.send) failed: what publish_one does when publish fails."""
+        err = ep.translate(exc, "publish")
+        if not isinstance(err, ConnectionFailed):
+            raise err from None
+        ep.reset()
+        log.warning("publish to %s failed (%s); reconnecting", ep.url, err)
+        self._publish_slow([Outgoing(dest, payload, mid)])
+
     def _check_one(self, ep: Endpoint, backend: Backend, it: Outgoing) -> None:
         """Capability and size checks; remember when plain queue messages need none."""
         caps = backend.capabilities
@@ -375,6 +384,9 @@ class Producer:
         self._closed = False
         # type -> the envelope format of send()'s fast path (envelope.fresh_format)
         self._formats: dict[str | None, bytes] = {}
+        # queue name -> (its Queue, endpoint, backend, endpoint index, {type: prefixed format},
+        # the driver's send or None, frame size limit, prefix length, %-escaped prefix): _learn
+        self._fast: dict[str, tuple[Any, ...]] = {}
 
     def build(
         self,
@@ -420,6 +432,29 @@ class Producer:
     ) -> str:
         """Send one message; return its id. Options the backend cannot honour raise UnsupportedError."""
         conn = self._conn
+        fast = self._fast.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
+        if (fast is not None and fast[1].backend is fast[2] and type in fast[4] and conn._active == fast[3]
+                and not (headers or priority is not None or delay or ttl is not None or id is not None
+                         or self._closed or conn._closed or isinstance(body, _BINARY))):
+            # The driver's own send (Backend.fast_publisher), learnt by _learn below after a
+            # plain send to this queue passed every check: one format writes the driver's frame
+            # prefix and the envelope at once, and no per-message call chain runs (ZeroMQ:
+            # 28.2k -> 22.7k instructions per send, callgrind; a raw pyzmq send is 5.9k).
+            mid, now = stamp()
+            try:
+                frame = fast[4][type] % (mid.encode(), now.encode(), _encode_body(body))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise body_error(exc) from None
+            ep = fast[1]
+            if len(frame) <= fast[6]:  # else: the path below refuses it (MessageTooLarge)
+                try:
+                    with ep.lock:
+                        if ep.backend is fast[2]:
+                            fast[5](frame)
+                            return mid
+                except Exception as exc:
+                    conn._fast_failed(ep, exc, fast[0], frame[fast[7]:], mid)
+                    return mid
         if self._closed or conn._closed:
             self._check()
         if headers or ttl is not None or id is not None or isinstance(body, _BINARY):
@@ -448,7 +483,28 @@ class Producer:
         except (TypeError, ValueError, OverflowError) as exc:
             raise body_error(exc) from None
         conn.publish_one(dest, payload, mid, priority, delay or None)
+        if priority is None and not delay and destination.__class__ is str and (
+                fast is None or fast[2] is not conn.endpoints[conn._active].backend or fast[5] and type not in fast[4]):
+            self._learn(dest, type, fmt)
         return mid
+
+    def _learn(self, dest: Destination, type: str | None, fmt: bytes) -> None:
+        """Remember the driver's fast path to queue ``dest`` after a plain send there succeeded
+        (the checks it passed hold until the backend is replaced); a ``None`` is kept too."""
+        conn = self._conn
+        ep = conn.endpoints[conn._active]
+        backend = ep.backend
+        if backend is None or (len(self._fast) >= 1000 and dest.name not in self._fast):
+            return
+        old = self._fast.get(dest.name)
+        if old is None or old[2] is not backend:
+            got = backend.fast_publisher(dest)
+            prefix, send = got if got is not None else (b"", None)
+            old = (dest, ep, backend, conn._active, {}, send, conn.size_limit(ep)[0] + len(prefix), len(prefix),
+                   prefix.replace(b"%", b"%%"))
+            self._fast[dest.name] = old
+        if old[5] is not None and len(old[4]) < 100:
+            old[4][type] = old[8] + fmt
 
     def _build_plain(self, destination: "str | Destination", body: Any) -> Outgoing:
         """:meth:`build` without options: send()'s format path where it applies (same bytes)."""

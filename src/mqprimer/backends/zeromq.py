@@ -285,6 +285,26 @@ class ZmqBackend(Backend):
                 hub.wait_for_subscriber(self.s.join)
             hub.sock.send(head + payload)
 
+    def fast_publisher(self, destination: Destination) -> tuple[bytes, Callable[[bytes], object]] | None:
+        # the queue's PUSH socket once open. The send is pyzmq's compiled one, past its Python
+        # wrapper, which only adds routing_id/group (for socket types other than PUSH).
+        head = self.heads.get(destination.name) if destination.__class__ is Queue else None
+        if head is None:
+            return None
+        send = super(zmq.Socket, self.hubs[(zmq.PUSH, self.s.producer_binds)].sock).send
+        lock = self.push_lock  # a bound PUSH is shared by this process's backends; our own is not
+
+        def fast(frame: bytes) -> object:
+            try:
+                if lock is None:
+                    return send(frame)
+                with lock:
+                    return send(frame)
+            except zmq.Again:  # a send that timed out says what to do about it
+                raise zmq.ZMQError(errno.EAGAIN, self._full()) from None
+
+        return head, fast
+
     def publish_many(self, items: Sequence[Outgoing]) -> None:
         # send_many's batch: plain messages to known queues on the own PUSH socket go out
         # without a keyword call into publish each (the option-less hot path of publish)
