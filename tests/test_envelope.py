@@ -116,3 +116,30 @@ def test_fuzzed_inputs_only_ever_raise_envelope_error() -> None:
             decode(bytes(data))
         except EnvelopeError:
             pass
+
+
+def test_rules_beyond_the_schema_hold_for_made_and_replaced_envelopes() -> None:
+    # validate() replaced Envelope.__post_init__: every way in must still apply it
+    with pytest.raises(ValueError, match="mqheaders must be a JSON object of strings"):
+        _env("x", headers={"k": 1})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="both 'data' and 'data_base64'"):
+        replace(_env({"a": 1}), data_base64=b"\x00")
+    with pytest.raises(ValueError, match="mqheaders"):
+        replace(_env({"a": 1}), headers_json='{"k": [1]}')
+    assert replace(_env(b"\x00"), attempt=2).attempt == 2
+
+
+@pytest.mark.parametrize("payload", [BAD[12], BAD[16], BAD[17]], ids=["data-and-base64", "headers-json", "headers-int"])
+def test_a_received_envelope_that_breaks_those_rules_is_dead_lettered(payload: bytes) -> None:
+    import mqprimer
+
+    with mqprimer.connect(f"memory://envelope-rules-{BAD.index(payload)}") as conn:
+        conn.endpoints[0].call("raw", lambda b: b.publish(mqprimer.Queue("rules"), payload, message_id="a"))
+        mid = conn.producer().send("rules", "good", headers={"k": "v"})
+        with conn.consumer("rules") as c:
+            m = c.receive(timeout=5)
+            assert m is not None and m.id == mid and m.headers == {"k": "v"}
+            m.ack()
+        dead = conn.dead_letters("rules").list()
+        assert len(dead) == 1 and dead[0].body == payload
+        assert "invalid envelope" in (dead[0].reason or "")

@@ -19,7 +19,7 @@ from ._ids import stamp
 from ._sub import _Sub
 from .backend import NATIVE, Capabilities, Delivery, Destination, Queue, Subscription, Topic
 from .destinations import is_pattern
-from .envelope import Envelope, _decoder, decode, encode, make, replace
+from .envelope import UNSET, Envelope, _decoder, decode, encode, make, replace, validate
 from .errors import ConnectionFailed, EnvelopeError, MessageTooLarge, StateError, UnsupportedError
 from .message import Message, _State
 from .retry import RetryPolicy
@@ -165,6 +165,8 @@ class Consumer:
             # the schema's decoder alone: decode() below adds only the size check (moot here,
             # the limit being at least the payload's length) and the words of its error
             env: Envelope = _decoder.decode(d.payload)
+            if env.headers_json is not None or env.data_base64 is not UNSET:
+                validate(env)  # the envelope's rules the schema cannot state (envelope.validate)
         except Exception:
             try:
                 env = decode(d.payload, max(self._conn.max_message_size, len(d.payload) if d.payload else 0))
