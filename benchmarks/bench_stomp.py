@@ -2,7 +2,12 @@
 
 Run (brokers from ``scripts/brokers up rabbitmq activemq``)::
 
-    .venv/bin/python benchmarks/bench_stomp.py [N]   (default 4000)
+    .venv/bin/python benchmarks/bench_stomp.py [N] [--before SRC]   (default 4000)
+
+``--before SRC`` (e.g. ``src`` of a ``git worktree add /tmp/stomp-before <commit>``) compares
+this design with that checkout's STOMP driver instead, both loaded in this process: consume
++ ack with 1 consumer (the two in alternating chunks), and 50 consumers on 50 queues (a
+thread each) with the threads and file descriptors the 50 consumers cost.
 
 For each broker: consume + ack (prefetch 100, pre-filled queue, same envelope bytes for
 both; five alternating rounds, best kept, plus the client's CPU time per message), send
@@ -12,10 +17,12 @@ one at a time with a receipt (p50/p99), and batches of 100 sends with receipts (
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,10 @@ from typing import Any
 import stomp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Result, broker_urls, latencies, report, timed  # noqa: E402
+from _common import Best, Result, broker_urls, latencies, report, timed  # noqa: E402
 
 import mqprimer  # noqa: E402
+from mqprimer import registry  # noqa: E402
 from mqprimer.backend import Outgoing  # noqa: E402
 from mqprimer.url import URL  # noqa: E402
 
@@ -69,16 +77,6 @@ class _Raw(stomp.ConnectionListener):  # type: ignore[misc]
         # ActiveMQ gets an explicit priority 0, mqprimer's default, instead of JMS's 4)
         h = {"persistent": "true", "content-type": "application/cloudevents+json"}
         return {**h, "x-max-priority": "9"} if self.rabbit else {**h, "priority": "0"}
-
-    def send(self, q: str, body: bytes, rid: str) -> None:
-        self.conn.send(f"/queue/{q}", body, headers={**self.headers(), "receipt": rid})
-
-    def close(self) -> None:
-        self.conn.disconnect()
-
-
-def _payload(conn: mqprimer.Connection) -> bytes:
-    return conn.producer().build("x", BODY).payload
 
     def send(self, q: str, body: bytes, rid: str) -> None:
         self.conn.send(f"/queue/{q}", body, headers={**self.headers(), "receipt": rid})
@@ -157,7 +155,7 @@ def send(url: str, label: str, n: int, rabbit: bool) -> list[Result]:
             raw.wait([rid])
 
         rows.append(latencies(f"{label} raw stomp.py send+receipt", n, raw_one))
-        rows.append(latencies(f"{label} mqprimer send (receipt)", n, lambda: p.send(q, BODY)))
+        rows.append(latencies(f"{label} mqprimer send (receipt)", n, lambda: None if p.send(q, BODY) else None))
 
         def raw_batches() -> None:
             for _ in range(n // BATCH):
@@ -181,13 +179,126 @@ def send(url: str, label: str, n: int, rabbit: bool) -> list[Result]:
     return rows
 
 
+def _usage() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def load_before(src: str) -> str:
+    """Load the STOMP driver of another checkout (``src``) beside this one, as URL scheme
+    ``stompbefore``: both designs then run in this process, under the same load."""
+    base = Path(src) / "mqprimer" / "backends"
+    renames = [(f"from .{m} import", f"from .{m}_before import") for m in ("_stomp_link", "_stomp_reply")]
+    for name in ("_stomp_link", "_stomp_reply", "stomp"):
+        code = (base / f"{name}.py").read_text()
+        for old, new in renames:
+            code = code.replace(old, new)
+        mod = types.ModuleType(f"mqprimer.backends.{name}_before")
+        mod.__package__ = "mqprimer.backends"
+        sys.modules[mod.__name__] = mod
+        exec(compile(code, str(base / f"{name}.py"), "exec"), mod.__dict__)
+    registry._cache["stompbefore"] = mod.StompBackend
+    return "stompbefore"
+
+
+def _fill(conn: mqprimer.Connection, q: str, count: int) -> None:
+    payload = _payload(conn)
+    for start in range(0, count, 500):
+        conn.publish([Outgoing(mqprimer.Queue(q), payload, str(uuid.uuid4())) for _ in range(min(500, count - start))])
+
+
+def designs(url: str, label: str, n: int, before: str, rounds: int = 5) -> None:
+    """This design against the one in ``before`` (a ``src`` directory), in this process: consume
+    + ack by one consumer of each design in alternating chunks of 100 (CPU time included, the
+    steadier figure), then 50 consumers on 50 queues (a thread each), the designs taking turns."""
+    urls = {"after": url, "before": url.replace("stomp://", f"{load_before(before)}://", 1)}
+    best = Best()
+    cpu: dict[str, float] = {}
+    costs: dict[str, tuple[int, int]] = {}
+    for _ in range(rounds):
+        with mqprimer.connect(urls["before"]) as old, mqprimer.connect(urls["after"]) as new:
+            conns = {"before": old, "after": new}
+            qs = {d: f"bench.one.{d}.{uuid.uuid4().hex[:8]}" for d in conns}
+            for d, conn in conns.items():
+                _fill(conn, qs[d], n)
+            consumers = {d: conn.consumer(qs[d], prefetch=PREFETCH) for d, conn in conns.items()}
+            spent = dict.fromkeys(conns, 0.0)
+            lat: dict[str, list[float]] = {d: [] for d in conns}
+            for _ in range(0, n, 100):
+                for d, c in consumers.items():
+                    t, c0 = time.perf_counter(), time.process_time()
+                    for _ in range(100):
+                        m = c.receive(timeout=30)
+                        assert m is not None
+                        m.ack()
+                    lat[d].append(time.perf_counter() - t)
+                    spent[d] += time.process_time() - c0
+            for d, c in consumers.items():
+                c.close()
+                best.keep(f"{label} consume+ack, 1 consumer, {d}", n // 100 * 100, sum(lat[d]))
+                cpu[d] = min(cpu.get(d, 1e9), spent[d] / (n // 100 * 100) * 1e6)
+        for d in ("before", "after"):
+            rate, used = many(urls[d], n)
+            costs[d] = used
+            best.keep(f"{label} 50 consumers on 50 queues, {d}", n // 50 * 50, n // 50 * 50 / rate)
+    report(f"STOMP on {label}: this design vs {before} (n={n}, best of {rounds} rounds, one process)",
+           list(best.rows.values()), [(f"{label} {case}, after", f"{label} {case}, before")
+                                      for case in ("consume+ack, 1 consumer", "50 consumers on 50 queues")])
+    print(f"client CPU per message, 1 consumer (lowest of the rounds, all threads): {cpu['after']:.1f} µs "
+          f"vs {cpu['before']:.1f} µs before")
+    for d in ("after", "before"):
+        print(f"50 consumers cost ({d}): {costs[d][0]} extra threads, {costs[d][1]} extra file descriptors")
+
+
+def many(url: str, n: int, k: int = 50) -> tuple[float, tuple[int, int]]:
+    """``k`` consumers on ``k`` queues, a thread each: total msg/s, and the threads and fds the
+    consumers cost (counted once each has received and acked, not counting the ``k`` workers)."""
+    per = n // k
+    with mqprimer.connect(url) as conn:
+        queues = [f"bench.many.{uuid.uuid4().hex[:8]}.{i}" for i in range(k)]
+        for q in queues:
+            _fill(conn, q, per)
+        threads0, fds0 = _usage()
+        consumers = [conn.consumer(q, prefetch=PREFETCH) for q in queues]
+        ready = threading.Barrier(k + 1)
+
+        def work(c: mqprimer.Consumer) -> None:
+            for i in range(per):
+                m = c.receive(timeout=30)
+                assert m is not None
+                m.ack()
+                if i == 0:
+                    ready.wait()
+
+        workers = [threading.Thread(target=work, args=(c,)) for c in consumers]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        ready.wait()
+        threads, fds = _usage()
+        for w in workers:
+            w.join()
+        rate = per * k / (time.perf_counter() - start)
+        for c in consumers:
+            c.close()
+    return rate, (threads - threads0 - k, fds - fds0)
+
+
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 4000
+    args = sys.argv[1:]
+    before = None
+    if "--before" in args:
+        i = args.index("--before")
+        before = args[i + 1]
+        del args[i:i + 2]
+    n = int(args[0]) if args and args[0].isdigit() else 4000
     urls = {k: v for k, v in broker_urls().items() if k in ("stomp-rabbitmq", "stomp-activemq")}
     if not urls:
         sys.exit("no STOMP broker running: scripts/brokers up rabbitmq activemq")
     for name, url in sorted(urls.items()):
         rabbit = name.endswith("rabbitmq")
+        if before:
+            designs(url, name, n, before)
+            continue
         rows = consume(url, name, n, rabbit)
         rows += send(url, name, max(n // 5, BATCH), rabbit)
         report(f"STOMP on {name} (n={n}, prefetch {PREFETCH})", rows, [
