@@ -24,6 +24,10 @@ What mqprimer declares on the broker (all durable unless said otherwise):
 
 Classic queues, not quorum queues: quorum queues refuse ``x-max-priority`` on 3.10 and
 expire per-message TTL differently; classic queues live on one node (no replication).
+
+One AMQP connection per backend instance (per endpoint of a ``Connection``), run by one
+I/O thread (``_amqp_link``): publishing on a confirm channel, each subscription on a
+channel of its own (``_amqp_channels``). A channel error ends that channel only.
 """
 
 from __future__ import annotations
