@@ -230,5 +230,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     os.environ["MQPRIMER_MAY_DISRUPT"] = " ".join(brokers or ())
 
 
+@pytest.hookimpl(trylast=True)  # after the fixtures' teardown, which may thaw or restart the broker
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     os.environ["MQPRIMER_MAY_DISRUPT"] = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,17 @@ def test_under_xdist_a_brokers_fault_tests_share_one_worker() -> None:
     ran = [line for line in r.stdout.splitlines() if "SKIPPED" in line and "test_battery.py::" in line]
     assert len(ran) == 4 and all(line.split()[0] == ran[0].split()[0] for line in ran), r.stdout[-3000:]
     assert all("@disrupts-no-broker" in line for line in ran), r.stdout[-3000:]
+
+
+@pytest.fixture
+def thaws_in_teardown(tmp_path: Path) -> Iterator[None]:
+    """A fixture that, like a broker-restoring one, calls the harness on its way out (an empty
+    runtime dir: there is no broker there to thaw)."""
+    yield
+    r = _harness("thaw", "gearmand", run_dir=tmp_path, MQPRIMER_DISRUPT_GUARD="1")
+    assert "refusing" not in r.stderr, f"the declared broker was refused in the fixture's teardown: {r.stderr}"
+
+
+@pytest.mark.disruptive("gearmand")
+def test_a_fixture_teardown_may_still_disturb_the_declared_broker(thaws_in_teardown: None) -> None:
+    assert os.environ.get("MQPRIMER_MAY_DISRUPT") == "gearmand"
