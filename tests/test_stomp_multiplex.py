@@ -101,6 +101,34 @@ def test_closing_one_consumer_gives_its_messages_back_to_another_on_the_same_con
         bystander.close()
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_two_members_of_one_group_in_one_connection_split_its_messages(target: str) -> None:
+    """RabbitMQ's group id is the subscription name and ids are unique per STOMP connection:
+    the second member gets a connection of its own; ActiveMQ's virtual topic queue needs none."""
+    root = _names(1)[0]
+    topic = mqprimer.Topic(f"{root}.x")
+    with mqprimer.connect(need_broker(target)) as conn:
+        a = conn.consumer(topic, subscription=f"{root}-grp", prefetch=1)
+        b = conn.consumer(topic, subscription=f"{root}-grp", prefetch=1)
+        assert len(_backend(conn).links) == (2 if target == "stomp-rabbitmq" else 1)
+        ids = {conn.producer().send(topic, i) for i in range(20)}
+        seen: dict[str, set[str]] = {"a": set(), "b": set()}
+
+        def drained() -> bool:
+            for name, c in (("a", a), ("b", b)):
+                m = c.receive(timeout=0.05)
+                if m is not None:
+                    seen[name].add(m.id)
+                    m.ack()
+            return seen["a"] | seen["b"] >= ids
+
+        wait_until(drained, timeout=30, what="the group's 20 messages")
+        assert seen["a"] and seen["b"] and not seen["a"] & seen["b"], f"not split: {len(seen['a'])}/{len(seen['b'])}"
+        a.close()
+        b.close()
+        assert len(_backend(conn).links) == 1, "the second member's own connection outlived it"
+
+
 def _broker(action: str, name: str) -> None:
     subprocess.run([str(ROOT / "scripts" / "brokers"), action, name], check=True, timeout=180,
                    stdout=subprocess.DEVNULL)
