@@ -129,6 +129,26 @@ def test_two_members_of_one_group_in_one_connection_split_its_messages(target: s
         assert len(_backend(conn).links) == 1, "the second member's own connection outlived it"
 
 
+def test_an_error_that_ends_the_shared_connection_brings_every_consumer_back() -> None:
+    url = need_broker("stomp-rabbitmq")
+    queues = _names(5)
+    with mqprimer.connect(url) as conn:
+        consumers = [conn.consumer(q) for q in queues]
+        link = _backend(conn).main()
+        # an ERROR about no subscription of ours ("Subscription not found"; RabbitMQ even keeps the
+        # connection open after it): the link is done for every consumer
+        link.send_frame("NACK", {"id": "T_nosuch@@session-none@@1"})
+        wait_until(lambda: link.error is not None or not link.alive, timeout=10, what="the broker's ERROR")
+        ids = conn.producer().send_many([(q, i) for i, q in enumerate(queues)])
+        for i, c in enumerate(consumers):
+            m = wait_until(lambda c=c: c.receive(timeout=0.2), timeout=20, what=f"consumer {i} back")  # type: ignore[misc]
+            assert m.id == ids[i]
+            m.ack()
+        assert _backend(conn).main() is not link and len(_backend(conn).links) == 1
+        for c in consumers:
+            c.close()
+
+
 def _broker(action: str, name: str) -> None:
     subprocess.run([str(ROOT / "scripts" / "brokers"), action, name], check=True, timeout=180,
                    stdout=subprocess.DEVNULL)
