@@ -193,6 +193,14 @@ class Link:
             raise exc
         ioloop.deactivate_poller()  # start() activates it again, in the I/O thread
         self.conn: SelectConnection = done[0]
+        transport = getattr(self.conn, "_transport", None)
+        if transport is not None:
+            # pika reads 4 KiB per recv(), 100 KiB per wake-up: every recv() is a system call
+            # (costly here) and a release of the GIL that a busy consumer thread then keeps for
+            # up to 5 ms; bigger reads hand consumers bursts of hundreds of messages instead of
+            # a dozen (pika 1.x attribute names; if they change, reads are just smaller again)
+            transport._MAX_RECV_BYTES = 256 * 1024
+            transport._MAX_CONSUME_BYTES = 1024 * 1024
         self.ioloop = ioloop
         self.conn.add_on_close_callback(self._on_close)
         self.ioloop.call_later(_ACK_DELAY, self._tick)
