@@ -21,6 +21,7 @@ from ..envelope import Envelope
 from ..errors import MQError, StateError
 from ..message import Message as _Message
 from ..message import _State
+from ..retry import RetryPolicy
 from ._runner import Runner
 
 T = TypeVar("T")
@@ -52,6 +53,18 @@ class Consumer:
     @property
     def closed(self) -> bool:
         return self.blocking.closed
+
+    @property
+    def prefetch(self) -> int:
+        return self.blocking.prefetch
+
+    @property
+    def subscription(self) -> str | None:
+        return self.blocking.subscription
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self.blocking.retry_policy
 
     @property
     def delivery_lease(self) -> float | None:
