@@ -11,6 +11,8 @@ dead-letter queue with its reason. Then the workers get SIGTERM, drain and exit 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -25,13 +27,19 @@ SENTENCES = [
 ]
 _replies: Any = None
 
+# A worker process imports this module to find ``handle``, just before it subscribes: it leaves a
+# mark, so the producer can wait for both workers before queueing (else, on a busy machine, the
+# first worker up can take every job before the second has started, and the demo shows one).
+if __name__ != "__main__" and os.environ.get("DEMO_READY_DIR"):
+    open(os.path.join(os.environ["DEMO_READY_DIR"], str(os.getpid())), "w").close()
+
 
 def handle(message: mqprimer.Message) -> None:
     """The worker's handler: count words, reply with the result. A ``None`` sentence fails."""
     global _replies
     text = message.body["text"]
     words = len(text.split())  # AttributeError on the poison job: retried, then dead-lettered
-    time.sleep(0.05)  # pretend this is real work
+    time.sleep(0.2)  # pretend this is real work
     if _replies is None:
         _replies = mqprimer.connect(url_list(os.environ["MQPRIMER_URL"])).producer()
     _replies.send(message.headers["reply-to"], {"n": message.body["n"], "words": words, "worker": os.getpid()})
@@ -42,11 +50,14 @@ def main() -> int:
     url = resolve_url(args.url)
     rid = run_id()
     jobs, replies = f"demo.{rid}.jobs", f"demo.{rid}.replies"
+    ready = tempfile.mkdtemp(prefix="demo-ready.")
     with mqprimer.connect(url_list(url)) as conn:
         say(f"broker: {conn.urls[0]}  queue: {jobs}")
-        workers = start_workers(2, url, jobs, "examples.demo:handle", "--concurrency", "2",
-                                      "--max-attempts", "3", "--retry-delay", "0.2")
+        # --prefetch 2: each worker holds only the jobs it is working on, so both share the queue
+        workers = start_workers(2, url, jobs, "examples.demo:handle", "--concurrency", "2", "--prefetch", "2",
+                                "--max-attempts", "3", "--retry-delay", "0.2", env={"DEMO_READY_DIR": ready})
         try:
+            wait_for(lambda: len(os.listdir(ready)) >= 2, 60, "both workers to start", workers)
             producer = conn.producer()
             for n in range(20):
                 text = None if n == 13 else SENTENCES[n % len(SENTENCES)]
@@ -72,6 +83,7 @@ def main() -> int:
             wait_for(poison_is_dead, 60, "the poison job in the dead-letter queue", workers)
         finally:
             codes = stop_workers(workers)
+            shutil.rmtree(ready, ignore_errors=True)
     pids = {r["worker"] for r in got.values()}
     say(f"done:     {len(got)}/19 replies from {len(pids)} worker process(es); dead letters: {len(dead)}")
     for d in dead:
