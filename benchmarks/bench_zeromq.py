@@ -1,10 +1,18 @@
 """ZeroMQ: raw pyzmq against mqprimer on the same loopback, producer and consumer in separate processes.
 
     .venv/bin/python benchmarks/bench_zeromq.py [--n 200000] [--profile] [--json]
+    .venv/bin/python benchmarks/bench_zeromq.py --callgrind [--n 10000]
 
 Rows: raw pyzmq PUSH/PULL; raw pyzmq + stdlib json (the envelope a user would write by hand);
 mqprimer send alone (a raw PULL drains); mqprimer send + receive + ack end to end; the same
 for PUB/SUB. ``--profile`` prints where the per-message time goes (cProfile, in-process).
+
+``--callgrind`` counts CPU instructions per message instead (valgrind, apt-get install
+valgrind), which the other processes on a shared machine do not disturb: each loop (mqprimer
+send, raw pyzmq send, mqprimer receive + ack, raw pyzmq recv + msgspec decode) runs under
+callgrind twice, with n and 3n messages, and the difference is divided by 2n, so start-up
+cancels out. It counts every thread of the measured process (libzmq's I/O thread too); the
+peer process runs outside valgrind. A receive loop starts once its peer has sent everything.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -200,16 +209,125 @@ def profile(n: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
+# -- instructions per message (--callgrind) ---------------------------------------------------
+def loop(kind: str, port: int, n: int, flag: str) -> None:
+    """One measured loop; ``flag``: a file that says the peer has sent everything (receive loops)."""
+    url = f"zmq+tcp://127.0.0.1:{port}?hwm=10000000&linger=600&send_timeout=600"
+    ctx = zmq.Context()
+    if kind in ("send-raw", "recv-raw"):
+        s = ctx.socket(zmq.PUSH if kind == "send-raw" else zmq.PULL)
+        s.sndhwm = s.rcvhwm = 0
+        if kind == "send-raw":
+            s.connect(f"tcp://127.0.0.1:{port}")
+            payload, raw_send = b"x" * 220, s.send
+            for _ in range(n):
+                raw_send(payload)
+            while not os.path.exists(flag):  # the drain has it all: nothing is cut off at exit
+                time.sleep(0.1)
+        else:
+            s.bind(f"tcp://127.0.0.1:{port}")
+            decode, recv = msgspec.json.Decoder().decode, s.recv
+            while not os.path.exists(flag):
+                time.sleep(0.1)
+            time.sleep(5.0)  # libzmq's I/O thread, slow under valgrind, moves the rest into the pipe
+            for _ in range(n):
+                decode(recv().partition(b"\0")[2])
+        s.close(600_000)
+        return
+    with mqprimer.connect(url) as conn:
+        if kind == "send-mq":
+            send = conn.producer().send
+            for _ in range(n):
+                send("bench", BODY)
+            while not os.path.exists(flag):
+                time.sleep(0.1)
+            return
+        with conn.consumer("bench", prefetch=1000) as c:
+            while not os.path.exists(flag):
+                time.sleep(0.1)
+            time.sleep(5.0)  # as above: a receive that waits would count the wait's instructions
+            for _ in range(n):
+                m = c.receive(timeout=600)
+                assert m is not None
+                m.ack()
+
+
+def peer(kind: str, port: int, n: int, flag: str) -> None:
+    """The other end of a measured loop, outside valgrind: drains, or sends everything and says so."""
+    ctx = zmq.Context()
+    if kind.startswith("send"):
+        s = ctx.socket(zmq.PULL)
+        s.rcvhwm = 0
+        s.bind(f"tcp://127.0.0.1:{port}")
+        for _ in range(n):
+            s.recv()
+        Path(flag).touch()
+        return
+    # mqprimer's envelopes on a socket of this process's own context, whose term() returns only
+    # once all is delivered (a process that exits with messages in its pipe loses them)
+    with mqprimer.connect("memory://bench") as conn:
+        frames = [b"bench\0" + conn.producer().build("bench", BODY).payload for _ in range(n)]
+    s = ctx.socket(zmq.PUSH)
+    s.sndhwm = 0
+    s.connect(f"tcp://127.0.0.1:{port}")
+    for frame in frames:
+        s.send(frame)
+    s.close()
+    ctx.term()
+    Path(flag).touch()
+
+
+def instructions(kind: str, n: int) -> float:
+    counts = []
+    for count in (n, 3 * n):
+        port = _port()
+        flag = f"/tmp/bench-zmq-{os.getpid()}-{port}.sent"
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"), PYTHONHASHSEED="0")
+        me, args = [sys.executable, __file__], [kind, str(port), str(count), flag]
+        measured = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *me, "--loop", *args]
+        if kind.startswith("send"):
+            drain = subprocess.Popen([*me, "--peer", *args], env=env)
+            time.sleep(0.5)  # the drain binds first
+            err = subprocess.run(measured, env=env, capture_output=True, text=True, check=True).stderr
+            drain.wait(600)
+            Path(flag).unlink(missing_ok=True)
+        else:
+            proc = subprocess.Popen(measured, env=env, stderr=subprocess.PIPE, text=True)
+            subprocess.run([*me, "--peer", *args], env=env, check=True)
+            err = proc.communicate()[1]
+            Path(flag).unlink(missing_ok=True)
+        counts.append(int(err.split("Collected :")[1].split()[0].replace(",", "")))
+    return (counts[1] - counts[0]) / (2 * n)
+
+
+def callgrind(n: int) -> None:
+    print(f"\n## CPU instructions per message (callgrind, n={n} and {3 * n}, difference / {2 * n})")
+    rows = {k: instructions(k, n) for k in ("send-raw", "send-mq", "recv-raw", "recv-mq")}
+    names = {"send-raw": "raw pyzmq send", "send-mq": "mqprimer send", "recv-raw": "raw pyzmq recv + msgspec decode",
+             "recv-mq": "mqprimer receive + ack"}
+    for k, v in rows.items():
+        print(f"{names[k]:44} {v:10,.0f}")
+    print(f"ratio mqprimer send / raw send: {rows['send-mq'] / rows['send-raw']:.2f}x")
+    print(f"ratio mqprimer receive + ack / raw recv + decode: {rows['recv-mq'] / rows['recv-raw']:.2f}x")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] in ("--loop", "--peer"):
+        (loop if sys.argv[1] == "--loop" else peer)(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--callgrind", action="store_true")
     a = ap.parse_args()
     n = a.n
+    if a.callgrind:
+        callgrind(n if n != 200_000 else 10_000)
+        return
     rows = [raw_push(n, False), raw_push(n, True), raw_pub(n), mq_send_alone(n), mq_end_to_end(n, False),
             mq_end_to_end(n, True)]
     report(f"ZeroMQ over loopback TCP, producer and consumer in separate processes ({zmq.zmq_version()})", rows, [
