@@ -382,8 +382,11 @@ def test_a_request_reply_round_trip_costs_the_commands_raw_greenstalk_needs(priv
         admin.close()
     per = {k[4:]: (int(after[k]) - int(before[k])) / n  # type: ignore[literal-required]
            for k in after if k.startswith("cmd-") and k != "cmd-stats" and after[k] != before[k]}  # type: ignore[literal-required]
-    assert per.get("put") == 2 and per.get("delete") == 2, per
+    # the snapshots are taken while the service runs: one command of a round trip next to either
+    # of them (the warm-up's last delete, a waiting reserve sent just before) may fall either side
+    edge = 1 / n
+    assert abs(per.get("put", 0) - 2) <= edge and abs(per.get("delete", 0) - 2) <= edge, per
     # a waiting reserve on each side; one that ran its 1 s out on a stalled machine may add a few
-    assert 2 <= per.get("reserve-with-timeout", 0) <= 2.15, per
+    assert 2 - edge <= per.get("reserve-with-timeout", 0) <= 2.15, per
     assert set(per) <= {"put", "delete", "reserve-with-timeout"}, per
 
