@@ -565,6 +565,11 @@ def test_broker_down_at_connect_is_a_clear_fast_error(mq_url: str, dest: str) ->
 
 def test_failover_across_a_url_list(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
     _unsupported(conn, "queue")
+    if conn.capabilities.brokerless:
+        # no endpoint that could be down: a binding peer takes any free port (as root, port 1
+        # too), a connecting one waits for its peer, so the first URL never fails over. Running
+        # it only made the twin cases of a parallel run bind the same "unreachable" port.
+        pytest.skip("brokerless: no endpoint that could be down (test_broker_down_at_connect_is_a_clear_fast_error)")
     with mqprimer.connect([unreachable_url(mq_url), mq_url]) as conn:
         mid = conn.producer().send(dest, "via the second URL")
         with conn.consumer(dest) as c:
