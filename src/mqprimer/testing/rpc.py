@@ -144,9 +144,23 @@ def test_timeout_raises_and_a_late_reply_is_dropped(mq_url: str, conn: mqprimer.
         _raw_reply(conn, address, late)
     # the late reply must not be taken for the next request's
     with _serving(mq_url, dest, _echo):
-        assert conn.request(dest, "next", timeout=10).body["echo"] == "next"
+        assert _request_again(conn, dest, "next").body["echo"] == "next"
     wait_until(lambda: conn.dropped_replies["late"] >= 1, what="the late reply to be counted as dropped")
     assert conn.dropped_replies["duplicate"] == 0
+
+
+def _request_again(conn: mqprimer.Connection, dest: str, body: Any) -> mqprimer.Message:
+    """A request to a service that has just started. At-most-once (zeromq): a request sent
+    while the previous service's listener was still closing is lost, as the backend documents,
+    and its caller asks again; at-least-once: one request, which must be answered."""
+    tries = 3 if conn.capabilities.guarantee == "at-most-once" else 1
+    for attempt in range(tries):
+        try:
+            return conn.request(dest, body, timeout=10 if tries == 1 else 5)
+        except Timeout:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_duplicate_replies_are_dropped_first_wins(mq_url: str, conn: mqprimer.Connection, dest: str) -> None:
