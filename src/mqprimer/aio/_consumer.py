@@ -4,9 +4,7 @@ A consumer owns one thread: its blocking receive waits there in short slices (so
 settle queued behind it waits at most a slice) and its settles run there in order. A
 ``receive`` cancelled while a slice is under way leaves that slice running; a message it
 brings back is given back to the broker at once (``Subscription.requeue`` through the
-consumer's settle path), so cancellation never strands a delivery half-taken. Where
-deliveries carry no lease, a hop also brings back the messages already waiting behind the
-one asked for (see :meth:`Consumer._take`).
+consumer's settle path), so cancellation never strands a delivery half-taken.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -30,7 +27,6 @@ from ._runner import Runner
 T = TypeVar("T")
 log = logging.getLogger("mqprimer")
 _SLICE = 0.1  # longest one blocking receive holds the consumer's thread
-_AHEAD = 32  # most messages one hop to the consumer's thread brings back (see Consumer._take)
 
 
 class _Calls(Protocol):
@@ -49,8 +45,6 @@ class Consumer:
         self.blocking = blocking
         self._runner = Runner(1, "mqprimer-aio-consumer", inline=inline)
         self._owner = owner
-        # messages a hop brought back beyond the one awaited, oldest first (loop thread only)
-        self._ahead: deque[_Message] = deque()
 
     @property
     def destination(self) -> Destination:
@@ -86,10 +80,6 @@ class Consumer:
         c = self.blocking
         if c.closed:
             raise StateError("the consumer is closed")
-        while self._ahead:
-            held = self._ahead.popleft()
-            if _current(held):
-                return Message(held, self)
         # inline (memory://) only while the thread runs nothing: a cancelled receive's slice
         # may still hold the subscription's lock there, and the loop must not wait for it
         if self._runner.inline and not self._runner.pending:
@@ -99,37 +89,11 @@ class Consumer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _SLICE if deadline is None else min(_SLICE, max(deadline - time.monotonic(), 0.0))
-            got = await self._runner.call(self._take, wait, on_late=_give_back_all, inline=False)
-            if got:
-                self._ahead.extend(got[1:])
-                return Message(got[0], self)
+            m = await self._runner.call(c.receive, wait, on_late=_give_back, inline=False)
+            if m is not None:
+                return Message(m, self)
             if c.closed or (deadline is not None and time.monotonic() >= deadline):
                 return None
-
-    def _take(self, wait: float) -> list[_Message]:
-        """On the consumer's thread: the next message, and those already waiting behind it.
-
-        One hop to this thread and back costs ~20 us, several times a blocking receive of a
-        message the client library already holds; so a hop that got one takes the others
-        waiting (``receive(0)``) too, up to :data:`_AHEAD`, and the next receives take them
-        without a hop. Only where deliveries carry no lease (``delivery_lease is None``: they
-        stay this consumer's until settled or closed, as the ones its client library holds
-        already do), so a message waiting here loses no time its handler would have had;
-        the consumer's prefetch bounds them as before. They are this consumer's unsettled
-        messages: its close gives them back, as it gives back those the application holds.
-        """
-        c = self.blocking
-        m = c.receive(wait)
-        if m is None:
-            return []
-        got = [m]
-        if c.delivery_lease is None:
-            while len(got) < _AHEAD:
-                m = c.receive(0.0)
-                if m is None:
-                    break
-                got.append(m)
-        return got
 
     def __aiter__(self) -> AsyncIterator["Message"]:
         return self._iterate()
@@ -147,7 +111,6 @@ class Consumer:
         """Stop; every unsettled message goes back to the broker."""
         if self._owner is not None:
             self._owner._forget(self)
-        self._ahead.clear()  # unsettled messages of the blocking consumer: its close gives them back
         if not self.blocking.closed:
             try:
                 await self._runner.call(self.blocking.close, inline=False)
@@ -161,26 +124,6 @@ class Consumer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _current(m: _Message) -> bool:
-    """Whether a message taken ahead still belongs to a live subscription.
-
-    One taken before its connection was lost is the broker's again (it delivers it anew), as
-    are the ones the client library held then: the blocking API would never have returned it,
-    so the twin drops it too, as the blocking consumer marks one the application held.
-    """
-    s = m._sub
-    if s.sub is not None and m._generation == s.generation:
-        return True
-    m._mark(_State.LOST)
-    m._consumer._pending.discard(m)  # type: ignore[attr-defined]
-    return False
-
-
-def _give_back_all(got: list[_Message]) -> None:
-    for m in got:
-        _give_back(m)
 
 
 def _give_back(m: _Message | None) -> None:
