@@ -130,7 +130,9 @@ def test_recycle_by_max_messages_exits_75_and_is_restarted(sv: Supervisor) -> No
 
 def test_supervisorctl_stop_drains_in_flight_messages(sv: Supervisor) -> None:
     wait_until(lambda: len(sv.pids()) == 2, timeout=60, interval=0.3, what="both workers running")
-    ids = send(sv.url, [{"sleep": 2.0}, {"sleep": 2.0}])
+    # 5 s: a loaded machine took over 2 s to run supervisorctl, the handlers were done by then and
+    # a worker at its --max-messages had already exited 75 (recycled) instead of being stopped
+    ids = send(sv.url, [{"sleep": 5.0}, {"sleep": 5.0}])
     wait_until(lambda: all((sv.handled / f"{i}.started").exists() for i in ids), timeout=60,
                what="both slow messages started")
     t0 = time.monotonic()
