@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -75,6 +76,18 @@ class Best:
                     lat.append(time.perf_counter() - t)
         for name, lat in sides.items():
             self.keep(name, len(lat), sum(lat), lat)
+
+
+def timed_threads(threads: list[threading.Thread], go: threading.Barrier) -> float:
+    """Start ``threads`` (each waits at ``go`` first), release them together and time until the
+    last one ends: the start-up of the threads is left out."""
+    for t in threads:
+        t.start()
+    go.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def report(title: str, rows: list[Result], pairs: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Result, broker_urls, report  # noqa: E402
+from _common import Result, broker_urls, report, timed_threads  # noqa: E402
 
 import mqprimer  # noqa: E402
 import mqprimer.aio as aio  # noqa: E402
@@ -136,14 +136,7 @@ def threads_sending(name: str, url: str, total: int, n_threads: int = 100) -> Re
             for _ in range(each):
                 p.send(q, {"n": 1})
 
-        threads = [threading.Thread(target=run) for _ in range(n_threads)]
-        for t in threads:
-            t.start()
-        go.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        secs = time.perf_counter() - start
+        secs = timed_threads([threading.Thread(target=run) for _ in range(n_threads)], go)
         purge(conn, q, each * n_threads)
     return Result(f"{name} send, {n_threads} threads", each * n_threads, secs)
 

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import kombu  # noqa: E402
 import pika  # noqa: E402
-from _common import Result, broker_url, latencies, report, timed  # noqa: E402
+from _common import Result, broker_url, latencies, report, timed, timed_threads  # noqa: E402
 
 import mqprimer  # noqa: E402
 
@@ -147,14 +147,7 @@ def consume_many(conn: mqprimer.Connection, queues: list[str], per_queue: int) -
             assert m is not None, "mqprimer consumer starved"
             m.ack()
 
-    threads = [threading.Thread(target=run, args=(c,)) for c in consumers]
-    for t in threads:
-        t.start()
-    go.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    secs = time.perf_counter() - start
+    secs = timed_threads([threading.Thread(target=run, args=(c,)) for c in consumers], go)
     for c in consumers:
         c.close()
     return secs
