@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+import starlette  # noqa: F401  (the dev extra the example's server runs on: missing, the run fails)
+import uvicorn  # noqa: F401
 
 from conftest import ROOT
 from mqprimer.testing.helpers import wait_until
-
-httpx = pytest.importorskip("httpx", reason="the aio_web example needs the dev extra (starlette, httpx, uvicorn)")
-pytest.importorskip("starlette", reason="the aio_web example needs the dev extra (starlette, httpx, uvicorn)")
-pytest.importorskip("uvicorn", reason="the aio_web example needs the dev extra (starlette, httpx, uvicorn)")
 
 pytestmark = pytest.mark.timeout(60)
 
