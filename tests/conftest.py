@@ -149,6 +149,9 @@ KNOWN_DEFECTS: dict[str, str] = {
     f"test_touch_keeps_a_message_past_its_lease_and_without_touch_it_goes_back[{i}]": _BEANSTALK_LEASE
     for i in ("beanstalk", "beanstalk-aio", "beanstalk-ha")
 }
+# the same symptom in a fresh-clone CI run: the job a waiting reserve took for the idle consumer
+# never reached `other` within 10 s of its 2 s TTR running out
+KNOWN_DEFECTS["test_a_job_reserved_while_nobody_received_is_not_handed_out_after_its_ttr"] = _BEANSTALK_LEASE
 
 
 # -- tests that disturb a shared broker ------------------------------------------------------------
