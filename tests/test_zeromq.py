@@ -246,7 +246,14 @@ def test_curve(tmp_path: Path, case: str) -> None:
     with mqprimer.connect(server) as srv, srv.consumer("secret") as c:
         with mqprimer.connect(f"zmq+tcp://127.0.0.1:{port}{client}?linger=0".replace("?linger", "&linger")
                               if client else f"zmq+tcp://127.0.0.1:{port}?linger=0") as cl:
-            mid = cl.producer().send("secret", {"pin": 1234})
+            try:
+                mid = cl.producer().send("secret", {"pin": 1234})
+            except mqprimer.BrokerError as exc:
+                # a refused handshake that finished before the send leaves no pipe: the send waits
+                # at the high-water mark and fails (seen under a parallel run's load); nothing went
+                assert case != "right keys" and "send_timeout" in str(exc), exc
+                assert c.receive(timeout=1.5) is None, f"{case}: a message got through"
+                return
             m = c.receive(timeout=3 if case == "right keys" else 1.5)
             if case == "right keys":
                 assert m is not None and m.id == mid
