@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -293,3 +294,27 @@ def test_default_url_is_a_sqlite_file(tmp_path: Path, monkeypatch: pytest.Monkey
         conn.producer().send("work", "x")
     assert (tmp_path / "mqprimer" / "default.db").is_file()
     assert os.environ.get("MQPRIMER_URL") is None
+
+
+
+def test_threads_that_open_a_fresh_file_at_the_same_moment_all_connect(tmp_path: Path) -> None:
+    # seen in CI: a web app and its two workers opening the default file together, one got
+    # "database is locked" at once (sqlite skips its busy handler there): 8 rounds in 200 before the fix
+    failed: list[str] = []
+    for round_ in range(300):
+        url = f"sqlite:///{tmp_path}/{round_}/fresh.db"
+        barrier = threading.Barrier(3)
+
+        def open_close(url: str = url, barrier: threading.Barrier = barrier, round_: int = round_) -> None:
+            barrier.wait()
+            try:
+                mqprimer.connect(url).close()
+            except mqprimer.MQError as exc:
+                failed.append(f"round {round_}: {exc}")
+
+        threads = [threading.Thread(target=open_close) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert failed == []

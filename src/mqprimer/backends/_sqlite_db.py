@@ -101,30 +101,43 @@ def connect_db(opts: Options) -> sqlite3.Connection:
         )
     except sqlite3.OperationalError as exc:
         raise _open_error(exc, opts.path) from None
+    # On a fresh file, switching to WAL and creating the schema can answer SQLITE_BUSY at once,
+    # without the busy handler, when other processes open it at the same moment (sqlite skips
+    # the handler where waiting could deadlock): try again until busy_timeout has passed.
+    deadline = time.monotonic() + opts.busy_timeout
     try:
-        try:
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            raise _open_error(exc, opts.path) from None
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"cannot switch {opts.path} to WAL mode (got {mode})")
-        db.execute(f"PRAGMA synchronous = {opts.synchronous}")
-        version = _schema_version(db)
-        if version is None:
-            db.execute("BEGIN IMMEDIATE")
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(stmt)
-            db.execute("INSERT OR IGNORE INTO mq_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            db.execute("COMMIT")
-            version = _schema_version(db)
-        if version != SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"{opts.path} holds mqprimer sqlite schema {version!r}, this version needs {SCHEMA_VERSION!r}"
-            )
+        while True:
+            try:
+                _prepare(db, opts)
+                return db
+            except sqlite3.OperationalError as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
+                    raise _open_error(exc, opts.path) from None
+            time.sleep(0.02)
     except BaseException:
         db.close()
         raise
-    return db
+
+
+def _prepare(db: sqlite3.Connection, opts: Options) -> None:
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot switch {opts.path} to WAL mode (got {mode})")
+    db.execute(f"PRAGMA synchronous = {opts.synchronous}")
+    version = _schema_version(db)
+    if version is None:
+        db.execute("BEGIN IMMEDIATE")
+        for stmt in filter(str.strip, _SCHEMA.split(";")):
+            db.execute(stmt)
+        db.execute("INSERT OR IGNORE INTO mq_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+        version = _schema_version(db)
+    if version != SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"{opts.path} holds mqprimer sqlite schema {version!r}, this version needs {SCHEMA_VERSION!r}"
+        )
 
 
 def _open_error(exc: sqlite3.OperationalError, path: str) -> sqlite3.OperationalError:
