@@ -7,7 +7,9 @@ Per backend: one producer sending (``await producer.send`` vs ``producer.send``)
 receiving and acking a filled queue (``await receive`` + ``await ack`` vs the blocking pair),
 both interleaved in chunks so that a load burst hits both sides alike, best of 3 rounds; and
 100 concurrent senders: 100 asyncio tasks on one connection vs 100 threads on one connection.
-The ratio aio / blocking is printed for each (target >= 0.8x for the one-producer cases).
+The ratio aio / blocking is printed for each (target >= 0.8x for the one-producer cases), and
+the cost of one thread hop (a no-op call awaited from a thread, timed in the same chunks) with
+the best ratio a call that still takes the thread path can reach.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from _common import Result, broker_urls, report, timed_threads  # noqa: E402
 
 import mqprimer  # noqa: E402
 import mqprimer.aio as aio  # noqa: E402
+from mqprimer.aio._runner import Runner  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 ROUNDS = 3
@@ -74,13 +77,19 @@ async def one_producer_one_consumer(name: str, url: str, chunk: int) -> list[Res
     blocking = mqprimer.connect(url)
     # zeromq: a PUSH socket blocks at its high-water mark without a peer, so q_send gets one
     drain = blocking.consumer(q_send, prefetch=100) if name == "zeromq" else None
+    hop = Runner(1, "bench-hop")
     async with aio.connect(url) as conn:
         bp, ap = blocking.producer(), conn.producer()
         try:
             for _ in range(ROUNDS):
                 lat: dict[str, list[float]] = {k: [] for k in ("send blocking", "send aio", "recv+ack blocking",
-                                                                "recv+ack aio")}
+                                                                "recv+ack aio", "thread hop")}
                 for _ in range(chunks):
+                    # the floor of the thread path: a no-op call handed to a thread and awaited
+                    for _ in range(chunk):
+                        t = time.perf_counter()
+                        await hop.call(_noop, inline=False)
+                        lat["thread hop"].append(time.perf_counter() - t)
                     for _ in range(chunk):
                         t = time.perf_counter()
                         bp.send(q_send, {"n": 1})
@@ -116,12 +125,33 @@ async def one_producer_one_consumer(name: str, url: str, chunk: int) -> list[Res
                     if k not in best or r.rate > best[k].rate:
                         best[k] = r
         finally:
+            hop.shutdown()
             if drain is not None:
                 drain.close()
             else:
                 purge(blocking, q_send, 2 * chunks * chunk * ROUNDS)
             blocking.close()
     return list(best.values())
+
+
+def _noop() -> None:
+    return None
+
+
+def hop_bounds(name: str, rows: list[Result]) -> None:
+    """Where a call still takes the thread path: the best ratio it can reach, its blocking
+    time over that time plus one hop per awaited call (send 1, receive + ack 2)."""
+    by = {r.name: r for r in rows}
+    h = by.get(f"{name} thread hop")
+    if h is None:
+        return
+    hop_us = 1e6 / h.rate
+    for case, hops in (("send", 1), ("recv+ack", 2)):
+        b = by.get(f"{name} {case} blocking")
+        if b is not None:
+            b_us = 1e6 / b.rate
+            print(f"{name} {case}: blocking {b_us:.1f} us/op, hop {hop_us:.1f} us: with {hops} hop(s) the ratio "
+                  f"is at most {b_us / (b_us + hops * hop_us):.2f}x")
 
 
 def threads_sending(name: str, url: str, total: int, n_threads: int = 100) -> Result:
@@ -187,6 +217,7 @@ def main() -> None:
             (f"{name} recv+ack aio", f"{name} recv+ack blocking"),
             (f"{name} send, 100 tasks", f"{name} send, 100 threads"),
         ])
+        hop_bounds(name, rows)
 
 
 if __name__ == "__main__":

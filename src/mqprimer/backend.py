@@ -132,6 +132,13 @@ class Capabilities:
     max_message_size: int | None = None
     size_limit_hint: str = ""  # how to raise the broker's own limit
     notes: str = ""
+    # Subscription operations that never wait (no network round trip, no broker, no lock that
+    # another thread holds across I/O), so the asyncio twin may run them on its event loop
+    # instead of handing them to a thread (a hop costs ~20-60 us here): "poll" is
+    # ``receive(0.0)``, which then only takes what this process already holds; "ack" is
+    # ``ack``. Either one, when it raises, has done nothing (the twin repeats it on a thread,
+    # where the portable layer handles the error). Empty (the default): always on a thread.
+    nowait: tuple[str, ...] = ()
 
     def require(self, feature: str, what: str | None = None) -> None:
         """Raise :class:`UnsupportedError` unless ``feature`` is native or emulated."""
@@ -392,6 +399,15 @@ class Backend(ABC):
         costs as much as the send itself there. The portable layer asks only after a
         ``publish`` to ``destination`` succeeded, calls ``send`` under the endpoint's lock after
         its own checks, maps its errors as ``publish``'s, and asks again after a reconnect.
+        """
+        return None
+
+    def nowait_publisher(self, destination: Destination) -> Callable[[bytes], bool] | None:
+        """Optional: a ``send`` like :meth:`fast_publisher`'s (same frame: its prefix + payload)
+        that never waits: it returns ``False`` (nothing sent) where the other would wait (a
+        high-water mark, a lock another thread holds), and when it raises nothing was sent.
+        ``None`` (the default): no such path. The asyncio twin sends through it on its event
+        loop and takes the thread path whenever it returns ``False`` or raises.
         """
         return None
 

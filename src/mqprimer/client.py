@@ -387,6 +387,7 @@ class Producer:
         # queue name -> (its Queue, endpoint, backend, endpoint index, {type: prefixed format},
         # the driver's send or None, frame size limit, prefix length, %-escaped prefix): _learn
         self._fast: dict[str, tuple[Any, ...]] = {}
+        self._nowait: dict[str, tuple[Any, Any]] = {}  # queue name -> (backend, its nowait_publisher)
 
     def build(
         self,
@@ -486,6 +487,37 @@ class Producer:
         if priority is None and not delay and destination.__class__ is str and (
                 fast is None or fast[2] is not conn.endpoints[conn._active].backend or fast[5] and type not in fast[4]):
             self._learn(dest, type, fmt)
+        return mid
+
+    def send_nowait(self, destination: "str | Destination", body: Any, type: str | None = None) -> str | None:
+        """:meth:`send` of a plain message to a queue, if the driver takes it without waiting
+        (:meth:`Backend.nowait_publisher`, on send()'s fast path once a send there learnt it);
+        ``None``: nothing was sent, call :meth:`send`. The asyncio twin calls it on its loop."""
+        fast = self._fast.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
+        conn = self._conn
+        if (fast is None or fast[5] is None or fast[1].backend is not fast[2] or type not in fast[4]
+                or conn._active != fast[3] or self._closed or conn._closed or isinstance(body, _BINARY)):
+            return None
+        nowait = self._nowait.get(fast[0].name)
+        if nowait is None or nowait[0] is not fast[2]:
+            nowait = self._nowait[fast[0].name] = (fast[2], fast[2].nowait_publisher(fast[0]))
+        if nowait[1] is None:
+            return None
+        mid, now = stamp()
+        try:
+            frame = fast[4][type] % (mid.encode(), now.encode(), _encode_body(body))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise body_error(exc) from None
+        ep = fast[1]
+        if len(frame) > fast[6] or not ep.lock.acquire(False):  # too large (send() refuses it), or busy
+            return None
+        try:
+            if ep.backend is not fast[2] or not nowait[1](frame):
+                return None
+        except Exception:  # nothing was sent (Backend.nowait_publisher): send() meets it again and maps it
+            return None
+        finally:
+            ep.lock.release()
         return mid
 
     def _learn(self, dest: Destination, type: str | None, fmt: bytes) -> None:

@@ -173,6 +173,10 @@ class Producer:
         if headers is None and ttl is None and id is None and priority is None and delay is None:
             if self._runner.inline:  # memory://: no I/O (see _runner), and no coroutine hop either
                 return self.blocking.send(destination, body, type=type)
+            # on the loop where the driver can take it without waiting (Backend.nowait_publisher)
+            mid = self.blocking.send_nowait(destination, body, type)
+            if mid is not None:
+                return mid
             return await self._runner.call(self._send_plain, destination, body, type)
         return await self._runner.call(functools.partial(
             self.blocking.send, destination, body, headers=headers, type=type, priority=priority, delay=delay,

@@ -22,6 +22,7 @@ from ..errors import MQError, StateError
 from ..message import Message as _Message
 from ..message import _State
 from ..retry import RetryPolicy
+from . import _nowait
 from ._runner import Runner
 
 T = TypeVar("T")
@@ -82,10 +83,19 @@ class Consumer:
             raise StateError("the consumer is closed")
         # inline (memory://) only while the thread runs nothing: a cancelled receive's slice
         # may still hold the subscription's lock there, and the loop must not wait for it
-        if self._runner.inline and not self._runner.pending:
-            m = c.receive(0.0)  # memory://: a poll is in-process work
-            if m is not None or timeout == 0:
-                return Message(m, self) if m is not None else None
+        if not self._runner.pending:
+            if self._runner.inline:
+                m = c.receive(0.0)  # memory://: a poll is in-process work
+                if m is not None or timeout == 0:
+                    return Message(m, self) if m is not None else None
+            else:
+                got = _nowait.poll(c)  # a message this process holds already (Capabilities.nowait)
+                if got is not None:
+                    if got.__class__ is _Message:
+                        return Message(got, self)  # type: ignore[arg-type]
+                    m = await self._runner.call(_nowait.wrap, c, got, on_late=_give_back, inline=False)
+                    if m is not None:
+                        return Message(m, self)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _SLICE if deadline is None else min(_SLICE, max(deadline - time.monotonic(), 0.0))
@@ -166,7 +176,10 @@ class Message:
         return self.blocking.envelope
 
     async def ack(self) -> None:
-        await self._calls.call(self.blocking.ack)
+        calls = self._calls
+        if calls.__class__ is Consumer and not calls._runner.pending and _nowait.ack(self.blocking):  # type: ignore[attr-defined]
+            return  # acked on the loop: the driver's ack never waits (Capabilities.nowait)
+        await calls.call(self.blocking.ack)
 
     async def retry(self, delay: float | None = None, *, error: str | None = None) -> None:
         await self._calls.call(functools.partial(self.blocking.retry, delay, error=error))

@@ -105,11 +105,13 @@ class Runner:
                 if job is None:
                     self._threads -= 1
                     return
-            try:
-                _run_one(job)
-            finally:
-                with self._lock:
-                    self.pending -= 1
+            _run_one(job, self._done)
+
+    def _done(self) -> None:
+        # before the result reaches the loop: a caller resumed by it may run its next call
+        # inline (Consumer.receive/ack) only once this thread has let go of every lock
+        with self._lock:
+            self.pending -= 1
 
     def shutdown(self) -> None:
         """Let the threads end once idle (never waits: callable from the loop)."""
@@ -122,18 +124,21 @@ class Runner:
             self._jobs.put(None)
 
 
-def _run_one(job: _Job) -> None:
+def _run_one(job: _Job, done: Callable[[], None] | None = None) -> None:
     fut = job.fut
-    if fut is not None and fut.cancelled():
-        return  # cancelled before it started: nothing was done
+    result: Any = None
+    exc: BaseException | None = None
     try:
+        if fut is not None and fut.cancelled():
+            return  # cancelled before it started: nothing was done
         result = job.fn(*job.args)
-    except BaseException as exc:
-        if job.loop is not None:
-            _resolve(job, None, exc)
-        return
+    except BaseException as e:
+        exc = e
+    finally:
+        if done is not None:
+            done()  # before the result reaches the loop (Runner._done)
     if job.loop is not None:
-        _resolve(job, result, None)
+        _resolve(job, result, exc)
 
 
 def _resolve(job: _Job, result: Any, exc: BaseException | None) -> None:

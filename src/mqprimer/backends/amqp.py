@@ -77,6 +77,7 @@ CAPABILITIES = Capabilities(
     # not tell unacked counts, and delay buckets are shared by every queue (both None)
     stats=NATIVE,
     shared_subscription=NATIVE,  # a named subscription is one durable queue; its consumers compete for it
+    nowait=("poll", "ack"),  # deliveries wait in a local queue; an ack is buffered for the I/O thread
     confirmed_send=True,
     persistent=True,
     guarantee="at-least-once",

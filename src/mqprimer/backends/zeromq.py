@@ -81,6 +81,7 @@ CAPABILITIES = Capabilities(
     guarantee="at-most-once",
     brokerless=True,
     request_reply=NATIVE,  # the requester binds a PULL of its own; replies are PUSHed to it
+    nowait=("poll", "ack"),  # a poll reads the socket with NOBLOCK and never waits for its lock; an ack is bookkeeping
     notes="no broker: messages live in socket buffers and the receiving process; a killed consumer loses what "
     "it had buffered; PUB drops while subscribers join; retry and dead letters stay in the consumer's process",
 )
@@ -305,6 +306,29 @@ class ZmqBackend(Backend):
 
         return head, fast
 
+    def nowait_publisher(self, destination: Destination) -> Callable[[bytes], bool] | None:
+        # fast_publisher's send with NOBLOCK: at the high-water mark it says so instead of
+        # waiting up to send_timeout (the asyncio twin then sends from a thread)
+        if destination.__class__ is not Queue or destination.name not in self.heads:
+            return None
+        sock = self.hubs[(zmq.PUSH, self.s.producer_binds)].sock
+        send = super(zmq.Socket, sock).send
+        lock = self.push_lock
+
+        def nowait(frame: bytes) -> bool:
+            if lock is not None and not lock.acquire(False):
+                return False
+            try:
+                send(frame, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                return False
+            finally:
+                if lock is not None:
+                    lock.release()
+
+        return nowait
+
     def publish_many(self, items: Sequence[Outgoing]) -> None:
         # send_many's batch: plain messages to known queues on the own PUSH socket go out
         # without a keyword call into publish each (the option-less hot path of publish)
@@ -437,11 +461,16 @@ class _QueueSub(Subscription):
             hub = self.hub
             deadline = None if timeout is None else time.monotonic() + timeout
             while not buf:
-                with hub.lock:
+                # a poll never waits for another reader's slice (Capabilities.nowait "poll")
+                if not hub.lock.acquire(timeout != 0):
+                    return None
+                try:
                     if buf:
                         break
                     left = _SLICE if deadline is None else min(deadline - time.monotonic(), _SLICE)
                     hub.read(left)
+                finally:
+                    hub.lock.release()
                 if not buf and deadline is not None and time.monotonic() >= deadline:
                     return None
         try:

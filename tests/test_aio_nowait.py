@@ -1,0 +1,123 @@
+"""mqprimer.aio runs on its event loop what a driver declares it never waits for
+(Capabilities.nowait, Backend.nowait_publisher), and takes the thread path otherwise: never a
+hop where none is needed, never a blocked loop where one is."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import mqprimer.aio as aio
+from conftest import free_port_pair, need_broker
+from mqprimer.aio._runner import Runner
+from test_aio_faults import run_watched
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every call handed to an aio pool thread, from now on."""
+    seen: list[Any] = []
+    put = Runner._put
+
+    def counting(self: Runner, job: Any) -> None:
+        seen.append(job.fn)
+        put(self, job)
+
+    monkeypatch.setattr(Runner, "_put", counting)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["zeromq", "amqp"])
+def test_sends_receives_and_acks_take_no_thread_hop_where_the_driver_never_waits(name: str, hops: list[Any]) -> None:
+    url = f"zmq+tcp://127.0.0.1:{free_port_pair()}" if name == "zeromq" else need_broker("amqp")
+    q = f"nowait{uuid.uuid4().hex[:8]}"
+    n = 50
+
+    async def main() -> None:
+        async with aio.connect(url) as conn, conn.consumer(q, prefetch=2 * n) as c:
+            p = conn.producer()
+            await p.send(q, {"i": -1})  # the first send learns the driver's path (on a thread)
+            first = await c.receive(timeout=10)
+            assert first is not None and first.body == {"i": -1}
+            await first.ack()
+            await asyncio.sleep(0)
+            hops.clear()
+            for i in range(n):
+                await p.send(q, {"i": i})
+            sent = len(hops)
+            got: list[int] = []
+            deadline = time.monotonic() + 10
+            while len(got) < n and time.monotonic() < deadline:
+                m = await c.receive(timeout=1)
+                if m is not None:
+                    got.append(m.body["i"])
+                    await m.ack()
+                    assert m.settled
+            assert got == list(range(n))
+            if name == "zeromq":
+                assert sent == 0, f"{sent} of {n} zeromq sends took a thread hop"
+            # a receive hops only while nothing has arrived yet (then it waits on a thread)
+            receives = [f for f in hops if getattr(f, "__name__", "") == "receive"]
+            acks = [f for f in hops if getattr(f, "__name__", "") == "ack"]
+            assert not acks, f"{len(acks)} of {n} acks took a thread hop"
+            assert len(receives) < n / 2, f"{len(receives)} of {n} receives took a thread hop"
+
+    asyncio.run(main())
+
+
+def test_a_zeromq_poll_never_waits_for_another_readers_lock() -> None:
+    """Another consumer of the same queue in this process holds the shared PULL socket's lock
+    (it is waiting for messages there): the aio receive must not wait for it on the loop."""
+    url = f"zmq+tcp://127.0.0.1:{free_port_pair()}"
+    q = f"nowait{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with aio.connect(url) as conn, conn.consumer(q) as c:
+            await conn.producer().send(q, {"i": 0})
+            m = await c.receive(timeout=10)
+            assert m is not None
+            await m.ack()
+            sub = c.blocking._single.sub  # type: ignore[union-attr]
+            hub = sub.hub  # type: ignore[union-attr]
+            held, release = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                with hub.lock:
+                    held.set()
+                    release.wait(10)
+
+            threading.Thread(target=hold, daemon=True).start()
+            assert held.wait(5)
+            loop = asyncio.get_running_loop()
+            loop.call_later(1.0, release.set)
+            # its thread waits for the lock (1 s) while the loop runs on (run_watched's ticker)
+            assert await c.receive(timeout=0.2) is None
+            await conn.producer().send(q, {"i": 1})
+            m = await c.receive(timeout=10)
+            assert m is not None and m.body == {"i": 1}
+            await m.ack()
+
+    run_watched(main)
+
+
+def test_a_zeromq_send_at_the_high_water_mark_waits_on_a_thread_not_on_the_loop() -> None:
+    """No consumer and hwm=1: the nowait send says it cannot, and the thread's send waits out
+    send_timeout there (and fails there, as the blocking send does); the loop runs meanwhile."""
+    url = f"zmq+tcp://127.0.0.1:{free_port_pair()}?hwm=1&send_timeout=1"
+    q = f"nowait{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with aio.connect(url) as conn:
+            p = conn.producer()
+            with pytest.raises(aio.MQError):
+                for i in range(20):
+                    await p.send(q, {"i": i})
+
+    run_watched(main)
