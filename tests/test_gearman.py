@@ -335,3 +335,24 @@ def test_two_servers_fail_over_on_send_and_consume_from_both(q: str) -> None:
             got = {m.id for m in collect(c, 2, timeout=15)}
             direct.close()
     assert got == {late, early}
+
+
+def test_listing_waits_for_dead_letters_another_connection_still_holds(url: str, q: str) -> None:
+    # seen in a CI run: the second of two listings in a row found nothing within its first
+    # second, while gearmand had not yet taken the first listing's job back from its closed
+    # connection; gearmand's status counts the letter, so the listing waits for it
+    with mqprimer.connect(url) as conn:
+        mid = conn.producer().send(q, {"bad": True})
+        with conn.consumer(q) as c:
+            m = c.receive(timeout=10)
+            assert m is not None
+            m.dead_letter("bad")
+        holder = conn.consumer(f"{q}.dead")
+        assert holder.receive(timeout=10) is not None  # held, unsettled, by another connection
+        timer = threading.Timer(2.0, holder.close)  # given back later than a listing's first wait
+        timer.start()
+        try:
+            assert [e.id for e in conn.dead_letters(q).list()] == [mid]
+        finally:
+            timer.cancel()
+            holder.close()

@@ -8,17 +8,21 @@ messages in ``<queue>.dead`` and this module consumes that queue.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from ._endpoint import Endpoint
-from .backend import Backend, DeadLetterStore, Outgoing, Queue
+from .backend import Backend, Capabilities, DeadLetterStore, Outgoing, Queue, QueueStats
 from .consumer import Consumer
 from .envelope import Envelope, decode, encode, make, replace
-from .errors import ConnectionFailed, EnvelopeError
+from .errors import ConnectionFailed, EnvelopeError, MQError
 
 _FIRST_WAIT = 1.0  # how long an empty dead-letter queue is waited on before it counts as empty
 _NEXT_WAIT = 0.3
+# longest a listing waits for dead letters the broker counts but has not handed over yet (a
+# previous listing's connection being given back, on a loaded broker)
+_HELD_WAIT = 10.0
 T = TypeVar("T")
 log = logging.getLogger("mqprimer")
 
@@ -32,6 +36,11 @@ class _Conn(Protocol):
     def consumer(self, destination: str, *, prefetch: int) -> Consumer: ...
 
     def publish(self, items: Sequence[Outgoing]) -> None: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def stats(self, queue: str) -> QueueStats: ...
 
     def _check(self) -> None: ...
 
@@ -84,7 +93,7 @@ class DeadLetters:
             return [_decode_any(p) for got in native for p in got]
         out: list[Envelope] = []
         with self._consumer(limit) as consumer:
-            for msg in _drain(consumer, limit):
+            for msg in _drain(consumer, limit, self._held):
                 out.append(msg.envelope)
         return out
 
@@ -104,7 +113,7 @@ class DeadLetters:
             return sum(native)
         n = 0
         with self._consumer(100) as consumer:
-            for msg in _drain(consumer, None):
+            for msg in _drain(consumer, None, self._held):
                 if ids is not None and msg.id not in ids:
                     continue  # left unsettled: back in the dead-letter queue on close
                 env = replace(msg.envelope, attempt=1, reason=None, origin=None)
@@ -124,7 +133,7 @@ class DeadLetters:
             return sum(native)
         n = 0
         with self._consumer(100) as consumer:
-            for msg in _drain(consumer, None):
+            for msg in _drain(consumer, None, self._held):
                 msg.ack()
                 n += 1
         return n
@@ -132,13 +141,29 @@ class DeadLetters:
     def _consumer(self, prefetch: int) -> Consumer:
         return self._conn.consumer(self.dead_queue, prefetch=max(1, min(prefetch, 1000)))
 
+    def _held(self, seen: int) -> bool:
+        """The broker counts more dead letters than the ``seen`` ones handed over: a gearmand
+        or RabbitMQ that has not yet taken back what a previous listing's consumer held.
+        Counted where the backend reports queue stats (``conn.stats``)."""
+        conn = self._conn
+        if not conn.capabilities.stats:
+            return False
+        try:
+            dead = conn.stats(self.queue).dead
+        except MQError:
+            return False
+        return dead is not None and dead > seen
 
-def _drain(consumer: Consumer, limit: int | None):  # type: ignore[no-untyped-def]
+
+def _drain(consumer: Consumer, limit: int | None, held: "Callable[[int], bool]"):  # type: ignore[no-untyped-def]
     wait = _FIRST_WAIT
     seen = 0
+    held_until = time.monotonic() + _HELD_WAIT
     while limit is None or seen < limit:
         msg = consumer.receive(timeout=wait)
         if msg is None:
+            if time.monotonic() < held_until and held(seen):
+                continue
             return
         wait = _NEXT_WAIT
         seen += 1
