@@ -2,12 +2,13 @@
 
 Run (brokers from ``scripts/brokers up rabbitmq activemq``)::
 
-    .venv/bin/python benchmarks/bench_stomp.py [N] [--before SRC]   (default 4000)
+    .venv/bin/python benchmarks/bench_stomp.py [N] [--before SRC [--rounds R] [--one]]   (default 4000, 5)
 
 ``--before SRC`` (e.g. ``src`` of a ``git worktree add /tmp/stomp-before <commit>``) compares
 this design with that checkout's STOMP driver instead, both loaded in this process: consume
-+ ack with 1 consumer (the two in alternating chunks), and 50 consumers on 50 queues (a
-thread each) with the threads and file descriptors the 50 consumers cost.
++ ack with 1 consumer (the two in alternating chunks; then each alone, for its CPU time per
+message), and 50 consumers on 50 queues (a thread each) with the threads and file
+descriptors the 50 consumers cost (``--one``: 1 consumer only). Each round is printed.
 
 For each broker: consume + ack (prefetch 100, pre-filled queue, same envelope bytes for
 both; five alternating rounds, best kept, plus the client's CPU time per message), send
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import queue
+import statistics
 import sys
 import threading
 import time
@@ -206,46 +208,71 @@ def _fill(conn: mqprimer.Connection, q: str, count: int) -> None:
         conn.publish([Outgoing(mqprimer.Queue(q), payload, str(uuid.uuid4())) for _ in range(min(500, count - start))])
 
 
-def designs(url: str, label: str, n: int, before: str, rounds: int = 5) -> None:
-    """This design against the one in ``before`` (a ``src`` directory), in this process: consume
-    + ack by one consumer of each design in alternating chunks of 100 (CPU time included, the
-    steadier figure), then 50 consumers on 50 queues (a thread each), the designs taking turns."""
+def _drain(c: mqprimer.Consumer, count: int) -> None:
+    for _ in range(count):
+        m = c.receive(timeout=30)
+        assert m is not None
+        m.ack()
+
+
+def designs(url: str, label: str, n: int, before: str, rounds: int = 5, many_too: bool = True) -> None:
+    """This design against the one in ``before`` (a ``src`` directory), in this process.
+
+    Each round: consume + ack by one consumer of each design in alternating chunks of 100 (who
+    goes first alternates too), the wall-clock ratio of that round printed; then each design
+    alone consumes ``n`` more while the process's CPU time (all threads) is counted, so the
+    other design's receiver thread is idle then (interleaved, each design's prefetch arrives
+    during the other's chunk). Then 50 consumers on 50 queues (a thread each), the designs
+    taking turns."""
     urls = {"after": url, "before": url.replace("stomp://", f"{load_before(before)}://", 1)}
     best = Best()
-    cpu: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {"after": [], "before": []}
+    ratios: list[float] = []
     costs: dict[str, tuple[int, int]] = {}
-    for _ in range(rounds):
+    m = n // 100 * 100
+    for r in range(rounds):
         with mqprimer.connect(urls["before"]) as old, mqprimer.connect(urls["after"]) as new:
             conns = {"before": old, "after": new}
             qs = {d: f"bench.one.{d}.{uuid.uuid4().hex[:8]}" for d in conns}
             for d, conn in conns.items():
-                _fill(conn, qs[d], n)
+                _fill(conn, qs[d], m)
             consumers = {d: conn.consumer(qs[d], prefetch=PREFETCH) for d, conn in conns.items()}
             spent = dict.fromkeys(conns, 0.0)
-            lat: dict[str, list[float]] = {d: [] for d in conns}
-            for _ in range(0, n, 100):
-                for d, c in consumers.items():
-                    t, c0 = time.perf_counter(), time.process_time()
-                    for _ in range(100):
-                        m = c.receive(timeout=30)
-                        assert m is not None
-                        m.ack()
-                    lat[d].append(time.perf_counter() - t)
-                    spent[d] += time.process_time() - c0
+            for i in range(0, m, 100):
+                for d in (("before", "after") if i // 100 % 2 else ("after", "before")):
+                    t = time.perf_counter()
+                    _drain(consumers[d], 100)
+                    spent[d] += time.perf_counter() - t
             for d, c in consumers.items():
                 c.close()
-                best.keep(f"{label} consume+ack, 1 consumer, {d}", n // 100 * 100, sum(lat[d]))
-                cpu[d] = min(cpu.get(d, 1e9), spent[d] / (n // 100 * 100) * 1e6)
-        for d in ("before", "after"):
-            rate, used = many(urls[d], n)
-            costs[d] = used
-            best.keep(f"{label} 50 consumers on 50 queues, {d}", n // 50 * 50, n // 50 * 50 / rate)
+                best.keep(f"{label} consume+ack, 1 consumer, {d}", m, spent[d])
+            ratios.append(spent["before"] / spent["after"])
+            used = {}
+            for d in (("before", "after") if r % 2 else ("after", "before")):
+                _fill(conns[d], qs[d], m)
+                with conns[d].consumer(qs[d], prefetch=PREFETCH) as c:
+                    _drain(c, 1)  # the subscription is up and its prefetch arriving
+                    c0 = time.process_time()
+                    _drain(c, m - 1)
+                    used[d] = (time.process_time() - c0) / (m - 1) * 1e6
+                cpu[d].append(used[d])
+        print(f"{label} round {r + 1}: 1 consumer {m / spent['after']:,.0f} vs {m / spent['before']:,.0f} msg/s "
+              f"before, ratio {ratios[-1]:.2f}x; client CPU {used['after']:.1f} vs {used['before']:.1f} µs/msg "
+              f"before ({used['before'] / used['after']:.2f}x less)", flush=True)
+        if many_too:
+            for d in ("before", "after"):
+                rate, usage = many(urls[d], n)
+                costs[d] = usage
+                best.keep(f"{label} 50 consumers on 50 queues, {d}", n // 50 * 50, n // 50 * 50 / rate)
+    cases = ("consume+ack, 1 consumer", "50 consumers on 50 queues") if many_too else ("consume+ack, 1 consumer",)
     report(f"STOMP on {label}: this design vs {before} (n={n}, best of {rounds} rounds, one process)",
-           list(best.rows.values()), [(f"{label} {case}, after", f"{label} {case}, before")
-                                      for case in ("consume+ack, 1 consumer", "50 consumers on 50 queues")])
-    print(f"client CPU per message, 1 consumer (lowest of the rounds, all threads): {cpu['after']:.1f} µs "
-          f"vs {cpu['before']:.1f} µs before")
-    for d in ("after", "before"):
+           list(best.rows.values()), [(f"{label} {case}, after", f"{label} {case}, before") for case in cases])
+    ca, cb = statistics.median(cpu["after"]), statistics.median(cpu["before"])
+    print(f"1 consumer, per-round wall ratios: {', '.join(f'{x:.2f}' for x in ratios)} "
+          f"(median {statistics.median(ratios):.2f}x)")
+    print(f"client CPU per message, 1 consumer (median of the rounds, all threads): {ca:.1f} µs vs {cb:.1f} µs "
+          f"before ({cb / ca:.2f}x less)")
+    for d in costs:
         print(f"50 consumers cost ({d}): {costs[d][0]} extra threads, {costs[d][1]} extra file descriptors")
 
 
@@ -290,6 +317,12 @@ def main() -> None:
         i = args.index("--before")
         before = args[i + 1]
         del args[i:i + 2]
+    rounds = 5
+    if "--rounds" in args:
+        i = args.index("--rounds")
+        rounds = int(args[i + 1])
+        del args[i:i + 2]
+    many_too = "--one" not in args
     n = int(args[0]) if args and args[0].isdigit() else 4000
     urls = {k: v for k, v in broker_urls().items() if k in ("stomp-rabbitmq", "stomp-activemq")}
     if not urls:
@@ -297,7 +330,7 @@ def main() -> None:
     for name, url in sorted(urls.items()):
         rabbit = name.endswith("rabbitmq")
         if before:
-            designs(url, name, n, before)
+            designs(url, name, n, before, rounds, many_too)
             continue
         rows = consume(url, name, n, rabbit)
         rows += send(url, name, max(n // 5, BATCH), rabbit)

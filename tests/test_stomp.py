@@ -21,6 +21,7 @@ import mqprimer
 from conftest import need_broker
 from mqprimer import AuthenticationError, ConnectionFailed, Topic
 from mqprimer.backend import Queue
+from mqprimer.backends._stomp_wire import split_frames
 from mqprimer.backends.stomp import CAPABILITIES_ACTIVEMQ, CAPABILITIES_RABBITMQ, StompBackend
 from mqprimer.testing.helpers import collect, wait_until
 from mqprimer.url import URL
@@ -116,6 +117,54 @@ def test_activemq_first_heartbeat_does_not_drop_a_healthy_connection(queue: str)
         assert link.alive
         conn.producer().send(queue, "still here")
         assert conn.endpoints[0].backend is backend and backend.link is link
+
+
+# -- the receiver: frames split out of socket reads, handed over one read at a time ------------
+_STREAM = [  # (wire bytes, the frame it is: command, headers, body), a heartbeat between two
+    (b"MESSAGE\nsubscription:a\nack:1\\c2\npath:a\\\\b\\nc\ncontent-length:5\n\nab\x00cd\x00",
+     ("MESSAGE", {"subscription": "a", "ack": "1:2", "path": "a\\b\nc", "content-length": "5"}, b"ab\x00cd")),
+    (b"\n", None),
+    (b"MESSAGE\r\nsubscription:b\r\nack:x\r\nack:y\r\n\r\nhello\x00\r\n",
+     ("MESSAGE", {"subscription": "b", "ack": "x"}, b"hello")),
+    (b"RECEIPT\nreceipt-id:r1\n\n\x00\n", ("RECEIPT", {"receipt-id": "r1"}, b"")),
+    (b"CONNECTED\nserver:a\\cb\n\n\x00", ("CONNECTED", {"server": "a\\cb"}, b"")),
+    (b"MESSAGE\ncontent-length:3\n\n\x00\x00\x00\x00", ("MESSAGE", {"content-length": "3"}, b"\x00\x00\x00")),
+]
+
+
+def test_frames_split_alike_wherever_a_socket_read_ends() -> None:
+    """STOMP 1.2 as the receiver reads it: content-length bodies holding NULs, CRLF lines,
+    escaped headers (not in CONNECTED), the first of repeated headers, heartbeats; a read
+    may end anywhere, and what a frame with a known length still needs is said."""
+    stream = b"".join(wire for wire, _ in _STREAM)
+    want = [f for _, f in _STREAM if f is not None]
+    got, used, need = split_frames(stream)
+    assert [f[:3] for f in got] == want and (used, need) == (len(stream), 0)
+    for cut in range(len(stream)):
+        first, used, need = split_frames(stream[:cut])
+        rest = stream[used:]
+        if need:
+            assert len(rest) >= need and not split_frames(rest[:need - 1])[0], f"need {need} at {cut} is wrong"
+        second, used2, _ = split_frames(rest)
+        assert [f[:3] for f in first + second] == want and used2 == len(rest), f"split at byte {cut}"
+
+
+def test_a_message_over_many_socket_reads_and_bursts_on_two_subscriptions_arrive_intact(url: str, queue: str) -> None:
+    """One connection, two consumers: a ~600 kB message (dozens of reads) between bursts of
+    small ones; each consumer gets its own, whole and in order."""
+    big = "x" * 600_000
+    with mqprimer.connect(url) as conn, conn.consumer(queue, prefetch=50) as a, \
+            conn.consumer(f"{queue}.b", prefetch=50) as b:
+        p = conn.producer()
+        p.send_many([(queue, i) for i in range(100)] + [(f"{queue}.b", i) for i in range(100)])
+        p.send(queue, big)
+        p.send_many([(queue, i) for i in range(100, 200)] + [(f"{queue}.b", i) for i in range(100, 200)])
+        for c, count in ((a, 201), (b, 200)):
+            bodies = [m.body for m in collect(c, count, timeout=30)]
+            small = [x for x in bodies if x != big]
+            assert small == list(range(200)), f"{len(small)} small messages, first wrong at " \
+                f"{next((i for i, x in enumerate(small) if x != i), None)}"
+            assert bodies.count(big) == (c is a), "the big message is missing, cut or on the wrong consumer"
 
 
 # -- dead letters and topics ---------------------------------------------------------------

@@ -9,6 +9,10 @@ Subscriptions share a link: each registers its SUBSCRIBE ids with an inbox of it
 which the receiver thread routes MESSAGEs by their ``subscription`` header. An ERROR naming a
 subscription (RabbitMQ's "Server cancelled subscription": its queue was deleted) ends that
 one only; any other ERROR ends the link for everyone (the broker closes it after an ERROR).
+
+The receiver thread is stomp.py's, but it reads frames with a :class:`~._stomp_wire.Reader`:
+each socket read's MESSAGEs reach their inboxes as one list (_stomp_wire.py says why); every
+other frame still goes through stomp.py (receipts, CONNECTED, ERROR, heartbeats).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 import stomp
 from stomp.exception import ConnectFailedException, NotConnectedException, StompException
+
+from ._stomp_wire import Inbox, Reader, encode_ack, encode_frame
 
 # stomp.py logs every frame at DEBUG, bodies and the CONNECT passcode included: its logger
 # is held at INFO whenever a link is made, so neither ever reaches the logs.
@@ -74,20 +80,6 @@ def _broker_error(message: str) -> StompBrokerError:
     return (StompAuthError if any(r in low for r in _REFUSALS) else StompBrokerError)(message)
 
 
-def _escape(value: str) -> str:
-    if "\\" in value or ":" in value or "\n" in value or "\r" in value:
-        value = value.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n").replace(":", "\\c")
-    return value
-
-
-def encode_frame(cmd: str, headers: dict[str, str], body: bytes = b"") -> bytes:
-    """A STOMP 1.2 frame (headers escaped; ``content-length`` whenever there is a body)."""
-    if body:
-        headers["content-length"] = str(len(body))
-    head = "".join([cmd, "\n", *(f"{_escape(k)}:{_escape(v)}\n" for k, v in headers.items()), "\n"])
-    return head.encode() + body + b"\x00"
-
-
 class Link(stomp.ConnectionListener):  # type: ignore[misc]
     """A connected STOMP session, shared by a backend's senders and subscriptions, from any thread:
     each write is one ``sendall`` under stomp.py's socket lock, ids come from one counter, and
@@ -116,7 +108,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             self.conn.set_ssl(for_hosts=[(host, port)], **ssl)
         self.conn.set_listener("mqprimer", self)
         self.cond = threading.Condition()
-        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.inbox = Inbox()  # MESSAGEs of no registered subscription (a reply path's)
         self.receipts: set[str] = set()
         self.receipt_errors: dict[str, str] = {}
         self.error: str | None = None
@@ -131,9 +123,10 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._acks: list[bytes] = []
         self._ack_cond = threading.Condition()
         self._flusher: threading.Thread | None = None
-        self.routes: dict[str, queue.SimpleQueue[Any]] = {}  # SUBSCRIBE id -> its subscription's inbox
+        self.routes: dict[str, Inbox] = {}  # SUBSCRIBE id -> its subscription's inbox
         self.subscribed: dict[str, str] = {}  # SUBSCRIBE id -> its destination (for errors)
         self._routes_lock = threading.Lock()
+        Reader(self.conn, self.routes, self.inbox).install()
 
     # -- listener callbacks (stomp.py's receiver thread) ----------------------------
     def on_connected(self, frame: Any) -> None:
@@ -171,9 +164,8 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             self.receipts.add(frame.headers.get("receipt-id", ""))
             self.cond.notify_all()
 
-    def on_message(self, frame: Any) -> None:
-        box = self.routes.get(frame.headers.get("subscription", ""))
-        (self.inbox if box is None else box).put(frame)
+    def on_message(self, frame: Any) -> None:  # stomp.py's own reader (a version without the one we use)
+        self.routes.get(frame.headers.get("subscription", ""), self.inbox).put([frame])
 
     def on_disconnected(self) -> None:
         with self.cond:
@@ -305,7 +297,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
     # its connection means a redelivery: the at-least-once contract holds.
     def ack(self, ack_id: str) -> None:
         self.check()
-        frame = encode_frame("ACK", {"id": ack_id})
+        frame = encode_ack(ack_id)
         with self._ack_cond:
             self._acks.append(frame)
             n = len(self._acks)
@@ -334,17 +326,30 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             except Exception:
                 return  # the connection is gone; the owner's next call says so
 
-    def get(self, timeout: float | None, box: queue.SimpleQueue[Any] | None = None) -> Any:
+    def get(self, timeout: float | None, box: Inbox | None = None) -> Any:
         """The next MESSAGE frame of ``box`` (default: the link's own inbox), or ``None`` after
         ``timeout``; raises once the link is gone, or the broker ended that subscription."""
         self.check()
         box = self.inbox if box is None else box
-        if self._acks and (timeout != 0 and box.empty() or len(self._acks) >= ACK_BATCH):
+        ready = box.ready
+        if ready:
+            try:
+                return ready.popleft()
+            except IndexError:  # another thread of this consumer took it
+                pass
+        q = box.q
+        if self._acks and (timeout != 0 and q.empty() or len(self._acks) >= ACK_BATCH):
             self.flush_acks()  # about to wait: let the broker have every ACK first
         try:
-            frame = box.get(timeout=timeout) if timeout != 0 else box.get_nowait()
+            frame = q.get(timeout=timeout) if timeout != 0 else q.get_nowait()
         except queue.Empty:
             return None
+        if type(frame) is list:  # one socket read's frames
+            ready.extend(frame)
+            try:
+                return ready.popleft()
+            except IndexError:
+                return None  # taken by another thread of this consumer meanwhile
         if isinstance(frame, SubscriptionEnded):
             box.put(frame)  # every later call says the same
             raise frame
@@ -355,7 +360,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         return frame
 
     # -- subscriptions sharing the link ---------------------------------------------------
-    def subscribe(self, frames: list[dict[str, str]], box: queue.SimpleQueue[Any]) -> None:
+    def subscribe(self, frames: list[dict[str, str]], box: Inbox) -> None:
         """SUBSCRIBE with every frame (each has its ``id``), routing their MESSAGEs to ``box``."""
         self.check()
         ids = [f["id"] for f in frames]
@@ -379,7 +384,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
                 self.routes.pop(i, None)
                 self.subscribed.pop(i, None)
 
-    def unsubscribe(self, ids: list[str], box: queue.SimpleQueue[Any], unsettled: dict[str, str], park: bool) -> None:
+    def unsubscribe(self, ids: list[str], box: Inbox, unsettled: dict[str, str], park: bool) -> None:
         """UNSUBSCRIBE ``ids`` (those the broker has not ended); with ``park`` (RabbitMQ), give
         back what they hold: ``unsettled`` (ack id -> SUBSCRIBE id) and what waits in ``box``.
 
@@ -399,10 +404,8 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             self.write(b"".join(encode_frame("UNSUBSCRIBE", {"id": i, "receipt": r}) for i, r in unsub.items()))
             self.wait_receipts(unsub.values())
             held = dict(unsettled)
-            while park and not box.empty():
-                f = box.get_nowait()
-                if f is not _LOST and not isinstance(f, Exception):
-                    held[f.headers["ack"]] = f.headers["subscription"]
+            for f in box.drain() if park else ():
+                held[f.headers["ack"]] = f.headers["subscription"]
             frames: list[bytes] = []
             rids: list[str] = []
             for sid in ids if park else ():

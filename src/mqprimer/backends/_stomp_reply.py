@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..backend import Outgoing, Queue, ReplyPath
-from ._stomp_link import Link, encode_frame
+from ._stomp_link import Link
+from ._stomp_wire import encode_frame
 
 
 class _Backend(Protocol):

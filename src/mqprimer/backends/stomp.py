@@ -41,7 +41,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from queue import SimpleQueue as Inbox
 from typing import Any
 
 from stomp.exception import StompException
@@ -63,8 +62,9 @@ from ..backend import (
 )
 from ..errors import ConfigurationError, UnsupportedError
 from ..topics import matches
-from ._stomp_link import RECEIPT_TIMEOUT, ConnectionLost, Link, StompAuthError, StompBrokerError, encode_frame
+from ._stomp_link import RECEIPT_TIMEOUT, ConnectionLost, Link, StompAuthError, StompBrokerError
 from ._stomp_reply import StompReplyPath
+from ._stomp_wire import Inbox, encode_frame
 
 _COMMON = dict(
     topic=NATIVE, retry=EMULATED, dead_letter=EMULATED, status=UNSUPPORTED,
@@ -321,7 +321,7 @@ class StompSubscription(Subscription):
         self.own = own  # the link is this subscription's alone (closed with it)
         self.destination = destination
         self.filter: str | None = None
-        self.box: Inbox[Any] = Inbox()
+        self.box = Inbox()
         self.unsettled: dict[str, str] = {}  # ack id -> SUBSCRIBE id (RabbitMQ: NACKed on close)
         self.park = backend.flavour == "rabbitmq" and not own
         flavour = backend.flavour
