@@ -139,19 +139,7 @@ def harness_url_ids() -> dict[str, str]:
 
 # Open defects the battery found, kept visible: the test runs and its figures go to
 # docs/reliability.md; a pass shows as XPASS. Each names where it is written up.
-_BEANSTALK_LEASE = (
-    "open defect: in a parallel run (xdist) the message whose 1 s beanstalkd TTR ran out without "
-    "touch() sometimes never reaches the second consumer within 5 leases + 5 s (1 run in 3 of "
-    "`MQPRIMER_AIO=drivers pytest -n 3 tests/test_conformance.py -k beanstalk`; never alone); "
-    "cause not found: suspect a reserve left waiting on a closed consumer's connection"
-)
-KNOWN_DEFECTS: dict[str, str] = {
-    f"test_touch_keeps_a_message_past_its_lease_and_without_touch_it_goes_back[{i}]": _BEANSTALK_LEASE
-    for i in ("beanstalk", "beanstalk-aio", "beanstalk-ha")
-}
-# the same symptom in a fresh-clone CI run: the job a waiting reserve took for the idle consumer
-# never reached `other` within 10 s of its 2 s TTR running out
-KNOWN_DEFECTS["test_a_job_reserved_while_nobody_received_is_not_handed_out_after_its_ttr"] = _BEANSTALK_LEASE
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 # -- tests that disturb a shared broker ------------------------------------------------------------

@@ -330,6 +330,28 @@ def test_a_job_reserved_while_nobody_received_is_not_handed_out_after_its_ttr(ur
             other.close()
 
 
+def test_every_idle_holders_lease_runs_out_though_beanstalkd_loses_ttr_expiries(private_server: PrivateServer,
+                                                                                q: str) -> None:
+    """beanstalkd 1.12 can lose the end of a TTR (_beanstalk_lease.py): when its tick lands in
+    the deadline's microsecond the job stays reserved by its idle holder for ever. On a fresh
+    server (few tubes, a fast tick) that was about 1 job in 2 when ten ran out together
+    (issue 14's lease-expiry defect). Ten consumers take a job each and go quiet: all ten
+    must reach the consumer that waits, soon after their 1 s TTR."""
+    n = 10
+    with mqprimer.connect(private_server.url + "?ttr=1") as conn:
+        sent = set(conn.producer().send_many([conn.producer().build(q, i) for i in range(n)]))
+        holders = [conn.consumer(q) for _ in range(n)]
+        waiter = conn.consumer(q)
+        try:
+            held = {m.id for m in (h.receive(timeout=10) for h in holders) if m is not None}
+            assert held == sent, "each holder takes one job"
+            got = {m.id for m in collect(waiter, n, timeout=10)}
+            assert got == sent
+        finally:
+            for c in (*holders, waiter):
+                c.close()
+
+
 def test_a_server_started_with_its_own_job_size_limit_gets_that_limit_less_2(tmp_path: Path, q: str) -> None:
     need_broker("beanstalk")
     server = PrivateServer(tmp_path, "-z", "1000")

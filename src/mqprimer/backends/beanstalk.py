@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import select
 import socket
 import struct
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -49,7 +47,6 @@ from ..backend import (
     Backend,
     Capabilities,
     DeadLetterStore,
-    Delivery,
     Destination,
     Outgoing,
     Queue,
@@ -61,6 +58,7 @@ from ..backend import (
 from ..errors import ConfigurationError, MessageTooLarge, UnsupportedError
 from ..url import URL
 from ._beanstalk_dead import BuriedStore
+from ._beanstalk_sub import BeanstalkSub, Key, secs
 
 DEFAULT_PORT = 11300
 DEFAULT_TTR = 60
@@ -68,12 +66,6 @@ _PRI_BASE = 1024
 _TUBE_MAX = 195
 _CONNECT_TIMEOUT = 5.0
 _IO_TIMEOUT = 30.0  # a hung server surfaces as a connection error (waiting reserves are read only once answered)
-_POLL_MAX = 0.02  # longest pause between polls while a consumer holds jobs
-_GRACE = 0.001  # how long a poll (receive(0)) holding nothing waits for its reserve's answer
-# seconds a waiting reserve stays on the server: a consumer that stops calling receive() can
-# take a job no later than this after its last call (the job then waits for that consumer or
-# for its TTR); one round trip a second is what an idle consumer costs
-_WAIT = 1
 _STATUS_KEEP = 50_000
 _PUT = b"put %d %d %d %d\r\n%b\r\n"  # priority, delay, TTR, size, body
 _PIPELINE = 500  # commands per write in publish_many: their replies (~20 bytes each) fit socket buffers
@@ -101,9 +93,6 @@ CAPABILITIES = Capabilities(
     notes="persistent only with a binlog (beanstalkd -b DIR); delays in whole seconds; "
     "status for messages sent by this process",
 )
-
-Key = tuple[str, int, int]  # (host, port, job id)
-
 
 class _StatusMap:
     """Message id <-> job id for messages this process sent (bounded, oldest forgotten).
@@ -151,10 +140,6 @@ _record_sent = _status_map.sent.append
 
 def _pri(priority: int | None) -> int:
     return _PRI_BASE + 9 - (priority or 0)
-
-
-def _secs(delay: float | None) -> int:
-    return math.ceil(delay) if delay and delay > 0 else 0
 
 
 def _tube(dest: Destination) -> str:
@@ -269,7 +254,7 @@ class BeanstalkBackend(Backend):
             self.used_dest = destination
         # greenstalk's put, minus a copy of the job and a split of the reply: the send path
         # is measured against raw greenstalk and every step counts (docs/backend-beanstalk.md)
-        c._sock.sendall(_PUT % (  # _pri() and _secs(), inlined
+        c._sock.sendall(_PUT % (  # _pri() and secs(), inlined
             _PRI_BASE + 9 - (priority or 0), math.ceil(delay) if delay else 0, self.ttr, len(payload), payload,
         ))
         prepare()
@@ -302,7 +287,7 @@ class BeanstalkBackend(Backend):
                     expect.append((b"USING", None))
                     self.used, self.used_dest = tube, None
                 out.append(_PUT % (
-                    _pri(it.priority), _secs(it.delay), self.ttr, len(it.payload), it.payload,
+                    _pri(it.priority), secs(it.delay), self.ttr, len(it.payload), it.payload,
                 ))
                 expect.append((b"INSERTED", it))
             c._sock.sendall(b"".join(out))
@@ -321,7 +306,8 @@ class BeanstalkBackend(Backend):
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         tube = _tube(destination)
         client = _connect(self.host, self.port, use=tube, watch=tube, io_timeout=self.io_timeout)
-        return _BeanstalkSub(self, tube, client)
+        return BeanstalkSub(tube, client, self.host, self.port, self.ttr, self.io_timeout, self.max_put,
+                            _status_map.moved)
 
     def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
         # one Queue per address, so publish() skips its tube checks for replies to the same caller
@@ -378,199 +364,3 @@ class BeanstalkBackend(Backend):
 
     def dead_letter_store(self, queue: str) -> DeadLetterStore | None:
         return BuriedStore(lambda: _connect(self.host, self.port, watch=f"{queue}.dead"), queue)
-
-
-class _BeanstalkSub(Subscription):
-    """A tube on its own connection: reserved jobs belong to the connection that reserved them."""
-
-    def __init__(self, backend: BeanstalkBackend, tube: str, client: "greenstalk.Client[bytes]") -> None:
-        self.destination = Queue(tube)
-        self.retry_target = Queue(tube)
-        self.dead_target = Queue(f"{tube}.dead")
-        self.tube = tube
-        self.c = client
-        self.used = tube
-        self.host, self.port, self.ttr = backend.host, backend.port, backend.ttr
-        self.io_timeout = backend.io_timeout
-        self.asked_at = 0.0  # when the pending reserve went out
-        # a job's TTR is set by its producer; this assumes the producer used the same ?ttr=
-        self.delivery_lease = float(backend.ttr)
-        self.max_size = backend.max_put
-        self.held: set[int] = set()  # ids of the jobs this connection holds, unsettled
-        self.pending = False  # a reserve sent, its answer not read yet
-        self.gave_up: float | None = None  # when a receive() last returned with the reserve still pending
-
-    # Waiting: a reserve left waiting on the server holds up every later command on its
-    # connection (delete, bury) until it answers, and beanstalkd counts reserve timeouts in
-    # whole seconds. So a consumer that holds no job sends a reserve of _WAIT seconds and waits
-    # for the answer on the socket across receive() calls (no delay when a job comes); one that
-    # holds jobs it may still settle polls with reserve-with-timeout 0 and a short pause.
-    # greenstalk cannot send a command and read its answer later: the pending reserve uses
-    # its socket and reader directly.
-    def receive(self, timeout: float | None) -> Delivery | None:
-        if self.pending:
-            return self._await(timeout)
-        if self.held:
-            return self._poll(timeout)
-        if timeout is not None and timeout <= 0:
-            # a poll while holding nothing: the waiting reserve that a receive with a timeout
-            # (the consumer's next step) sends anyway, with a short grace for its answer; a
-            # reserve-with-timeout 0 first would be one more round trip (~0.8 per request of
-            # a request/reply service)
-            return self._await(_GRACE)
-        return self._await(timeout)
-
-    def _reserved(self, line: bytes) -> Delivery:
-        """The job a ``RESERVED`` reply announces, read off the connection.
-
-        Not greenstalk's reader, which asserts on a body that does not end in CRLF: after a
-        SIGKILL, beanstalkd (1.12) can restore the job it was writing with a body of NULs
-        (seen in tests/test_beanstalk.py), and an assertion would look like a lost
-        connection forever. Such a body is delivered as it is: it fails to decode and is
-        dead-lettered, and the consumer goes on.
-        """
-        if line[:9] == b"RESERVED " and line[-1:] == b"\n":
-            head = line[9:].split()
-            jid, size = int(head[0]), int(head[1])
-        else:  # TIMED_OUT, DEADLINE_SOON, an error, or a line cut short: greenstalk's exceptions
-            jid, size = (int(n) for n in _parse_response(line, b"RESERVED"))
-        data = self.c._reader.read(size + 2)
-        if len(data) != size + 2:
-            raise ConnectionError("unexpected EOF reading a job")
-        self.held.add(jid)
-        return Delivery(data[:size], greenstalk.Job(jid, data[:size]))
-
-    def _poll(self, timeout: float | None) -> Delivery | None:
-        c = self.c
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.002
-        while True:
-            c._sock.sendall(b"reserve-with-timeout 0\r\n")  # the hot path: one round trip when a job is ready
-            try:
-                return self._reserved(c._reader.readline())
-            except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
-                pass  # DEADLINE_SOON: a job we hold is about to time out; nothing new for now
-            left = _POLL_MAX if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, _POLL_MAX)
-
-    def _await(self, timeout: float | None) -> Delivery | None:
-        c = self.c
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if not self.pending:
-                c._sock.sendall(b"reserve-with-timeout %d\r\n" % _WAIT)
-                self.pending = True
-                self.gave_up = None
-                self.asked_at = time.monotonic()
-            # select() is not bounded by the socket's I/O timeout: a hung server would look
-            # like an empty tube for ever, so an answer overdue by io_timeout is a lost link
-            overdue = max(self.asked_at + _WAIT + self.io_timeout - time.monotonic(), 0.0)
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if not select.select([c._sock], [], [], overdue if left is None else min(left, overdue))[0]:
-                if left is None or overdue <= left:
-                    raise TimeoutError("beanstalkd did not answer a reserve within the I/O timeout")
-                self.gave_up = time.monotonic()
-                return None
-            self.pending = False
-            try:
-                delivery = self._reserved(c._reader.readline())
-            except greenstalk.TimedOutError:
-                continue  # _WAIT seconds without a job: wait again
-            except greenstalk.DeadlineSoonError:
-                return None
-            if self.gave_up is not None and self._stale(delivery):
-                continue
-            return delivery
-
-    def _stale(self, delivery: Delivery) -> bool:
-        """Give back a job reserved while nobody was receiving, if its TTR may have run out.
-
-        It was reserved after :attr:`gave_up`; once nearly a TTR has passed since, beanstalkd
-        may have given it to another consumer, and handing it out would run it twice with
-        an ack that fails. Released (when still ours) for whoever reserves next.
-        """
-        gave_up, self.gave_up = self.gave_up, None
-        if gave_up is None or time.monotonic() - gave_up < self.ttr - min(1.0, self.ttr / 2):
-            return False
-        job = delivery.tag
-        self.held.discard(job.id)
-        try:
-            self.c.release(job, int(self.c.stats_job(job)["pri"]), 0)
-        except greenstalk.NotFoundError:
-            pass  # its TTR ran out: back in the tube already, or with another consumer
-        return True
-
-    def _settling(self) -> "greenstalk.Client[bytes]":
-        if self.pending:  # never expected: a pending reserve is only sent while no job is held
-            raise ConnectionError("a reserve is still pending on this connection")
-        return self.c
-
-    def ack(self, delivery: Delivery) -> None:
-        jid = delivery.tag.id
-        try:
-            c = self._settling()
-            c._sock.sendall(b"delete %d\r\n" % jid)  # greenstalk's delete, one copy and split fewer
-            line = c._reader.readline()
-            if line != b"DELETED\r\n":
-                _parse_response(line, b"DELETED")
-        finally:
-            self.held.discard(jid)
-
-    def touch(self, delivery: Delivery) -> None:
-        # NOT_FOUND (the TTR ran out and the job went back, or it is settled) raises
-        self._settling().touch(delivery.tag)
-
-    def _stats(self, job: "greenstalk.Job[bytes]") -> tuple[int, int]:
-        st = self._settling().stats_job(job)
-        return int(st["pri"]), int(st["ttr"])
-
-    def requeue(self, delivery: Delivery) -> None:
-        try:
-            pri, _ = self._stats(delivery.tag)
-            self.c.release(delivery.tag, pri, 0)
-        finally:
-            self.held.discard(delivery.tag.id)
-
-    def _put(self, tube: str, payload: bytes, pri: int, delay: int, ttr: int) -> int:
-        if tube != self.used:
-            self.c.use(tube)
-            self.used = tube
-        return self.c.put(payload, pri, delay, ttr)
-
-    def retry(self, delivery: Delivery, payload: bytes, delay: float) -> None:
-        job = delivery.tag
-        pri, ttr = self._stats(job)
-        if len(payload) > self.max_size:  # the message stays pending: dead_letter() still works
-            raise MessageTooLarge(
-                f"the retried message is {len(payload):,} bytes with its attempt and error, over the "
-                f"beanstalkd server's job size limit of {self.max_size:,} bytes"
-            )
-        try:
-            new = self._put(self.tube, payload, pri, _secs(delay), ttr)
-            self.c.delete(job)
-        finally:
-            self.held.discard(job.id)
-        _status_map.moved((self.host, self.port, job.id), (self.host, self.port, new))
-
-    def dead_letter(self, delivery: Delivery, payload: bytes, reason: str) -> None:
-        job = delivery.tag
-        try:
-            pri, ttr = self._stats(job)
-            if len(payload) > self.max_size:
-                self.c.bury(job, pri)  # buried in place, without the reason (see the module doc)
-                return
-            new = self._put(self.dead_target.name, payload, pri, 0, ttr)
-            self.c.bury(self.c.reserve_job(new), pri)
-            self.c.delete(job)
-        finally:
-            self.held.discard(job.id)
-        _status_map.moved((self.host, self.port, job.id), (self.host, self.port, new))
-
-    def close(self) -> None:
-        try:
-            self.c.close()  # beanstalkd returns this connection's reserved jobs to ready at once
-        except OSError:
-            pass
