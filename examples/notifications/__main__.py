@@ -1,13 +1,16 @@
 """Notifications: ``python -m examples.notifications [--url URL] [--count N] [--smtp-down-for S]``.
 
-Starts a real SMTP server on 127.0.0.1 (aiosmtpd) *after* ``--smtp-down-for`` seconds, so
-the worker first finds it down and retries; then every email arrives. One email has an
+Starts a real SMTP server on 127.0.0.1 (aiosmtpd) *after* ``--smtp-down-for`` seconds, and
+not before the worker has found it down (the handler says so by touching a file), so the
+worker retries however slow the machine; then every email arrives. One email has an
 invalid address and ends in the dead-letter queue.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -55,10 +58,13 @@ def main() -> int:
         producer.send(queue, {"to": "not-an-address", "subject": "?", "text": "?"}, type="email.send")
         say(f"producer: queued {args.count} emails and 1 with an invalid address on {queue}")
         say(f"smtp:     down for {args.smtp_down_for:g}s (port {port}): the worker will retry")
+        mark = os.path.join(tempfile.mkdtemp(prefix="mq-notify-"), "smtp-was-down")
         worker = start_worker(url, queue, "examples.notifications.handler:send_email",
-                              env={"SMTP_PORT": str(port), "SMTP_RETRY_DELAY": "0.5"})
+                              env={"SMTP_PORT": str(port), "SMTP_RETRY_DELAY": "0.5", "SMTP_DOWN_MARK": mark})
         try:
             time.sleep(args.smtp_down_for)
+            if args.smtp_down_for > 0:
+                wait_for(lambda: os.path.exists(mark), 60, "the worker to find the SMTP server down", [worker])
             smtp.start()
             say(f"smtp:     up on 127.0.0.1:{port}")
             wait_for(lambda: len(inbox.messages) >= args.count, 60, "every email at the SMTP server", [worker])

@@ -28,6 +28,8 @@ def send_email(message: mqprimer.Message) -> None:
         with smtplib.SMTP(host, port, timeout=10) as smtp:
             smtp.send_message(msg)
     except (ConnectionRefusedError, smtplib.SMTPServerDisconnected, TimeoutError) as exc:
+        if os.environ.get("SMTP_DOWN_MARK"):  # tells the example's driver a retry really happened
+            open(os.environ["SMTP_DOWN_MARK"], "a").close()
         raise mqprimer.Retry(delay=float(os.environ.get("SMTP_RETRY_DELAY", "1")),
                              reason=f"SMTP server {host}:{port} unavailable ({type(exc).__name__})") from exc
     except smtplib.SMTPRecipientsRefused as exc:
