@@ -139,9 +139,14 @@ def _noop() -> None:
 
 
 def hop_bounds(name: str, rows: list[Result]) -> None:
-    """Where a call still takes the thread path: the best ratio it can reach, its blocking
-    time over that time plus one hop per awaited call (send 1, receive + ack 2)."""
+    """The ratio of median latencies; and where a call still takes the thread path, the best
+    ratio it can reach: its blocking time over that time plus one hop per awaited call (send 1,
+    receive + ack 2)."""
     by = {r.name: r for r in rows}
+    for case in ("send", "recv+ack"):  # medians: what a load burst moves least
+        a, b = by.get(f"{name} {case} aio"), by.get(f"{name} {case} blocking")
+        if a is not None and b is not None and a.p50_us and b.p50_us:
+            print(f"ratio of p50 latencies {name} {case} blocking / aio: {b.p50_us / a.p50_us:.2f}x")
     h = by.get(f"{name} thread hop")
     if h is None:
         return
@@ -150,8 +155,8 @@ def hop_bounds(name: str, rows: list[Result]) -> None:
         b = by.get(f"{name} {case} blocking")
         if b is not None:
             b_us = 1e6 / b.rate
-            print(f"{name} {case}: blocking {b_us:.1f} us/op, hop {hop_us:.1f} us: with {hops} hop(s) the ratio "
-                  f"is at most {b_us / (b_us + hops * hop_us):.2f}x")
+            print(f"{name} {case} on the thread path: blocking {b_us:.1f} us/op, hop {hop_us:.1f} us: with "
+                  f"{hops} hop(s) the ratio is at most {b_us / (b_us + hops * hop_us):.2f}x")
 
 
 def threads_sending(name: str, url: str, total: int, n_threads: int = 100) -> Result:

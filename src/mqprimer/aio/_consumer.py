@@ -1,7 +1,10 @@
 """The asyncio twin of :class:`mqprimer.Consumer` and :class:`mqprimer.Message`.
 
 A consumer owns one thread: its blocking receive waits there in short slices (so that a
-settle queued behind it waits at most a slice) and its settles run there in order. A
+settle queued behind it waits at most a slice) and its settles run there in order. Where the
+driver declares it (``Capabilities.nowait``), a receive first takes a message this process
+holds already on the loop, an ack runs on the loop while that thread is idle (see
+:mod:`._nowait`), and receives waiting together share one slice. A
 ``receive`` cancelled while a slice is under way leaves that slice running; a message it
 brings back is given back to the broker at once (``Subscription.requeue`` through the
 consumer's settle path), so cancellation never strands a delivery half-taken.
@@ -9,6 +12,7 @@ consumer's settle path), so cancellation never strands a delivery half-taken.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -45,6 +49,7 @@ class Consumer:
     def __init__(self, blocking: _Consumer, *, inline: bool = False, owner: _Owner | None = None) -> None:
         self.blocking = blocking
         self._runner = Runner(1, "mqprimer-aio-consumer", inline=inline)
+        self._slice: "asyncio.Future[None] | None" = None  # a receive waiting on the thread (receive)
         self._owner = owner
 
     @property
@@ -81,25 +86,54 @@ class Consumer:
         c = self.blocking
         if c.closed:
             raise StateError("the consumer is closed")
-        # inline (memory://) only while the thread runs nothing: a cancelled receive's slice
-        # may still hold the subscription's lock there, and the loop must not wait for it
-        if not self._runner.pending:
-            if self._runner.inline:
+        runner = self._runner
+        got = None
+        if runner.inline:
+            # inline (memory://) only while the thread runs nothing: a cancelled receive's slice
+            # may still hold the subscription's lock there, and the loop must not wait for it
+            if not runner.pending:
                 m = c.receive(0.0)  # memory://: a poll is in-process work
                 if m is not None or timeout == 0:
                     return Message(m, self) if m is not None else None
-            else:
-                got = _nowait.poll(c)  # a message this process holds already (Capabilities.nowait)
+        else:
+            got = _nowait.poll(c)  # a message this process holds already (Capabilities.nowait)
+            if got.__class__ is _Message:
+                return Message(got, self)  # type: ignore[arg-type]
+        polls = got is not None or not runner.inline and _nowait.polls(c)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if polls:
+                if got is None:
+                    got = _nowait.poll(c)
                 if got is not None:
                     if got.__class__ is _Message:
                         return Message(got, self)  # type: ignore[arg-type]
-                    m = await self._runner.call(_nowait.wrap, c, got, on_late=_give_back, inline=False)
+                    raw, got = got, None
+                    # the delivery is taken: a cancelled receive still has it wrapped, then given back
+                    m = await runner.call(_nowait.wrap, c, raw, on_late=_give_back, inline=False, always=True)
                     if m is not None:
                         return Message(m, self)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+                    continue
+                if self._slice is not None:
+                    # another receive waits on the thread already: it brings messages into this
+                    # process, to poll for once it ends. One slice at a time, so that settles
+                    # queue behind one slice at most, not one per waiting receive (0fc19be)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    await asyncio.wait((self._slice,), timeout=left)
+                    if c.closed:
+                        return None
+                    continue
             wait = _SLICE if deadline is None else min(_SLICE, max(deadline - time.monotonic(), 0.0))
-            m = await self._runner.call(c.receive, wait, on_late=_give_back, inline=False)
+            if polls:
+                self._slice = fut = asyncio.get_running_loop().create_future()
+            try:
+                m = await runner.call(c.receive, wait, on_late=_give_back, inline=False)
+            finally:
+                if polls and self._slice is fut:
+                    self._slice = None
+                    fut.set_result(None)
             if m is not None:
                 return Message(m, self)
             if c.closed or (deadline is not None and time.monotonic() >= deadline):
@@ -177,7 +211,7 @@ class Message:
 
     async def ack(self) -> None:
         calls = self._calls
-        if calls.__class__ is Consumer and not calls._runner.pending and _nowait.ack(self.blocking):  # type: ignore[attr-defined]
+        if calls.__class__ is Consumer and _nowait.ack(self.blocking):
             return  # acked on the loop: the driver's ack never waits (Capabilities.nowait)
         await calls.call(self.blocking.ack)
 

@@ -22,11 +22,17 @@ import time
 from .._sub import _Sub
 from ..backend import Delivery, Subscription
 from ..consumer import Consumer
-from ..envelope import UNSET, _decoder
+from ..envelope import UNSET, _decoder, validate
 from ..message import Message, _State
 
 #: a delivery taken on the loop that needs the portable layer's slow path (on a thread)
 Raw = tuple[_Sub, Subscription, Delivery]
+
+
+def polls(c: Consumer) -> bool:
+    """Whether ``c`` has one subscription, on a backend whose ``receive(0.0)`` never waits."""
+    s = c._single
+    return s is not None and "poll" in s.ep.capabilities.nowait
 
 
 def poll(c: Consumer) -> "Message | Raw | None":
@@ -47,11 +53,12 @@ def poll(c: Consumer) -> "Message | Raw | None":
             return None
         try:
             env = _decoder.decode(d.payload)
+            if env.headers_json is not None or env.data_base64 is not UNSET:
+                validate(env)  # CPU only, as in Consumer._wrap
         except Exception:
-            return s, sub, d  # not an envelope (or not this schema's): the thread dead-letters or decodes it
-        if env.headers_json is not None or env.data_base64 is not UNSET or (
-                env.expires is not None and env.expires <= time.time() * 1000):
-            return s, sub, d  # validation, or an expired message to ack and drop: Consumer._wrap
+            return s, sub, d  # not a valid envelope (or not this schema's): the thread dead-letters or decodes it
+        if env.expires is not None and env.expires <= time.time() * 1000:
+            return s, sub, d  # expired: Consumer._wrap acks and drops it
         if d.extra_attempts:
             env.attempt += d.extra_attempts
         m = Message(c, s, d, env, s.generation)

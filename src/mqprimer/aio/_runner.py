@@ -35,11 +35,13 @@ def inline_ok(urls: Iterable[URL]) -> bool:
 
 
 class _Job:
-    __slots__ = ("loop", "fut", "fn", "args", "on_late")
+    __slots__ = ("loop", "fut", "fn", "args", "on_late", "always")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None, fut: "asyncio.Future[Any] | None",
-                 fn: Callable[..., Any], args: tuple[Any, ...], on_late: Callable[[Any], None] | None) -> None:
+                 fn: Callable[..., Any], args: tuple[Any, ...], on_late: Callable[[Any], None] | None,
+                 always: bool = False) -> None:
         self.loop, self.fut, self.fn, self.args, self.on_late = loop, fut, fn, args, on_late
+        self.always = always
 
 
 class Runner:
@@ -62,13 +64,15 @@ class Runner:
         self.pending = 0  # calls submitted and not finished (or skipped): the pool's thread may hold locks
 
     async def call(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
-                   inline: bool = True) -> T:
-        """``fn(*args)`` on a pool thread (inline where :attr:`inline` and ``inline`` allow it)."""
+                   inline: bool = True, always: bool = False) -> T:
+        """``fn(*args)`` on a pool thread (inline where :attr:`inline` and ``inline`` allow it);
+        ``always``: it runs even if the caller is cancelled before it starts (``on_late`` gets
+        its result), for a call that finishes what the caller already began."""
         if self.inline and inline:
             return fn(*args)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._put(_Job(loop, fut, fn, args, on_late))
+        self._put(_Job(loop, fut, fn, args, on_late, always))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -129,7 +133,7 @@ def _run_one(job: _Job, done: Callable[[], None] | None = None) -> None:
     result: Any = None
     exc: BaseException | None = None
     try:
-        if fut is not None and fut.cancelled():
+        if fut is not None and fut.cancelled() and not job.always:
             return  # cancelled before it started: nothing was done
         result = job.fn(*job.args)
     except BaseException as e:

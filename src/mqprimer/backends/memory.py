@@ -42,6 +42,7 @@ CAPABILITIES = Capabilities(
     request_reply=EMULATED,  # the portable private reply queue (backend.QueueReplyPath)
     stats=NATIVE,
     shared_subscription=NATIVE,  # one queue per subscription name; its consumers compete for it
+    nowait=("poll", "ack"),  # in-process work under a lock nobody holds across a wait
     confirmed_send=True,
     persistent=False,
     guarantee="at-least-once",
