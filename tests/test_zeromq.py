@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,11 +268,21 @@ def echo(message: object) -> dict[str, object]:
     return {"echo": message.body, "pid": os.getpid()}  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: an ipc address must fit in 107 bytes, and pytest's
+    tmp_path plus a reply path's suffix can pass that (seen: .../pytest-388/popen-gw0/...)."""
+    with tempfile.TemporaryDirectory(prefix="mqz-", dir="/tmp") as d:
+        yield Path(d)
+
+
 @pytest.mark.parametrize("scheme", ["tcp", "ipc"])
-def test_request_reply_between_processes(tmp_path: Path, scheme: str) -> None:
+def test_request_reply_between_processes(short_tmp: Path, scheme: str) -> None:
     """A worker process answers; a request with nobody serving times out and the reply path
     stays usable (no REQ socket to get stuck: the Lazy Pirate problem does not arise)."""
     import mqprimer
+
+    tmp_path = short_tmp
 
     url = f"zmq+tcp://127.0.0.1:{_port()}" if scheme == "tcp" else f"zmq+ipc://{tmp_path}/rpc.sock"
     with mqprimer.connect(url) as conn:

@@ -402,6 +402,12 @@ class Backend(ABC):
         """
         return None
 
+    def fast_error(self, exc: Exception) -> Exception:
+        """What an error raised by a :meth:`fast_publisher` send means: ``exc`` itself (the
+        default), or the error ``publish`` raises for the same failure. Lets a driver hand out
+        its library's compiled send as it is, without a Python wrapper around every call."""
+        return exc
+
     def nowait_publisher(self, destination: Destination) -> Callable[[bytes], bool] | None:
         """Optional: a ``send`` like :meth:`fast_publisher`'s (same frame: its prefix + payload)
         that never waits: it returns ``False`` (nothing sent) where the other would wait (a

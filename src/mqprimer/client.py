@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from ._endpoint import Endpoint
-from ._ids import stamp
+from ._ids import stamp, wire
 from ._replies import Replies, check_headers, dropped_counts, request
 from ._replies import check_type as _check_type
 from .backend import Backend, Capabilities, Destination, Outgoing, Queue, QueueStats, Status, Topic
@@ -434,27 +434,33 @@ class Producer:
         """Send one message; return its id. Options the backend cannot honour raise UnsupportedError."""
         conn = self._conn
         fast = self._fast.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
-        if (fast is not None and fast[1].backend is fast[2] and type in fast[4] and conn._active == fast[3]
-                and not (headers or priority is not None or delay or ttl is not None or id is not None
-                         or self._closed or conn._closed or isinstance(body, _BINARY))):
+        if (fast is not None and headers is None and priority is None and not delay and ttl is None and id is None
+                and conn._active == fast[3] and (fmt := fast[4].get(type)) is not None
+                and not isinstance(body, _BINARY)):
             # The driver's own send (Backend.fast_publisher), learnt by _learn below after a
             # plain send to this queue passed every check: one format writes the driver's frame
             # prefix and the envelope at once, and no per-message call chain runs (ZeroMQ:
             # 29.6k -> 23.8k instructions per send, bench_zeromq.py --callgrind; raw pyzmq 4.9k).
-            mid, now = stamp()
+            # A closed producer has no fast paths (close() drops them); a closed connection
+            # reset its endpoints, so the backend check below fails.
+            mid, when = wire()
             try:
-                frame = fast[4][type] % (mid.encode(), now.encode(), _encode_body(body))
+                frame = fmt % (mid.encode(), when, _encode_body(body))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise body_error(exc) from None
-            ep = fast[1]
             if len(frame) <= fast[6]:  # else: the path below refuses it (MessageTooLarge)
+                ep = fast[1]
+                lock = ep.lock
                 try:
-                    with ep.lock:
+                    lock.acquire()  # not `with`: its special-method lookups cost as much as a send
+                    try:
                         if ep.backend is fast[2]:
                             fast[5](frame)
                             return mid
+                    finally:
+                        lock.release()
                 except Exception as exc:
-                    conn._fast_failed(ep, exc, fast[0], frame[fast[7]:], mid)
+                    conn._fast_failed(ep, fast[2].fast_error(exc), fast[0], frame[fast[7]:], mid)
                     return mid
         if self._closed or conn._closed:
             self._check()
@@ -578,6 +584,7 @@ class Producer:
 
     def close(self) -> None:
         self._closed = True
+        self._fast = {}  # send()'s fast path checks no closed flag
 
     def __enter__(self) -> "Producer":
         return self

@@ -25,6 +25,8 @@ from .message import Message, _State
 from .retry import RetryPolicy
 
 log = logging.getLogger("mqprimer")
+_new = object.__new__
+_PENDING = _State.PENDING
 ERROR_TYPE = "mqprimer.error"  # the type of a dead-lettered request's error reply (docs/request-reply.md)
 REPLY_TYPE = "mqprimer.reply"  # the default type of a reply
 _SLICE = 0.25  # longest a blocking receive holds a subscription, so close() is prompt
@@ -105,7 +107,9 @@ class Consumer:
             # fast path: one live subscription and a message already waiting (_receive_from,
             # inline: one Python frame less per message)
             msg = None
-            with s.lock:
+            lock = s.lock
+            lock.acquire()  # not `with`: its special-method lookups cost more than the lock
+            try:
                 sub = s.sub
                 if sub is not None:
                     try:
@@ -114,7 +118,27 @@ class Consumer:
                         self._fail(s, exc, "receive")
                         delivery = None
                     if delivery is not None:
-                        msg = self._wrap(s, sub, delivery)
+                        # _wrap's common case inline: a plain envelope (the schema's decoder
+                        # alone, as in _wrap), no expiry, first delivery
+                        try:
+                            env: Envelope | None = _decoder.decode(delivery.payload)
+                        except Exception:
+                            env = None
+                        if (env is None or env.headers_json is not None or env.data_base64 is not UNSET
+                                or env.expires is not None or delivery.extra_attempts):
+                            msg = self._wrap(s, sub, delivery, env)
+                        else:
+                            msg = _new(Message)  # Message.__init__'s stores, without its call
+                            msg._consumer = self
+                            msg._sub = s
+                            msg._delivery = delivery
+                            msg._generation = s.generation
+                            msg.envelope = env
+                            msg._state = _PENDING
+                            msg._replied = False
+                            self._pending.add(msg)
+            finally:
+                lock.release()
             if msg is not None or timeout == 0:
                 return msg
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -172,11 +196,12 @@ class Consumer:
                 return None
             return self._wrap(s, sub, delivery)
 
-    def _wrap(self, s: _Sub, sub: Subscription, d: Delivery) -> Message | None:
+    def _wrap(self, s: _Sub, sub: Subscription, d: Delivery, decoded: Envelope | None = None) -> Message | None:
+        """The message of delivery ``d``; ``decoded``: its payload already through ``_decoder``."""
         try:
             # the schema's decoder alone: decode() below adds only the size check (moot here,
             # the limit being at least the payload's length) and the words of its error
-            env: Envelope = _decoder.decode(d.payload)
+            env: Envelope = _decoder.decode(d.payload) if decoded is None else decoded
             if env.headers_json is not None or env.data_base64 is not UNSET:
                 validate(env)  # the envelope's rules the schema cannot state (envelope.validate)
         except Exception:
@@ -279,7 +304,9 @@ class Consumer:
                 settles: bool = True) -> None:
         """Run ``fn`` (``None``: ack) on the subscription ``m`` arrived on; ``settles``: ``m`` is done after it."""
         s = m._sub
-        with s.lock:
+        lock = s.lock
+        lock.acquire()  # not `with` (see receive)
+        try:
             if s.sub is None or m._generation != s.generation:
                 m._mark(_State.LOST)
                 self._pending.discard(m)
@@ -300,6 +327,8 @@ class Consumer:
                 m._mark(_State.LOST)
                 self._pending.discard(m)
                 self._fail(s, exc, what, reraise=True)
+        finally:
+            lock.release()
         if settles:
             self._pending.discard(m)
 

@@ -294,17 +294,20 @@ class ZmqBackend(Backend):
             return None
         send = super(zmq.Socket, self.hubs[(zmq.PUSH, self.s.producer_binds)].sock).send
         lock = self.push_lock  # a bound PUSH is shared by this process's backends; our own is not
+        if lock is None:
+            # the compiled send itself: no Python frame per message (fast_error rewords its zmq.Again)
+            return head, send
 
         def fast(frame: bytes) -> object:
-            try:
-                if lock is None:
-                    return send(frame)
-                with lock:
-                    return send(frame)
-            except zmq.Again:  # a send that timed out says what to do about it
-                raise zmq.ZMQError(errno.EAGAIN, self._full()) from None
+            with lock:
+                return send(frame)
 
         return head, fast
+
+    def fast_error(self, exc: Exception) -> Exception:
+        if isinstance(exc, zmq.Again):  # a send that timed out says what to do about it
+            return zmq.ZMQError(errno.EAGAIN, self._full())
+        return exc
 
     def nowait_publisher(self, destination: Destination) -> Callable[[bytes], bool] | None:
         # fast_publisher's send with NOBLOCK: at the high-water mark it says so instead of
@@ -454,6 +457,8 @@ class _QueueSub(Subscription):
         with hub.lock:
             self.buf = hub.queues.setdefault(destination.name.encode(), deque(maxlen=hub.sock.rcvhwm))
         self.unsettled: dict[Delivery, None] = {}  # in delivery order
+        # ack is bookkeeping only: the dict's own C method, no Python frame per message
+        self.ack = self.unsettled.__delitem__  # type: ignore[method-assign,assignment]
 
     def receive(self, timeout: float | None) -> Delivery | None:
         buf = self.buf
@@ -516,6 +521,7 @@ class _TopicSub(Subscription):
         self.dead_target = Queue(f"{safe}.dead")
         self.buf: deque[bytes] = deque(maxlen=hub.sock.rcvhwm)
         self.unsettled: dict[Delivery, None] = {}
+        self.ack = self.unsettled.__delitem__  # type: ignore[method-assign,assignment,misc]  # as _QueueSub's
         with hub.lock:
             hub.sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
             hub.subs.append(self)
