@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_aio.py [memory sqlite amqp beanstalk zeromq stomp-rabbitmq gearman ...]
     .venv/bin/python benchmarks/bench_aio.py --quick memory
+    .venv/bin/python benchmarks/bench_aio.py --hop-floor
 
 Per backend: one producer sending (``await producer.send`` vs ``producer.send``), one consumer
 receiving and acking a filled queue (``await receive`` + ``await ack`` vs the blocking pair),
@@ -15,6 +16,7 @@ the best ratio a call that still takes the thread path can reach.
 from __future__ import annotations
 
 import asyncio
+import queue
 import socket
 import sys
 import tempfile
@@ -204,7 +206,50 @@ def purge(conn: mqprimer.Connection, q: str, n: int) -> None:
             m.ack()
 
 
+async def hop_floor(n: int = 500, rounds: int = 10) -> None:
+    """The floor of handing a call to a thread, interleaved in one process: the aio runner's
+    hop (future + call_soon_threadsafe), a bare hand-off in which the loop thread BLOCKS on a
+    lock until the worker is done (not usable: it blocks the loop; the least any thread-based
+    design could cost), and the direct call."""
+    jobs: queue.SimpleQueue[threading.Lock | None] = queue.SimpleQueue()
+
+    def worker() -> None:
+        while (done := jobs.get()) is not None:
+            _noop()
+            done.release()
+
+    threading.Thread(target=worker, daemon=True).start()
+
+    def handoff() -> None:
+        done = threading.Lock()
+        done.acquire()
+        jobs.put(done)
+        done.acquire()
+
+    hop = Runner(1, "bench-hop")
+    lat: dict[str, list[float]] = {"runner hop": [], "blocking hand-off": [], "direct call": []}
+    for _ in range(rounds):
+        for _ in range(n):
+            t = time.perf_counter()
+            await hop.call(_noop, inline=False)
+            lat["runner hop"].append(time.perf_counter() - t)
+        for _ in range(n):
+            t = time.perf_counter()
+            handoff()
+            lat["blocking hand-off"].append(time.perf_counter() - t)
+        for _ in range(n):
+            t = time.perf_counter()
+            _noop()
+            lat["direct call"].append(time.perf_counter() - t)
+    hop.shutdown()
+    jobs.put(None)
+    report("handing a call to a thread", [result(k, v) for k, v in lat.items()])
+
+
 def main() -> None:
+    if "--hop-floor" in sys.argv:
+        asyncio.run(hop_floor())
+        return
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["memory", "sqlite"]
     for name in names:
         url = url_of(name)
