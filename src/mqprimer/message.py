@@ -40,6 +40,12 @@ class _State(enum.Enum):
     LOST = "lost with its connection"
 
 
+# Reading a member off an Enum class goes through EnumType.__getattr__ (Python 3.11), ~30x
+# a global's cost: the per-message path uses these
+_PENDING = _State.PENDING
+_ACKED = _State.ACKED
+
+
 class Message:
     """One delivery. Settle it exactly once: :meth:`ack`, :meth:`retry` or :meth:`dead_letter`.
 
@@ -136,9 +142,9 @@ class Message:
     # -- outcomes -----------------------------------------------------------------
     def ack(self) -> None:
         """Done: remove the message for good."""
-        if self._state is not _State.PENDING:  # _begin, inline: the per-message path
+        if self._state is not _PENDING:  # _begin, inline: the per-message path
             self._begin(_State.ACKED)
-        self._state = _State.ACKED
+        self._state = _ACKED
         self._consumer._settle_ack(self)
 
     def retry(self, delay: float | None = None, *, error: str | None = None) -> None:
