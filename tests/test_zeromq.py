@@ -132,7 +132,10 @@ def test_pub_sub_fan_out_and_prefix_safety(tmp_path: Path, peers: list[Peer]) ->
         sent = [p.send(Topic("orders"), {"topic": "orders"}) for _ in range(100)]
         sent_x = [p.send(Topic("ordersX"), {"topic": "ordersX"}) for _ in range(50)]
         for s in subs:
-            wait_until(lambda s=s: set(sent) <= set(s.ids()), timeout=20, what="fan-out to every subscriber")
+            def got_all(s: Peer = s) -> bool:
+                return set(sent) <= set(s.ids())
+
+            wait_until(got_all, timeout=20, what="fan-out to every subscriber")
         wait_until(lambda: set(sent_x) <= set(other.ids()), timeout=20, what="the ordersX subscriber")
     for s in subs:
         assert {x["topic"] for x in s.lines()} == {"probe", "orders"}, "orders matched ordersX"
@@ -392,3 +395,22 @@ def test_pipeline_example(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _peer(sys.argv[1:])
+
+
+@pytest.mark.parametrize("closing", ["producer", "connection"])
+def test_sends_after_close_are_refused_once_the_fast_path_was_learnt(closing: str) -> None:
+    # send()'s fast path checks no closed flag per message: Producer.close drops the learnt
+    # paths, and a closed connection has reset the endpoint whose backend the path checks
+    import mqprimer
+
+    conn = mqprimer.connect(f"zmq+tcp://127.0.0.1:{_port()}?linger=0")
+    try:
+        p = conn.producer()
+        p.send("jobs", {"n": 1})
+        p.send("jobs", {"n": 2})
+        assert p._fast["jobs"][5] is not None, "the fast path was never learnt"
+        (p if closing == "producer" else conn).close()
+        with pytest.raises(mqprimer.StateError, match="closed"):
+            p.send("jobs", {"n": 3})
+    finally:
+        conn.close()
