@@ -27,6 +27,9 @@ from ..message import Message, _State
 
 #: a delivery taken on the loop that needs the portable layer's slow path (on a thread)
 Raw = tuple[_Sub, Subscription, Delivery]
+#: the largest payload decoded on the loop: decoding JSON costs ~10 ms a MiB here, and a CI run
+#: saw a broker-size-limit message held the loop 0.77 s; bigger ones are decoded on a thread
+INLINE_MAX = 64 * 1024
 
 
 def polls(c: Consumer) -> bool:
@@ -51,6 +54,8 @@ def poll(c: Consumer) -> "Message | Raw | None":
             return None
         if d is None:
             return None
+        if len(d.payload) > INLINE_MAX:
+            return s, sub, d
         try:
             env = _decoder.decode(d.payload)
             if env.headers_json is not None or env.data_base64 is not UNSET:
