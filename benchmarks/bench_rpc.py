@@ -1,6 +1,7 @@
 """Request/reply round trips per second: mqprimer beside the raw client doing the same.
 
-Run: .venv/bin/python benchmarks/bench_rpc.py [memory sqlite beanstalk amqp stomp-rabbitmq ...] [--n 2000] [--json]
+Run: .venv/bin/python benchmarks/bench_rpc.py [memory sqlite beanstalk amqp stomp-rabbitmq ...] [--n 2000] [--rounds 5]
+     [--json]
 (broker URLs from .run/brokers/urls)
 
 For each backend, in one run: a service thread answers on a queue, and a caller makes
@@ -21,6 +22,7 @@ For each backend, in one run: a service thread answers on a queue, and a caller 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import threading
 import time
@@ -275,23 +277,39 @@ def main() -> None:
     ap.add_argument("backends", nargs="*", default=["memory", "sqlite", "beanstalk", "amqp"])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat raw and mqprimer this many times in one process, alternating which goes first "
+                         "(a loaded machine's drift hits both), and print each round's ratios and their median")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     urls = broker_urls()
     urls.update(memory="memory://bench-rpc", sqlite=f"sqlite:////tmp/mqprimer-bench-rpc-{uuid.uuid4().hex[:6]}.db")
     for name in args.backends:
         url = urls.get(name)
         if url is None:
             raise SystemExit(f"no {name} URL: run scripts/brokers up first")
-        rows: list[Result] = []
-        pairs: list[tuple[str, str]] = []
-        if name in RAW:
-            rows += RAW[name](url, args.n)
-        rows += bench_mqprimer(url, args.n)
-        if name in RAW:
-            raw = rows[0].name.rsplit(" ", 1)[0]
-            pairs = [("mqprimer sequential", f"{raw} sequential"),
-                     (f"mqprimer {INFLIGHT} in flight", f"{rows[1].name}")]
-        report(f"request/reply round trips, {name}", rows, pairs)
+        ratios: list[tuple[float, float]] = []
+        for rnd in range(args.rounds):
+            raw_rows = RAW[name](url, args.n) if name in RAW and rnd % 2 == 0 else []
+            rows = bench_mqprimer(url, args.n)
+            if name in RAW and rnd % 2 == 1:
+                raw_rows = RAW[name](url, args.n)
+            rows = raw_rows + rows
+            pairs: list[tuple[str, str]] = []
+            if raw_rows:
+                raw = rows[0].name.rsplit(" ", 1)[0]
+                pairs = [("mqprimer sequential", f"{raw} sequential"),
+                         (f"mqprimer {INFLIGHT} in flight", f"{rows[1].name}")]
+                ratios.append((rows[2].rate / rows[0].rate, rows[3].rate / rows[1].rate))
+            suffix = f" (round {rnd + 1}/{args.rounds}, {'raw' if rnd % 2 == 0 else 'mqprimer'} first)" \
+                if args.rounds > 1 else ""
+            report(f"request/reply round trips, {name}{suffix}", rows, pairs)
+        if len(ratios) > 1:
+            seq, many = statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
+            print(f"\n{name}: sequential ratios {' / '.join(f'{r[0]:.2f}' for r in ratios)} "
+                  f"(median {seq:.2f}); {INFLIGHT} in flight "
+                  f"{' / '.join(f'{r[1]:.2f}' for r in ratios)} (median {many:.2f})")
 
 
 if __name__ == "__main__":

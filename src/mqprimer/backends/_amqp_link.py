@@ -31,6 +31,11 @@ import pika.exceptions as px
 from pika.adapters.blocking_connection import BlockingConnection
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
+try:  # pika 1.x's plaintext transport, which coalesce() sends through at once
+    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PLAIN
+except ImportError:  # pragma: no cover - another pika: frames leave when the loop sends them
+    _PLAIN = None
+
 from ..errors import ConfigurationError
 from ..url import URL
 
@@ -376,15 +381,26 @@ class Chan:
 
 
 def coalesce(conn: Any) -> None:
-    """Join pika's pending output into one buffer, so that it leaves in one ``send()``.
+    """Join pika's pending output into one buffer and send it now, in one ``send()``.
 
     pika writes every frame with its own ``send()`` (three per published message, one per
-    ack); syscalls are the dominant cost here, so batches are joined first. This reaches
-    into pika's transport (``_transport._tx_buffers``, pika 1.x); if that ever changes,
-    nothing breaks, the frames just leave one by one again.
+    ack); syscalls are the dominant cost here, so batches are joined first. And pika sends
+    only when the loop next sees the socket writable: one more ``epoll_wait`` and turn of
+    the loop (timers, GIL released and taken again) between a hand-off and its frames
+    leaving, on every request and every reply (docs/request-reply.md, "Numbers"). So a
+    plaintext transport is sent at once, through the very handler the loop would call
+    (it keeps what the socket does not take and stays registered for writability then;
+    TLS has its own read/write state machine and is left to the loop). This reaches into
+    pika's transport (``_transport._tx_buffers``, ``_on_socket_writable``, pika 1.x); if
+    that ever changes, nothing breaks, the frames just leave one by one again, later.
     """
-    bufs = getattr(getattr(conn, "_transport", None), "_tx_buffers", None)
-    if bufs is not None and len(bufs) > 1:
+    transport: Any = getattr(conn, "_transport", None)
+    bufs = getattr(transport, "_tx_buffers", None)
+    if not bufs:
+        return
+    if len(bufs) > 1:
         data = b"".join(bufs)
         bufs.clear()
         bufs.append(data)
+    if type(transport) is _PLAIN:
+        transport._on_socket_writable()
