@@ -414,3 +414,36 @@ def test_sends_after_close_are_refused_once_the_fast_path_was_learnt(closing: st
             p.send("jobs", {"n": 3})
     finally:
         conn.close()
+
+
+def test_messages_already_buffered_are_checked_like_the_first() -> None:
+    # Consumer.receive decodes a message already waiting in the driver's buffer inline (its
+    # fast path); an expired one, a foreign one and one with malformed headers must still be
+    # dropped or dead-lettered there, and a message with headers must keep them. Everything
+    # goes through the one PUSH socket, so it arrives in this order.
+    import mqprimer
+    from mqprimer.backend import Queue
+
+    with mqprimer.connect(f"zmq+tcp://127.0.0.1:{_port()}") as conn, conn.consumer("jobs") as c:
+        p = conn.producer()
+        sent = [p.send("jobs", {"n": 0}), p.send("jobs", {"n": 1})]  # the second one learns send()'s fast path
+        p.send("jobs", {"expired": True}, ttl=0.05)
+        sent.append(p.send("jobs", {"n": 2}))
+        bad = p.build("jobs", {"n": 3}).payload.replace(b'"data"', b'"mqheaders":"{\\"k\\": 1}","data"')
+        backend = conn.endpoints[0].backend
+        assert backend is not None
+        for payload in (bad, b"not json"):  # each right after a message the fast path took
+            backend.publish(Queue("jobs"), payload, message_id="raw")
+        sent += [p.send("jobs", {"n": 4}, headers={"tenant": "acme"}), p.send("jobs", {"n": 5})]
+        time.sleep(0.5)  # all of it in the PULL socket, and the ttl over
+        got = []
+        for _ in sent:
+            m = c.receive(timeout=5)
+            assert m is not None
+            got.append((m.id, m.headers))
+            m.ack()
+        assert [g[0] for g in got] == sent, "a message was lost, or the expired one delivered"
+        assert got[3][1] == {"tenant": "acme"}
+        assert c.receive(timeout=0.3) is None
+        dead = conn.dead_letters("jobs").list()
+        assert len(dead) == 2 and all("invalid envelope" in (d.reason or "") for d in dead), dead
