@@ -33,7 +33,7 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 
 try:  # pika 1.x's plaintext transport, which coalesce() sends through at once
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PLAIN
-except ImportError:  # pragma: no cover - another pika: frames leave when the loop sends them
+except ImportError:  # pragma: no cover - frames leave when the loop sends them
     _PLAIN = None
 
 from ..errors import ConfigurationError
@@ -383,16 +383,12 @@ class Chan:
 def coalesce(conn: Any) -> None:
     """Join pika's pending output into one buffer and send it now, in one ``send()``.
 
-    pika writes every frame with its own ``send()`` (three per published message, one per
-    ack); syscalls are the dominant cost here, so batches are joined first. And pika sends
-    only when the loop next sees the socket writable: one more ``epoll_wait`` and turn of
-    the loop (timers, GIL released and taken again) between a hand-off and its frames
-    leaving, on every request and every reply (docs/request-reply.md, "Numbers"). So a
-    plaintext transport is sent at once, through the very handler the loop would call
-    (it keeps what the socket does not take and stays registered for writability then;
-    TLS has its own read/write state machine and is left to the loop). This reaches into
-    pika's transport (``_transport._tx_buffers``, ``_on_socket_writable``, pika 1.x); if
-    that ever changes, nothing breaks, the frames just leave one by one again, later.
+    pika writes every frame with its own ``send()`` (syscalls cost most here), and only when
+    the loop next sees the socket writable: one more ``epoll_wait`` and loop turn per request
+    and per reply (docs/request-reply.md, "Numbers"). Plaintext is sent at once through the
+    handler the loop would call (what the socket does not take waits for writability as
+    before); TLS, with its own state machine, is left to the loop. This reaches into pika 1.x
+    internals; if they change, nothing breaks, the frames just leave one by one, later.
     """
     transport: Any = getattr(conn, "_transport", None)
     bufs = getattr(transport, "_tx_buffers", None)
