@@ -372,3 +372,47 @@ def test_a_hand_off_s_frames_leave_at_once_not_on_the_loop_s_next_turn(url: str,
     finally:
         link.close()
         raw.queue_delete(queue)
+
+
+def test_request_shares_the_connections_one_broker_connection_and_survives_a_cut() -> None:
+    """conn.request()'s reply path is channels on the Connection's own AMQP connection (issue
+    18: one broker connection per endpoint), not a second connection; cut, it comes back on
+    the one new connection."""
+    from mqprimer.testing.proxy import Proxy
+
+    raw = need_broker("amqp")
+    url = URL.parse(raw)
+    q = f"share{uuid.uuid4().hex[:8]}"
+    stop = threading.Event()
+
+    def serve() -> None:
+        with mqprimer.connect(raw) as sconn, sconn.consumer(q) as c:
+            while not stop.is_set():
+                m = c.receive(timeout=0.2)
+                if m is not None:
+                    m.reply({"echo": m.body})
+                    m.ack()
+
+    with Proxy((url.host or "127.0.0.1", url.port or 5672)) as proxy:
+        via = raw.replace(f":{url.port}", f":{proxy.port}", 1)
+        service = threading.Thread(target=serve, daemon=True)
+        service.start()
+        try:
+            with mqprimer.connect(via, reconnect_timeout=10) as conn, conn.consumer(f"{q}.other") as other:
+                conn.producer().send(f"{q}.other", "x")
+                assert other.receive(timeout=10) is not None
+                assert conn.request(q, 1, timeout=10).body == {"echo": 1}
+                assert proxy.connections == 1, f"{proxy.connections} broker connections for one Connection"
+                proxy.cut()
+                reply = None
+                deadline = time.monotonic() + 20
+                while reply is None and time.monotonic() < deadline:  # the call under way when cut may fail
+                    try:
+                        reply = conn.request(q, 2, timeout=5)
+                    except (mqprimer.ConnectionFailed, mqprimer.Timeout):
+                        continue
+                assert reply is not None and reply.body == {"echo": 2}
+                assert proxy.connections == 1, f"{proxy.connections} broker connections after the cut"
+        finally:
+            stop.set()
+            service.join(10)

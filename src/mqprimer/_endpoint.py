@@ -22,8 +22,11 @@ T = TypeVar("T")
 
 
 class Endpoint:
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, parent: "Endpoint | None" = None) -> None:
         self.url = url
+        # the endpoint whose broker connection this one shares where its backend offers that
+        # (Backend.reply_sharer: a Connection's reply path on AMQP), else None
+        self.parent = parent
         self.cls = registry.get(url.scheme)
         unknown = sorted({k for k, _ in url.query} - self.cls.url_params)
         if unknown:
@@ -49,6 +52,12 @@ class Endpoint:
         """The open backend, connecting first if needed."""
         with self.lock:
             if self.backend is None:
+                backend = self._shared() if self.parent is not None else None
+                if backend is not None:
+                    self.backend = backend
+                    self._caps = backend.capabilities
+                    self.generation += 1
+                    return backend
                 backend = self.cls(self.url)
                 try:
                     backend.open()
@@ -63,6 +72,28 @@ class Endpoint:
                 self.generation += 1
                 log.debug("connected to %s", self.url)
             return self.backend
+
+    def _shared(self) -> Backend | None:
+        """An open backend on the parent's broker connection, or ``None`` if its backend offers
+        none. A shared connection found dead is reset on the parent (if nobody replaced it
+        meanwhile) and tried once more, so the caller need not fail once to reconnect it."""
+        assert self.parent is not None
+        for attempt in (1, 2):
+            owner = self.parent.ensure()
+            view = owner.reply_sharer()
+            if view is None:
+                return None
+            try:
+                view.open()
+                return view
+            except BaseException as exc:
+                err = self.translate(exc, "connect")
+                if attempt == 2 or not isinstance(err, ConnectionFailed):
+                    raise err from None
+                with self.parent.lock:
+                    if self.parent.backend is owner:
+                        self.parent.reset()
+        return None  # not reached
 
     def call(self, what: str, fn: Callable[[Backend], T]) -> T:
         """Run ``fn(backend)`` under the lock, mapping errors; a lost connection resets."""

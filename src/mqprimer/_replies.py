@@ -41,6 +41,9 @@ class Owner(Protocol):
     def urls(self) -> Sequence[URL]: ...
 
     @property
+    def endpoints(self) -> Sequence[Endpoint]: ...
+
+    @property
     def capabilities(self) -> Capabilities: ...
 
     def publish_one(self, dest: Destination, payload: bytes, message_id: str, priority: int | None = None,
@@ -139,7 +142,9 @@ class Replies:
 
     def __init__(self, conn: Owner) -> None:
         self.conn = conn
-        self.ep = Endpoint(conn.urls[conn._active])
+        # its own backend instance (read by one thread at a time, apart from the producers'),
+        # on the connection's own broker connection where the backend can share it
+        self.ep = Endpoint(conn.urls[conn._active], parent=conn.endpoints[conn._active])
         self.lock = threading.Lock()  # holds the path (a driver is used by one thread at a time)
         self.cond = threading.Lock()  # guards waiting, answered and the counters
         self.waiting: dict[str, _Slot] = {}

@@ -442,6 +442,13 @@ class Backend(ABC):
         ``request_reply`` NATIVE; the default is :class:`QueueReplyPath` (EMULATED)."""
         return QueueReplyPath(self, name)
 
+    def reply_sharer(self) -> "Backend | None":
+        """A backend for its connection's reply path that shares this one's broker connection
+        (its own channels on it), or ``None``: the reply path opens a connection of its own.
+        Its ``open()`` and ``close()`` must neither open nor close the shared connection;
+        ``open()`` raises a connection error when that connection is gone."""
+        return None
+
     def send_reply(self, address: str, payload: bytes, *, message_id: str, ttl: float | None) -> None:
         """Send one reply to a request's reply address; ``ttl`` only if ttl is NATIVE.
 

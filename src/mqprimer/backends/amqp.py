@@ -231,6 +231,9 @@ class AmqpBackend(Backend):
     def reply_path(self, name: str) -> ReplyPath:
         return DirectReplyPath(self._alive(), self.queue_args)
 
+    def reply_sharer(self) -> "AmqpBackend":
+        return _SharedLink(self)
+
     def send_reply(
         self, address: str, payload: bytes, *, message_id: str, ttl: float | None, correlation_id: str | None = None
     ) -> None:
@@ -278,3 +281,22 @@ class AmqpBackend(Backend):
     def subscribe(self, destination: Destination, *, prefetch: int, subscription: str | None = None) -> Subscription:
         return AmqpSubscription(self._alive(), destination, prefetch, subscription, self.opts.exchange,
                                 self.queue_args)
+
+
+class _SharedLink(AmqpBackend):
+    """A Connection's reply path on that Connection's own AMQP connection (one connection per
+    endpoint): channels of its own on the owner's link, which it neither opens nor closes."""
+
+    def __init__(self, owner: AmqpBackend) -> None:
+        super().__init__(owner.url)
+        self._owner = owner
+
+    def open(self) -> None:
+        self._link = self._owner._alive()
+
+    def close(self) -> None:
+        chans = (self._pub, self._reply_ch)
+        self._link, self._pub, self._reply_ch = None, None, None
+        for chan in chans:
+            if chan is not None:
+                chan.close()
