@@ -114,6 +114,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.error: str | None = None
         self.connected = False
         self.alive = False
+        self.loop_done = False
         self.server = ""
         self.headers: dict[str, str] = {}
         self._ids = itertools.count(1)
@@ -167,6 +168,11 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
     def on_message(self, frame: Any) -> None:  # stomp.py's own reader (a version without the one we use)
         self.routes.get(frame.headers.get("subscription", ""), self.inbox).put([frame])
 
+    def on_receiver_loop_completed(self, *_: Any) -> None:
+        with self.cond:
+            self.loop_done = True  # its cleanup() closed the socket
+            self.cond.notify_all()
+
     def on_disconnected(self) -> None:
         with self.cond:
             self.alive = False
@@ -210,6 +216,10 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
                 rid = self.next_id("bye")
                 self.conn.disconnect(receipt=rid)
                 self._wait(lambda: rid in self.receipts or not self.conn.transport.running, 2.0)
+                # the broker closes the connection after that receipt; stomp.py's receiver then
+                # closes the socket itself, and a disconnect_socket() racing it logs a WARNING
+                # ("unable to issue SHUT_RDWR ... Bad file descriptor"): let it finish first
+                self._wait(lambda: self.loop_done, 0.5)
         except Exception:
             pass
         try:
