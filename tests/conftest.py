@@ -67,22 +67,37 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.mq_battery = specs
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port_pair() gave this process: never twice
+
+
 def free_port_pair() -> int:
-    """A loopback port P with P+1 free too (zmq+tcp:// uses P for queues, P+1 for topics)."""
+    """A loopback port P with P+1 free too (zmq+tcp:// uses P for queues, P+1 for topics).
+
+    Taken below the kernel's ephemeral range, in a band of its own per xdist worker: the
+    conformance target's P+1 is bound only when a topic test runs, and an ephemeral P+1 was
+    meanwhile the local port of some outbound connection in a CI run (EADDRINUSE)."""
+    import random
     import socket
 
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port < 65535:
-                try:
-                    with socket.socket() as b:
-                        b.bind(("127.0.0.1", port + 1))
-                        return port
-                except OSError:
-                    continue
-    raise RuntimeError("no two consecutive free loopback ports")
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    low = 20000 + (int(worker) % 6 if worker.isdigit() else 0) * 1500  # up to 28999: below our brokers' ports
+    if low + 1500 >= ephemeral_low:
+        raise RuntimeError(f"the ephemeral port range starts at {ephemeral_low}: no room below it for zmq test ports")
+    for _ in range(200):
+        port = random.randrange(low, low + 1499)
+        if port in _HANDED_OUT or port + 1 in _HANDED_OUT:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        _HANDED_OUT.update((port, port + 1))
+        return port
+    raise RuntimeError(f"no two consecutive free loopback ports in {low}-{low + 1499}")
 
 
 def _is_tls_twin(url_id: str, url: str) -> bool:
