@@ -258,9 +258,46 @@ class Subscription(ABC):
         """
         return None
 
+    def receive_nowait(self) -> Delivery | None:
+        """The asyncio twin's poll on its event loop (``"poll"`` in ``Capabilities.nowait``):
+        ``receive(0.0)`` that never waits; ``None`` where it would (nothing done then). The
+        default is ``receive(0.0)``, for drivers whose ``receive(0.0)`` never waits anyway."""
+        return self.receive(0.0)
+
+    def ack_nowait(self, delivery: Delivery) -> bool:
+        """The twin's ack on its event loop (``"ack"`` in ``Capabilities.nowait``): ``False``
+        (nothing done; the twin calls :meth:`ack` on a thread) where it would wait. The
+        default is :meth:`ack`, for drivers whose ``ack`` never waits anyway."""
+        self.ack(delivery)
+        return True
+
     @abstractmethod
     def close(self) -> None:
         """Stop receiving; every unsettled delivery goes back to the broker."""
+
+    # The optional asyncio SPI: the same operations on the running event loop's own
+    # non-blocking I/O, for drivers whose round trip is short enough that a thread hop
+    # (~50 us) would cost the asyncio twin half its speed (beanstalk). Called on the loop,
+    # with the portable layer's subscription lock held; they never wait for a lock (busy:
+    # NotNow) and never block the loop. NotNow: nothing was done, the twin takes the blocking
+    # path on a thread; any other error: the twin repeats the call on that path, which meets
+    # the same error (a driver makes a connection it cannot trust unusable first) and
+    # handles it as usual. A cancelled call leaves the connection in step with its replies
+    # and nothing half-taken (drained, given back, or the connection dropped). The defaults
+    # mean "not offered" (the twin checks for an override once per class).
+    async def receive_async(self, timeout: float) -> Delivery | None:
+        """:meth:`receive` with ``timeout`` seconds, awaited on the event loop."""
+        raise NotNow("not offered")
+
+    async def ack_async(self, delivery: Delivery) -> None:
+        """:meth:`ack`, awaited on the event loop; cancelled mid-way, the ack still completes
+        (or the connection is dropped and the broker redelivers)."""
+        raise NotNow("not offered")
+
+
+class NotNow(Exception):
+    """An asyncio SPI call did nothing (not offered, or the connection is busy): take the
+    blocking path on a thread."""
 
 
 class DeadLetterStore(ABC):
@@ -416,6 +453,14 @@ class Backend(ABC):
         loop and takes the thread path whenever it returns ``False`` or raises.
         """
         return None
+
+    async def publish_async(self, destination: Destination, payload: bytes, *, message_id: str) -> None:
+        """Optional (see :meth:`Subscription.receive_async`): ``publish`` without options,
+        awaited on the event loop, called with the endpoint's lock held. NotNow (the default:
+        not offered): nothing sent. Another error: as ``publish``'s (the portable layer maps
+        it, reconnects and sends again). Cancelled mid-way: the message may have been sent,
+        and a connection left out of step with its replies is dropped."""
+        raise NotNow("not offered")
 
     @abstractmethod
     def subscribe(

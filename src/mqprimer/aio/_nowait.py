@@ -49,11 +49,20 @@ def poll(c: Consumer) -> "Message | Raw | None":
         if sub is None:
             return None
         try:
-            d = sub.receive(0.0)
+            d = sub.receive_nowait()
         except Exception:  # it has done nothing (nowait): the thread's receive meets it and handles it
             return None
         if d is None:
             return None
+        return take(c, s, sub, d)
+    finally:
+        s.lock.release()
+
+
+def take(c: Consumer, s: _Sub, sub: Subscription, d: Delivery) -> "Message | Raw":
+    """The message of delivery ``d`` taken on the loop (``s.lock`` held), as Consumer._wrap's
+    common path makes it; a :data:`Raw` delivery where it needs the slow path (on a thread)."""
+    if True:
         if len(d.payload) > INLINE_MAX:
             return s, sub, d
         try:
@@ -69,8 +78,6 @@ def poll(c: Consumer) -> "Message | Raw | None":
         m = Message(c, s, d, env, s.generation)
         c._pending.add(m)
         return m
-    finally:
-        s.lock.release()
 
 
 def wrap(c: Consumer, raw: Raw) -> Message | None:
@@ -94,7 +101,8 @@ def ack(m: Message) -> bool:
         if sub is None or m._generation != s.generation:
             return False  # lost with its connection: the portable layer says so
         try:
-            sub.ack(m._delivery)
+            if not sub.ack_nowait(m._delivery):
+                return False  # it would wait (a lock another process holds): the thread acks
         except Exception:  # it has done nothing (nowait): the thread's ack meets it and handles it
             return False
         m._state = _State.ACKED

@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS mq_subscriptions (
 """
 LIVE, DEAD, DONE = 0, 1, 2
 HOUSEKEEP_EVERY = 10.0  # seconds between housekeeping passes of one connection
+# The asyncio twin's loop-side connections (loop_db) never checkpoint the WAL (a checkpoint
+# fsyncs the database file): after this many commits on one of them, its owner declines loop
+# work until its thread-side connection has committed (the twin's thread path does that next),
+# and that commit checkpoints once the WAL holds 1000 pages (sqlite's default autocheckpoint).
+LOOP_COMMITS = 128
+LOOP_MAX_PAYLOAD = 64 * 1024  # bigger inserts take the thread path (copying them costs ~1 ms/MiB)
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 
@@ -119,6 +125,23 @@ def connect_db(opts: Options) -> sqlite3.Connection:
     except BaseException:
         db.close()
         raise
+
+
+def loop_db(opts: Options) -> sqlite3.Connection | None:
+    """A second connection for the asyncio twin's event loop, or ``None`` (``synchronous=full``:
+    every commit fsyncs there). It never waits for a lock (busy timeout 0: another connection's
+    write lock answers SQLITE_BUSY at once, and the statement has done nothing) and never
+    checkpoints the WAL (see LOOP_COMMITS); opened on a thread, as the thread-side one."""
+    if opts.synchronous != "NORMAL":
+        return None
+    db = connect_db(opts)
+    try:
+        db.execute("PRAGMA busy_timeout = 0")
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def _prepare(db: sqlite3.Connection, opts: Options) -> None:

@@ -16,7 +16,7 @@ import time
 import uuid
 
 from ..backend import Delivery, Destination, Queue, Subscription, Topic
-from ._sqlite_db import HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
+from ._sqlite_db import HOUSEKEEP_EVERY, LOOP_COMMITS, Options, Txn, connect_db, drop_queue, housekeep, loop_db
 
 _MIN_NAP, _MAX_NAP = 0.005, 0.05  # adaptive poll interval: sqlite has no notifications
 _PRIVATE_LEASE_MIN = 60.0  # a private subscription lives this long without a receive() call
@@ -28,6 +28,7 @@ _RESERVE = (
     f"(SELECT seq FROM mq_messages WHERE {_AVAILABLE} ORDER BY priority DESC, seq LIMIT ?) "
     "RETURNING seq, payload, priority, deliveries"
 )
+_ACK = "UPDATE mq_messages SET state = 2, payload = x'', owner = NULL WHERE seq = ? AND owner = ?"
 _GIVE_BACK = (
     "UPDATE mq_messages SET owner = NULL, available_at = ?, deliveries = max(deliveries - 1, 0) "
     "WHERE seq = ? AND owner = ?"
@@ -60,12 +61,15 @@ class SqliteSubscription(Subscription):
         self.renew_at = 0.0
         self.housekeep_at = time.time() + HOUSEKEEP_EVERY
         self.db: sqlite3.Connection | None = connect_db(opts)
-        if isinstance(destination, Topic):
-            try:
+        self.ndb: sqlite3.Connection | None = None  # the event loop's (receive_nowait, ack_nowait)
+        self.loop_commits = 0
+        try:
+            self.ndb = loop_db(opts)
+            if isinstance(destination, Topic):
                 self._register(time.time())
-            except BaseException:
-                self._close_db()
-                raise
+        except BaseException:
+            self._close_db()
+            raise
 
     def _register(self, now: float) -> None:
         db = self._db()
@@ -98,27 +102,57 @@ class SqliteSubscription(Subscription):
             time.sleep(nap if left is None else min(nap, left))
             nap = min(nap * 2, _MAX_NAP)
 
-    def _next_buffered(self) -> Delivery | None:
+    def _next_buffered(self, db: sqlite3.Connection | None = None) -> Delivery | None:
         vt = self.opts.visibility_timeout
-        while self.buffer:
-            tag, payload, prior, reserved_at = self.buffer.popleft()
+        buffer = self.buffer
+        while buffer:
+            tag, payload, prior, reserved_at = buffer[0]
             now = time.time()
             if now - reserved_at > vt / 2:
                 # buffered too long: extend the reservation, or drop it if it already lapsed
-                cur = self._db().execute(
+                # (taken from the buffer only once that is done: a busy loop-side update raises)
+                cur = (db or self._db()).execute(
                     "UPDATE mq_messages SET available_at = ? WHERE seq = ? AND owner = ?", (now + vt, *tag)
                 )
                 if cur.rowcount != 1:
+                    buffer.popleft()
                     continue
+            buffer.popleft()
             self.unsettled.add(tag)
             return Delivery(payload, tag, extra_attempts=prior, broker_redelivered=prior > 0)
         return None
 
+    def receive_nowait(self) -> Delivery | None:
+        """``receive(0.0)`` on the asyncio twin's event loop, through the loop-side connection:
+        ``None`` where it would wait (another connection holds the write lock: the statement
+        did nothing) or where the thread-side connection should act (chores, a WAL checkpoint
+        due: LOOP_COMMITS). Then the twin's receive waits on its thread, which reserves."""
+        db = self.ndb
+        if db is None:
+            return self.receive(0.0)  # not reached: "poll" is declared only with a loop-side connection
+        try:
+            if self.buffer:
+                d = self._next_buffered(db)
+                if d is not None:
+                    return d
+            now = time.time()
+            if now >= self.housekeep_at or self.private and now >= self.renew_at or self.loop_commits >= LOOP_COMMITS:
+                return None  # until the thread's _reserve has run (the twin's receive waits there next)
+            if not self._take(db, now):
+                return None
+            self.loop_commits += 1
+            return self._next_buffered(db)
+        except sqlite3.OperationalError:  # busy or locked: nothing was done
+            return None
+
     def _reserve(self) -> bool:
         """Reserve a batch into the buffer; False if nothing is available."""
-        db = self._db()
         now = time.time()
         self._chores(now)
+        self.loop_commits = 0  # this connection's commit checkpoints the WAL if it is due
+        return self._take(self._db(), now)
+
+    def _take(self, db: sqlite3.Connection, now: float) -> bool:
         if db.execute(_PROBE, (self.queue, now, now)).fetchone() is None:
             return False
         n = max(1, self.prefetch - len(self.unsettled))
@@ -147,10 +181,25 @@ class SqliteSubscription(Subscription):
 
     def ack(self, delivery: Delivery) -> None:
         # the row stays, without its payload, so that status() can answer DONE (housekeeping trims them)
-        cur = self._db().execute(
-            "UPDATE mq_messages SET state = 2, payload = x'', owner = NULL WHERE seq = ? AND owner = ?", delivery.tag
-        )
+        cur = self._db().execute(_ACK, delivery.tag)
+        self.loop_commits = 0  # this connection's commit checkpointed the WAL if it was due
         self._settled(delivery, cur, "ack")
+
+    def ack_nowait(self, delivery: Delivery) -> bool:
+        """:meth:`ack` on the event loop; ``False``: nothing done (busy, the reservation lost:
+        the thread's ack raises ReservationLost, or a WAL checkpoint due: LOOP_COMMITS)."""
+        db = self.ndb
+        if db is None or self.loop_commits >= LOOP_COMMITS:
+            return False  # until the thread's ack (which the twin calls next) has run
+        try:
+            cur = db.execute(_ACK, delivery.tag)
+        except sqlite3.OperationalError:  # busy or locked: nothing was done
+            return False
+        if cur.rowcount != 1:
+            return False
+        self.loop_commits += 1
+        self.unsettled.discard(delivery.tag)
+        return True
 
     def touch(self, delivery: Delivery) -> None:
         cur = self._db().execute(
@@ -202,5 +251,8 @@ class SqliteSubscription(Subscription):
 
     def _close_db(self) -> None:
         db, self.db = self.db, None
+        ndb, self.ndb = self.ndb, None
+        if ndb is not None:
+            ndb.close()
         if db is not None:
             db.close()

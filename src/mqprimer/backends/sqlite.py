@@ -16,10 +16,13 @@ The schema, the ordering rules and the housekeeping are described in docs/backen
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
+
+import msgspec
 
 from ..backend import (
     EMULATED,
@@ -35,7 +38,19 @@ from ..backend import (
     Topic,
 )
 from ..topics import matches
-from ._sqlite_db import DEAD, DONE, HOUSEKEEP_EVERY, Options, Txn, connect_db, drop_queue, housekeep
+from ._sqlite_db import (
+    DEAD,
+    DONE,
+    HOUSEKEEP_EVERY,
+    LOOP_COMMITS,
+    LOOP_MAX_PAYLOAD,
+    Options,
+    Txn,
+    connect_db,
+    drop_queue,
+    housekeep,
+    loop_db,
+)
 from ._sqlite_sub import SqliteSubscription
 
 CAPABILITIES = Capabilities(
@@ -59,7 +74,11 @@ CAPABILITIES = Capabilities(
         "redelivered after visibility_timeout (default 30 s); synchronous=normal (default) survives process "
         "crashes but may lose the last commits on an OS crash or power loss, synchronous=full survives those"
     ),
+    # on the asyncio loop through a second connection with busy timeout 0 that never checkpoints
+    # (synchronous=normal: a commit does not fsync); a lock held elsewhere: the thread path
+    nowait=("poll", "ack"),
 )
+_NO_LOOP = dataclasses.replace(CAPABILITIES, nowait=())  # synchronous=full: each commit fsyncs
 
 _INSERT = (
     "INSERT INTO mq_messages (queue, mid, payload, priority, available_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -70,6 +89,8 @@ _STATS = (
     "sum(available_at > ? AND owner IS NULL), sum(available_at > ? AND owner IS NOT NULL AND "
     "(expires_at IS NULL OR expires_at > ?)) FROM mq_messages WHERE queue = ? AND state = 0"
 )
+# what fresh_format (envelope.py) writes before a new message's id: fast_publisher reads it there
+_ID_AT = b'{"specversion":"1.0","id":"'
 # several rows can share an id (a topic message in several subscriptions): report the most active one
 _RANK = {Status.RESERVED: 5, Status.READY: 4, Status.DELAYED: 3, Status.DEAD: 2, Status.DONE: 1, Status.UNKNOWN: 0}
 
@@ -86,11 +107,23 @@ class SqliteBackend(Backend):
     def open(self) -> None:
         self.opts = Options(self.url)
         self.db = connect_db(self.opts)
-        self._next_housekeeping = 0.0
-        self._housekeep()
+        self.ndb: sqlite3.Connection | None = None  # the event loop's (nowait_publisher)
+        self._loop_commits = 0
+        try:
+            self._next_housekeeping = 0.0
+            self._housekeep()
+            self.ndb = loop_db(self.opts)
+        except BaseException:
+            self.close()
+            raise
+        if self.ndb is None:
+            self.capabilities = _NO_LOOP
 
     def close(self) -> None:
         db, self.db = self.db, None
+        ndb, self.ndb = getattr(self, "ndb", None), None
+        if ndb is not None:
+            ndb.close()
         if db is not None:
             db.close()
 
@@ -120,6 +153,7 @@ class SqliteBackend(Backend):
                     db.execute(_INSERT, (name, message_id, payload, priority or 0, available, expires))
         else:
             db.execute(_INSERT, (destination.name, message_id, payload, priority or 0, available, expires))
+        self._loop_commits = 0  # this connection's commit checkpointed the WAL if it was due
         self._maybe_housekeep(now)
 
     def publish_many(self, items: Sequence[Outgoing]) -> None:
@@ -136,6 +170,43 @@ class SqliteBackend(Backend):
                     rows.append((it.destination.name, *row))
             db.executemany(_INSERT, rows)
         self._maybe_housekeep(now)
+
+    def fast_publisher(self, destination: Destination) -> tuple[bytes, Callable[[bytes], object]] | None:
+        """A queue's plain send without publish()'s call chain (its id read from the frame)."""
+        if not isinstance(destination, Queue):
+            return None  # a topic message goes to every matching subscription: publish()
+        db, name = self._conn(), destination.name
+
+        def send(frame: bytes) -> None:
+            now = time.time()
+            db.execute(_INSERT, (name, _frame_id(frame), frame, 0, now, None))
+            self._loop_commits = 0  # this connection's commit checkpointed the WAL if it was due
+            if now >= self._next_housekeeping:
+                self._housekeep()
+
+        return b"", send
+
+    def nowait_publisher(self, destination: Destination) -> Callable[[bytes], bool] | None:
+        """fast_publisher's send on the loop-side connection: ``False`` (nothing inserted) where
+        it would wait for another connection's write lock, where housekeeping or a WAL
+        checkpoint is due (the thread path does them), and for a frame over LOOP_MAX_PAYLOAD."""
+        ndb = self.ndb
+        if ndb is None or not isinstance(destination, Queue):
+            return None
+        name = destination.name
+
+        def send(frame: bytes) -> bool:
+            now = time.time()
+            if len(frame) > LOOP_MAX_PAYLOAD or now >= self._next_housekeeping or self._loop_commits >= LOOP_COMMITS:
+                return False  # the twin's thread path sends next: its connection does these
+            try:
+                ndb.execute(_INSERT, (name, _frame_id(frame), frame, 0, now, None))
+            except sqlite3.OperationalError:  # busy or locked: nothing was inserted
+                return False
+            self._loop_commits += 1
+            return True
+
+        return send
 
     @staticmethod
     def _targets(db: sqlite3.Connection, topic: str, now: float) -> list[str]:
@@ -193,3 +264,11 @@ class SqliteBackend(Backend):
     def _housekeep(self) -> None:
         self._next_housekeeping = time.time() + HOUSEKEEP_EVERY
         housekeep(self._conn(), self.opts)
+
+
+def _frame_id(frame: bytes) -> str:
+    """The id of a new envelope (fast_publisher's frames are fresh_format's)."""
+    if frame.startswith(_ID_AT):
+        start = len(_ID_AT)
+        return frame[start:frame.index(b'"', start)].decode()
+    return str(msgspec.json.decode(frame)["id"])  # not fresh_format's layout: the JSON says
