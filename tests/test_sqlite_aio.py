@@ -24,6 +24,7 @@ import mqprimer
 import mqprimer.aio as aio
 from mqprimer.aio import _nowait
 from mqprimer.aio._runner import Runner
+from mqprimer.backends._sqlite_db import LOOP_MAX_BATCH
 from mqprimer.backends._sqlite_sub import SqliteSubscription
 from mqprimer.producer import Producer
 
@@ -173,6 +174,8 @@ def test_a_writer_process_holding_the_lock_loses_and_duplicates_nothing(
                     sent.append(await p.send(q, {"i": i}))
                 await asyncio.wait_for(consumer, 30)
                 assert await c.receive(timeout=0.3) is None, "a message came twice"
+                stats = await conn.stats(q)
+                assert (stats.ready, stats.reserved) == (0, 0), f"not every ack was done: {stats}"
             return sent, got
 
         sent, got = asyncio.run(main())
@@ -215,10 +218,10 @@ def test_the_loop_side_never_checkpoints_and_the_wal_stays_bounded(
             assert sub.ndb.execute("PRAGMA busy_timeout").fetchone() == (0,)
 
     asyncio.run(main())
-    assert counted["done"]["send"] > n * 0.9 and counted["done"]["ack"] > n * 0.9, counted
-    assert counted["not done"]["send"] >= 1 and counted["not done"]["ack"] >= 1, counted
     # 4000+ commits of ~3 pages each without a checkpoint: ~30 MB; with them ~5 MB
     assert wal_max < 12e6, f"the WAL grew to {wal_max / 1e6:.1f} MB: nothing checkpointed it"
+    assert counted["done"]["send"] > n * 0.9 and counted["done"]["ack"] > n * 0.9, counted
+    assert counted["not done"]["send"] >= 1 and counted["not done"]["ack"] >= 1, counted
 
 
 def test_an_empty_queue_does_not_spin_the_loop(path: Path, counted: dict[str, Counter[str]]) -> None:
@@ -251,3 +254,36 @@ def test_synchronous_full_runs_nothing_on_the_loop(path: Path, counted: dict[str
 
     asyncio.run(main())
     assert not counted["done"], counted["done"]
+
+
+def test_a_loop_side_reserve_takes_at_most_its_byte_budget(path: Path, counted: dict[str, Counter[str]]) -> None:
+    """Reading a batch of big payloads on the loop would hold it for milliseconds: the loop
+    reserves what fits in LOOP_MAX_BATCH bytes, and a message bigger than that on its own is
+    reserved by the twin's thread; order and content are kept."""
+    q = f"q{uuid.uuid4().hex[:8]}"
+    big = "x" * (LOOP_MAX_BATCH + 1000)
+    small = "y" * (LOOP_MAX_BATCH // 3)
+    url = f"sqlite:///{path}"
+    with mqprimer.connect(url) as b:
+        ids = b.producer().send_many([(q, small), (q, small), (q, small), (q, big), (q, {"i": 1})])
+
+    async def main() -> list[tuple[str, Any]]:
+        out = []
+        async with aio.connect(url) as conn, conn.consumer(q, prefetch=50) as c:
+            sub = c.blocking._single.sub  # type: ignore[union-attr]
+            assert isinstance(sub, SqliteSubscription)
+            m = await c.receive(timeout=10)
+            assert m is not None
+            assert len(sub.buffer) == 1, "the loop reserved more than two thirds of its byte budget"
+            out.append((m.id, m.body))
+            await m.ack()
+            for _ in range(4):
+                m = await c.receive(timeout=10)
+                assert m is not None
+                out.append((m.id, m.body))
+                await m.ack()
+        return out
+
+    got = asyncio.run(main())
+    assert [i for i, _ in got] == ids and [body for _, body in got] == [small, small, small, big, {"i": 1}]
+    assert counted["hops"]["receive"] >= 1, "the big message was reserved on a thread"

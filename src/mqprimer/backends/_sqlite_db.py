@@ -47,6 +47,7 @@ HOUSEKEEP_EVERY = 10.0  # seconds between housekeeping passes of one connection
 # and that commit checkpoints once the WAL holds 1000 pages (sqlite's default autocheckpoint).
 LOOP_COMMITS = 128
 LOOP_MAX_PAYLOAD = 64 * 1024  # bigger inserts take the thread path (copying them costs ~1 ms/MiB)
+LOOP_MAX_BATCH = 256 * 1024  # payload bytes one loop-side reserve takes at most (the thread's: prefetch rows)
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 

@@ -16,7 +16,17 @@ import time
 import uuid
 
 from ..backend import Delivery, Destination, Queue, Subscription, Topic
-from ._sqlite_db import HOUSEKEEP_EVERY, LOOP_COMMITS, Options, Txn, connect_db, drop_queue, housekeep, loop_db
+from ._sqlite_db import (
+    HOUSEKEEP_EVERY,
+    LOOP_COMMITS,
+    LOOP_MAX_BATCH,
+    Options,
+    Txn,
+    connect_db,
+    drop_queue,
+    housekeep,
+    loop_db,
+)
 
 _MIN_NAP, _MAX_NAP = 0.005, 0.05  # adaptive poll interval: sqlite has no notifications
 _PRIVATE_LEASE_MIN = 60.0  # a private subscription lives this long without a receive() call
@@ -26,6 +36,15 @@ _PROBE = f"SELECT 1 FROM mq_messages WHERE {_AVAILABLE} LIMIT 1"
 _RESERVE = (
     "UPDATE mq_messages SET owner = ?, available_at = ?, deliveries = deliveries + 1 WHERE seq IN "
     f"(SELECT seq FROM mq_messages WHERE {_AVAILABLE} ORDER BY priority DESC, seq LIMIT ?) "
+    "RETURNING seq, payload, priority, deliveries"
+)
+# on the event loop: the same rows, as many of them as fit in LOOP_MAX_BATCH bytes of payload
+# (length() reads a blob's size from its record header, not the blob)
+_RESERVE_LOOP = (
+    "UPDATE mq_messages SET owner = ?, available_at = ?, deliveries = deliveries + 1 WHERE seq IN "
+    "(SELECT seq FROM (SELECT seq, sum(size) OVER (ORDER BY priority DESC, seq) AS upto FROM "
+    f"(SELECT seq, priority, length(payload) AS size FROM mq_messages WHERE {_AVAILABLE} "
+    "ORDER BY priority DESC, seq LIMIT ?)) WHERE upto <= ?) "
     "RETURNING seq, payload, priority, deliveries"
 )
 _ACK = "UPDATE mq_messages SET state = 2, payload = x'', owner = NULL WHERE seq = ? AND owner = ?"
@@ -138,8 +157,8 @@ class SqliteSubscription(Subscription):
             now = time.time()
             if now >= self.housekeep_at or self.private and now >= self.renew_at or self.loop_commits >= LOOP_COMMITS:
                 return None  # until the thread's _reserve has run (the twin's receive waits there next)
-            if not self._take(db, now):
-                return None
+            if not self._take(db, now, LOOP_MAX_BATCH):
+                return None  # nothing there, or its next message alone is over LOOP_MAX_BATCH
             self.loop_commits += 1
             return self._next_buffered(db)
         except sqlite3.OperationalError:  # busy or locked: nothing was done
@@ -152,13 +171,17 @@ class SqliteSubscription(Subscription):
         self.loop_commits = 0  # this connection's commit checkpoints the WAL if it is due
         return self._take(self._db(), now)
 
-    def _take(self, db: sqlite3.Connection, now: float) -> bool:
+    def _take(self, db: sqlite3.Connection, now: float, max_bytes: int | None = None) -> bool:
         if db.execute(_PROBE, (self.queue, now, now)).fetchone() is None:
             return False
         n = max(1, self.prefetch - len(self.unsettled))
         self.batch += 1
         owner = f"{self.token}.{self.batch}"
-        rows = db.execute(_RESERVE, (owner, now + self.opts.visibility_timeout, self.queue, now, now, n)).fetchall()
+        args: tuple[object, ...] = (owner, now + self.opts.visibility_timeout, self.queue, now, now, n)
+        if max_bytes is None:
+            rows = db.execute(_RESERVE, args).fetchall()
+        else:
+            rows = db.execute(_RESERVE_LOOP, (*args, max_bytes)).fetchall()
         rows.sort(key=lambda r: (-r[2], r[0]))  # RETURNING has no defined order
         self.buffer.extend(((seq, owner), payload, deliveries - 1, now) for seq, payload, _, deliveries in rows)
         return bool(rows)

@@ -103,11 +103,11 @@ class SqliteBackend(Backend):
     lease_param = "visibility_timeout"
 
     db: sqlite3.Connection | None = None
+    ndb: sqlite3.Connection | None = None  # the event loop's (nowait_publisher)
 
     def open(self) -> None:
         self.opts = Options(self.url)
         self.db = connect_db(self.opts)
-        self.ndb: sqlite3.Connection | None = None  # the event loop's (nowait_publisher)
         self._loop_commits = 0
         try:
             self._next_housekeeping = 0.0
@@ -121,7 +121,7 @@ class SqliteBackend(Backend):
 
     def close(self) -> None:
         db, self.db = self.db, None
-        ndb, self.ndb = getattr(self, "ndb", None), None
+        ndb, self.ndb = self.ndb, None
         if ndb is not None:
             ndb.close()
         if db is not None:
