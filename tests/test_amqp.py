@@ -348,7 +348,7 @@ def test_a_hand_off_s_frames_leave_at_once_not_on_the_loop_s_next_turn(url: str,
     leave them there until epoll next reports the socket writable), and the message arrives."""
     from typing import Any
 
-    from mqprimer.backends._amqp_link import Chan, Link, Options, Waiter, coalesce, parameters
+    from mqprimer.backends._amqp_link import Chan, Link, Options, Waiter, parameters
 
     raw.queue_declare(queue, durable=False)
     u = URL.parse(url)
@@ -361,7 +361,7 @@ def test_a_hand_off_s_frames_leave_at_once_not_on_the_loop_s_next_turn(url: str,
             chan.ch.basic_publish("", queue, b"frames")
             bufs: Any = link.conn._transport._tx_buffers
             pending = len(bufs)
-            coalesce(link.conn)
+            link.out.coalesce()
             w.set((pending, len(bufs)))
 
         pending, left = link.call(publish, timeout=10)

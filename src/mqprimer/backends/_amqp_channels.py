@@ -29,6 +29,7 @@ from .._ids import prepare
 from ..backend import Delivery, Destination, Queue, ReplyPath, Subscription, Topic
 from ..envelope import CONTENT_TYPE
 from ._amqp_link import _CLOSE_WAIT, Chan, Link, Step, Waiter, refused
+from ._amqp_out import ack_frame, publish_frames
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,20 @@ class AmqpSubscription(Subscription):
         acks = self._acks
         acks.append(delivery.tag)
         if len(acks) >= self._ack_batch or (not self._local and self._q.empty()):
-            self._flush()
+            if not self._link.out.direct(self._ack_frames):  # sent from this thread if the socket is idle
+                self._flush()
+
+    def _ack_frames(self) -> bytes | None:
+        """The waiting acks' frames (under the output lock, see _amqp_out), or None if the
+        channel cannot take them."""
+        ch, acks = self._chan.ch, self._acks
+        if self._chan.closed is not None or not ch.is_open or not acks:
+            return None
+        n = ch.channel_number
+        frames = []
+        while acks:
+            frames.append(ack_frame(n, acks.popleft()))
+        return b"".join(frames)
 
     def requeue(self, delivery: Delivery) -> None:
         if self._error is not None:
@@ -302,6 +316,7 @@ class DirectReplyPath(ReplyPath):
         self.queue_args = queue_args
         self.declared: set[str] = set()
         self.buf: SimpleQueue[bytes | None] = SimpleQueue()
+        self.queued: deque[None] = deque()  # requests handed to the I/O thread, not yet in pika's buffer
         self.error: BaseException | None = None
         self.chan = chan = Chan(link, self._ended)
         probe: list[str] = []
@@ -349,16 +364,34 @@ class DirectReplyPath(ReplyPath):
             content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id, correlation_id=message_id,
             reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
         )
-        chan, args = self.chan, self.queue_args
+        chan, args, link, queued = self.chan, self.queue_args, self.link, self.queued
+        if not declare:
+            # from this thread if the socket is idle (_amqp_out): no wake-up of the I/O thread
+            def frames() -> bytes | None:
+                ch = chan.ch
+                if queued or chan.closed is not None or not ch.is_open:
+                    return None  # a request handed off before this one (its declare) goes first
+                return publish_frames(ch.channel_number, "", name, payload, props, link.conn._body_max_length)
+
+            if link.out.direct(frames):
+                return
 
         # no publisher confirm: the reply confirms the request, and a lost one is a Timeout
         def send() -> None:
-            if chan.ch.is_open:
-                if declare:
-                    chan.ch.queue_declare(name, durable=True, arguments=args)
-                chan.ch.basic_publish("", name, payload, props)
+            try:
+                if chan.ch.is_open:
+                    if declare:
+                        chan.ch.queue_declare(name, durable=True, arguments=args)
+                    chan.ch.basic_publish("", name, payload, props)
+            finally:
+                queued.pop()  # after its frames are in pika's buffer: a direct write sees them there
 
-        self.link.submit(send)
+        queued.append(None)
+        try:
+            link.submit(send)
+        except BaseException:
+            queued.pop()
+            raise
 
     def receive(self, timeout: float) -> bytes | None:
         if self.error is not None:

@@ -9,7 +9,8 @@ one thread runs the connection's ioloop and owns every pika object; other thread
 work through :meth:`Link.submit` (``add_callback_threadsafe``, pika's one thread-safe
 call, with wake-ups merged) and wait on a :class:`Waiter` (a bare lock) for the answer,
 while deliveries reach consumers through a ``queue.SimpleQueue`` each (C code, no Python
-lock). Heartbeats and broker flow control are pika's own timers on that loop, so a handler
+lock). Requests, replies and acks skip the hand-off when the socket is idle: their thread
+writes their frames itself (``_amqp_out``). Heartbeats and broker flow control are pika's own timers on that loop, so a handler
 that holds a message for minutes keeps its connection, and a dead or frozen broker is
 noticed within ``heartbeat + 5`` s (pika's check interval) even when nobody calls.
 A connection costs one thread and four file descriptors (socket, epoll, wake-up pair),
@@ -31,13 +32,9 @@ import pika.exceptions as px
 from pika.adapters.blocking_connection import BlockingConnection
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
-try:  # pika 1.x's plaintext transport, which coalesce() sends through at once
-    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PLAIN
-except ImportError:  # pragma: no cover - frames leave when the loop sends them
-    _PLAIN = None
-
 from ..errors import ConfigurationError
 from ..url import URL
+from ._amqp_out import Output
 
 log = logging.getLogger("mqprimer")
 
@@ -207,6 +204,7 @@ class Link:
             transport._MAX_RECV_BYTES = 256 * 1024
             transport._MAX_CONSUME_BYTES = 1024 * 1024
         self.ioloop = ioloop
+        self.out = Output(self.conn, self.submit)  # who writes to the socket, and when (_amqp_out)
         self.conn.add_on_close_callback(self._on_close)
         self.ioloop.call_later(_ACK_DELAY, self._tick)
         self.thread = threading.Thread(target=self._run, name="mqprimer-amqp-io", daemon=True)
@@ -231,7 +229,7 @@ class Link:
                 fn()
             except Exception as exc:  # one caller's failure must not stop the loop of all
                 log.debug("AMQP I/O thread: %r", exc)
-        coalesce(self.conn)
+        self.out.coalesce()
 
     def _tick(self) -> None:
         for sub in list(self.flushers):
@@ -239,7 +237,7 @@ class Link:
                 sub.drain_acks()
             except Exception as exc:
                 log.debug("AMQP I/O thread: %r", exc)
-        coalesce(self.conn)
+        self.out.coalesce()
         self.ioloop.call_later(_ACK_DELAY, self._tick)
 
     def _on_close(self, _conn: Any, reason: BaseException) -> None:
@@ -378,25 +376,3 @@ class Chan:
             self.run(step, timeout=_CLOSE_WAIT)
         except (px.ChannelClosedByClient, px.AMQPError):
             pass
-
-
-def coalesce(conn: Any) -> None:
-    """Join pika's pending output into one buffer and send it now, in one ``send()``.
-
-    pika writes every frame with its own ``send()`` (syscalls cost most here), and only when
-    the loop next sees the socket writable: one more ``epoll_wait`` and loop turn per request
-    and per reply (docs/request-reply.md, "Numbers"). Plaintext is sent at once through the
-    handler the loop would call (what the socket does not take waits for writability as
-    before); TLS, with its own state machine, is left to the loop. This reaches into pika 1.x
-    internals; if they change, nothing breaks, the frames just leave one by one, later.
-    """
-    transport: Any = getattr(conn, "_transport", None)
-    bufs = getattr(transport, "_tx_buffers", None)
-    if not bufs:
-        return
-    if len(bufs) > 1:
-        data = b"".join(bufs)
-        bufs.clear()
-        bufs.append(data)
-    if type(transport) is _PLAIN:
-        transport._on_socket_writable()

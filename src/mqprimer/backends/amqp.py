@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -60,6 +61,7 @@ from ..envelope import CONTENT_TYPE
 from ..url import URL
 from ._amqp_channels import AmqpSubscription, Confirmer, DirectReplyPath, SubQueue
 from ._amqp_link import URL_PARAMS, Chan, Link, Options, parameters, refused
+from ._amqp_out import publish_frames
 
 CAPABILITIES = Capabilities(
     name="amqp",
@@ -120,6 +122,7 @@ class AmqpBackend(Backend):
         self._link: Link | None = None
         self._pub: Confirmer | None = None
         self._reply_ch: Chan | None = None  # a plain channel for replies (send_reply)
+        self._reply_queued: deque[None] = deque()  # replies handed to the I/O thread, not yet in pika's buffer
         self._declared: dict[str, float] = {}
 
     def open(self) -> None:
@@ -246,14 +249,34 @@ class AmqpBackend(Backend):
             chan.run(chan.open_step)
             self._reply_ch = chan
 
+        queued = self._reply_queued
+
         # unconfirmed, not mandatory, not waited for: like the reply path itself, a reply lives
         # only as long as its caller waits (a lost one is the caller's Timeout), and a confirm
-        # would cost a round trip per call for nothing the caller could use
-        def send() -> None:
-            if chan.ch.is_open:
-                chan.ch.basic_publish("", address, payload, props)
+        # would cost a round trip per call for nothing the caller could use. Sent from this
+        # thread if the socket is idle (_amqp_out): no wake-up of the I/O thread
+        def frames() -> bytes | None:
+            ch = chan.ch
+            if queued or chan.closed is not None or not ch.is_open:
+                return None
+            return publish_frames(ch.channel_number, "", address, payload, props, link.conn._body_max_length)
 
-        link.submit(send)
+        if link.out.direct(frames):
+            return
+
+        def send() -> None:
+            try:
+                if chan.ch.is_open:
+                    chan.ch.basic_publish("", address, payload, props)
+            finally:
+                queued.pop()
+
+        queued.append(None)
+        try:
+            link.submit(send)
+        except BaseException:
+            queued.pop()
+            raise
 
     def stats(self, destination: Queue) -> QueueStats:
         link = self._alive()
