@@ -10,9 +10,10 @@ work through :meth:`Link.submit` (``add_callback_threadsafe``, pika's one thread
 call, with wake-ups merged) and wait on a :class:`Waiter` (a bare lock) for the answer,
 while deliveries reach consumers through a ``queue.SimpleQueue`` each (C code, no Python
 lock). Requests, replies and acks skip the hand-off when the socket is idle: their thread
-writes their frames itself (``_amqp_out``). Heartbeats and broker flow control are pika's own timers on that loop, so a handler
-that holds a message for minutes keeps its connection, and a dead or frozen broker is
-noticed within ``heartbeat + 5`` s (pika's check interval) even when nobody calls.
+writes their frames itself (``_amqp_out``). Heartbeats and broker flow control are pika's
+own timers on that loop, so a handler that holds a message for minutes keeps its
+connection, and a dead or frozen broker is noticed within ``heartbeat + 5`` s (pika's
+check interval) even when nobody calls.
 A connection costs one thread and four file descriptors (socket, epoll, wake-up pair),
 whatever the number of channels on it.
 """
