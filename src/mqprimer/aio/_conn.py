@@ -20,6 +20,7 @@ from ..deadletters import DeadLetters as _DeadLetters
 from ..envelope import Envelope
 from ..retry import RetryPolicy
 from ..url import URL
+from . import _native
 from ._consumer import Consumer, Message
 from ._runner import Runner, inline_ok
 
@@ -177,6 +178,13 @@ class Producer:
             mid = self.blocking.send_nowait(destination, body, type)
             if mid is not None:
                 return mid
+            # on the loop's own sockets where the driver offers it (Backend.publish_async)
+            got = await _native.send(self.blocking, destination, body, type)
+            if got.__class__ is str:
+                return got  # type: ignore[return-value]
+            if got is not None:  # the driver failed: map it, reconnect and send it again, as publish_one does
+                await self._runner.call(self.blocking._conn._fast_failed, *got)  # type: ignore[attr-defined,misc]
+                return got[4]  # type: ignore[index,no-any-return]
             return await self._runner.call(self._send_plain, destination, body, type)
         return await self._runner.call(functools.partial(
             self.blocking.send, destination, body, headers=headers, type=type, priority=priority, delay=delay,

@@ -19,14 +19,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeVar
 
-from ..backend import Destination
+from ..backend import Destination, NotNow
 from ..consumer import Consumer as _Consumer
 from ..envelope import Envelope
 from ..errors import MQError, StateError
 from ..message import Message as _Message
 from ..message import _State
 from ..retry import RetryPolicy
-from . import _nowait
+from . import _native, _nowait
 from ._runner import Runner
 
 T = TypeVar("T")
@@ -50,6 +50,7 @@ class Consumer:
         self.blocking = blocking
         self._runner = Runner(1, "mqprimer-aio-consumer", inline=inline)
         self._slice: "asyncio.Future[None] | None" = None  # a receive waiting on the thread (receive)
+        self._native: "asyncio.Future[None] | None" = None  # a receive out on the loop's sockets
         self._owner = owner
 
     @property
@@ -96,6 +97,12 @@ class Consumer:
                 if m is not None or timeout == 0:
                     return Message(m, self) if m is not None else None
         else:
+            if _native.receives(c):
+                # on the loop's own sockets (Subscription.receive_async); the thread path below
+                # only when the driver cannot now (busy, or anything uncommon)
+                msg, timeout = await self._receive_native(timeout)
+                if msg is not None or timeout == 0:
+                    return msg
             got = _nowait.poll(c)  # a message this process holds already (Capabilities.nowait)
             if got.__class__ is _Message:
                 return Message(got, self)  # type: ignore[arg-type]
@@ -138,6 +145,42 @@ class Consumer:
                 return Message(m, self)
             if c.closed or (deadline is not None and time.monotonic() >= deadline):
                 return None
+
+    async def _receive_native(self, timeout: float | None) -> "tuple[Message | None, float | None]":
+        """Receive on the loop: ``(message, _)``, or ``(None, timeout left)`` (0: it ran out)
+        when the thread path must go on (the driver said NotNow)."""
+        c = self.blocking
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if self._native is not None:
+                # another receive is out on the loop: wait for it to end, then try (never a
+                # thread slice each, which would queue settles behind them: see receive)
+                if left == 0:
+                    return None, 0.0
+                await asyncio.wait((self._native,), timeout=left)
+                if c.closed:
+                    return None, 0.0
+                continue
+            wait = _SLICE if left is None else min(_SLICE, left)
+            self._native = fut = asyncio.get_running_loop().create_future()
+            try:
+                got = await _native.receive(c, wait)
+            except NotNow:
+                return None, (None if deadline is None else max(deadline - time.monotonic(), 0.0) or None)
+            finally:
+                self._native = None
+                fut.set_result(None)
+            if got is not None:
+                if got.__class__ is _Message:
+                    return Message(got, self), 0.0  # type: ignore[arg-type]
+                # the delivery is taken: a cancelled receive still has it wrapped, then given back
+                m = await self._runner.call(_nowait.wrap, c, got, on_late=_give_back, inline=False, always=True)
+                if m is not None:
+                    return Message(m, self), 0.0
+                continue
+            if c.closed or (deadline is not None and time.monotonic() >= deadline):
+                return None, 0.0
 
     def __aiter__(self) -> AsyncIterator["Message"]:
         return self._iterate()
@@ -211,8 +254,12 @@ class Message:
 
     async def ack(self) -> None:
         calls = self._calls
-        if calls.__class__ is Consumer and _nowait.ack(self.blocking):
-            return  # acked on the loop: the driver's ack never waits (Capabilities.nowait)
+        if calls.__class__ is Consumer:
+            m = self.blocking
+            if _nowait.ack(m):
+                return  # acked on the loop: the driver's ack never waits (Capabilities.nowait)
+            if await _native.ack(m):
+                return  # acked on the loop's own sockets (Subscription.ack_async)
         await calls.call(self.blocking.ack)
 
     async def retry(self, delay: float | None = None, *, error: str | None = None) -> None:

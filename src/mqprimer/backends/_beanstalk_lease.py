@@ -19,6 +19,7 @@ left to watch, so closed consumers leave no thread behind.
 
 from __future__ import annotations
 
+import _thread
 import heapq
 import itertools
 import os
@@ -47,15 +48,17 @@ class _Watchdog:
         self.cond = threading.Condition(threading.Lock())
         self.heap: list[tuple[float, int, weakref.ref[Nudged]]] = []
         self.seq = itertools.count()
-        self.thread: threading.Thread | None = None
+        # a thread started with _thread: threading.Thread.start() waits until the thread runs
+        # (20-30 ms on a loaded machine), and due() is called on an asyncio loop too (AsyncSub)
+        self.running = False
 
     def due(self, when: float, sub: Nudged) -> None:
         """Call ``sub.nudge()`` at ``when`` (monotonic); the caller has set ``sub.wake_at``."""
         with self.cond:
             heapq.heappush(self.heap, (when, next(self.seq), weakref.ref(sub)))
-            if self.thread is None or not self.thread.is_alive():  # also after a fork
-                self.thread = threading.Thread(target=self._run, name="mqprimer-beanstalk-leases", daemon=True)
-                self.thread.start()
+            if not self.running:  # also after a fork (_reset)
+                self.running = True
+                _thread.start_new_thread(self._run, ())
             elif self.heap[0][0] == when:
                 self.cond.notify()
 
@@ -65,15 +68,13 @@ class _Watchdog:
             self.cond.notify()
 
     def _run(self) -> None:
-        me = threading.current_thread()
         while True:
             with self.cond:
                 # entries of closed or collected subscriptions go now, not when their time comes
                 self.heap = [e for e in self.heap if (s := e[2]()) is not None and s.wake_at is not None]
                 heapq.heapify(self.heap)
                 if not self.heap:
-                    if self.thread is me:
-                        self.thread = None
+                    self.running = False
                     return
                 when, _, ref = self.heap[0]
                 wait = when - time.monotonic()

@@ -14,12 +14,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import greenstalk
 from greenstalk import _parse_response
 
 from ..backend import Delivery, Queue, Subscription
 from ..errors import MessageTooLarge
+from ._beanstalk_aio import AsyncSub
 from ._beanstalk_lease import watchdog
 
 Key = tuple[str, int, int]  # (host, port, job id)
@@ -42,8 +44,14 @@ def secs(delay: float | None) -> int:
     return math.ceil(delay) if delay and delay > 0 else 0
 
 
-class BeanstalkSub(Subscription):
-    """A tube on its own connection: reserved jobs belong to the connection that reserved them."""
+class BeanstalkSub(AsyncSub, Subscription):
+    """A tube on its own connection: reserved jobs belong to the connection that reserved them.
+
+    The asyncio SPI (``receive_async``, ``ack_async``) is :class:`AsyncSub`'s, on the same
+    connection and lock."""
+
+    _wait_s = _WAIT
+    _poll_max = _POLL_MAX
 
     def __init__(self, tube: str, client: "greenstalk.Client[bytes]", host: str, port: int, ttr: int,
                  io_timeout: float, max_size: int, moved: Callable[[Key, Key], None]) -> None:
@@ -70,6 +78,7 @@ class BeanstalkSub(Subscription):
         self.extra = 0  # answers to nudges sent while a reserve was pending, still to be read
         self.closed = False
         self.gave_up: float | None = None  # when a receive() last returned with the reserve still pending
+        self._drains: set[Any] = set()  # tasks finishing the replies of cancelled asyncio calls (AsyncSub)
 
     # Waiting: a reserve left waiting on the server holds up every later command on its
     # connection (delete, bury) until it answers, and beanstalkd counts reserve timeouts in

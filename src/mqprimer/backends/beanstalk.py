@@ -48,6 +48,7 @@ from ..backend import (
     Capabilities,
     DeadLetterStore,
     Destination,
+    NotNow,
     Outgoing,
     Queue,
     QueueStats,
@@ -57,6 +58,7 @@ from ..backend import (
 )
 from ..errors import ConfigurationError, MessageTooLarge, UnsupportedError
 from ..url import URL
+from ._beanstalk_aio import put
 from ._beanstalk_dead import BuriedStore
 from ._beanstalk_sub import BeanstalkSub, Key, secs
 
@@ -211,6 +213,7 @@ class BeanstalkBackend(Backend):
         self.used_dest: Destination | None = None  # the destination last checked and used
         self.max_put = _SERVER_MAX - _CRLF  # the largest job put (set from the server's limit in open())
         self.reply_dests: dict[str, Queue] = {}  # reply address -> the Queue publish() last checked
+        self.aio_busy = False  # a publish_async is out on the event loop
 
     def open(self) -> None:
         self.client = _connect(self.host, self.port, io_timeout=self.io_timeout)
@@ -263,6 +266,19 @@ class BeanstalkBackend(Backend):
             job = int(line[9:])
         else:  # an error reply, EOF or a line cut short: greenstalk's own exceptions
             job = int(_parse_response(line, b"INSERTED")[0])
+        _record_sent((message_id, (self.host, self.port, job)))
+
+    async def publish_async(self, destination: Destination, payload: bytes, *, message_id: str) -> None:
+        # the asyncio twin's plain send (backend.py): after a blocking publish checked and used the tube
+        c = self.client
+        if c is None or destination is not self.used_dest or len(payload) > self.max_put or self.aio_busy:
+            raise NotNow("not connected, another tube, too large, or busy: the blocking publish")
+        self.aio_busy = True  # the endpoint's lock is an RLock: another task on the loop would get it too
+        try:
+            job = await put(c._sock, _PUT % (_PRI_BASE + 9, 0, self.ttr, len(payload), payload), self.io_timeout)
+        finally:
+            self.aio_busy = False
+        prepare()
         _record_sent((message_id, (self.host, self.port, job)))
 
     def publish_many(self, items: Sequence[Outgoing]) -> None:
