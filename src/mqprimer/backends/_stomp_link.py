@@ -29,6 +29,7 @@ from typing import Any
 import stomp
 from stomp.exception import ConnectFailedException, NotConnectedException, StompException
 
+from ._stomp_acks import AckWriter, _sender
 from ._stomp_wire import Inbox, Reader, encode_ack, encode_frame
 
 # stomp.py logs every frame at DEBUG, bodies and the CONNECT passcode included: its logger
@@ -45,8 +46,6 @@ _silence_stomp_py()
 
 CONNECT_TIMEOUT = 15.0
 RECEIPT_TIMEOUT = 30.0
-ACK_BATCH = 32  # ACKs written together at most
-ACK_LINGER = 0.01  # seconds an ACK may wait for others while the consumer is busy
 _LOST = object()  # inbox sentinel: the connection is gone
 
 
@@ -121,9 +120,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._login = login
         self._passcode = passcode
         self._extra = dict(extra_connect_headers or {})
-        self._acks: list[bytes] = []
-        self._ack_cond = threading.Condition()
-        self._flusher: threading.Thread | None = None
+        self.acks = AckWriter(lambda: self.conn.transport, lambda: self.alive)
         self.routes: dict[str, Inbox] = {}  # SUBSCRIBE id -> its subscription's inbox
         self.subscribed: dict[str, str] = {}  # SUBSCRIBE id -> its destination (for errors)
         self._routes_lock = threading.Lock()
@@ -209,8 +206,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         except Exception:
             pass
         was_alive, self.alive = self.alive, False
-        with self._ack_cond:
-            self._ack_cond.notify_all()
+        self.acks.stop()
         try:
             if was_alive:
                 rid = self.next_id("bye")
@@ -243,22 +239,16 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.write(encode_frame(cmd, headers, body))
 
     def write(self, data: bytes) -> None:
-        """Put encoded frames on the wire: one system call for a whole batch.
+        """Put encoded frames on the wire, the ACKs given so far in front: one system call for
+        a whole batch (blocking: never from the event loop, see _stomp_acks.py).
 
         stomp.py's own path (Frame objects, listener callbacks, one ``sendall`` per frame)
         costs more than the broker round trip of an ACK; its transport's ``send`` (and, for
         TLS, the queue its I/O thread writes from) is all a frame needs.
         """
         self.check()
-        t = self.conn.transport
         try:
-            if getattr(t, "blocking", True):
-                t.send(data)
-            else:  # TLS: stomp.py's I/O thread owns the non-blocking socket
-                q = getattr(t, "send_queue", None)
-                if q is None:  # torn down, the disconnect notification still on its way
-                    raise NotConnectedException()
-                q.put(data)
+            self.acks.write(data, _sender(self.conn.transport))
         except NotConnectedException:
             raise ConnectionLost("the STOMP connection was lost") from None
 
@@ -299,42 +289,15 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.close()  # a broker that stops answering is treated as gone
         raise ConnectionLost(f"no RECEIPT from the broker within {wait:g}s")
 
-    # -- acknowledgements ------------------------------------------------------------------
-    # One write per ACK costs more than the ACK itself here (a system call and a GIL hand-off
-    # to stomp.py's receiver thread each). ACKs are written together: when ACK_BATCH are
-    # waiting, whenever the consumer is about to wait for a message, before the link closes,
-    # and at the latest ACK_LINGER after the first one (a flusher thread). An ACK lost with
-    # its connection means a redelivery: the at-least-once contract holds.
+    # -- acknowledgements (_stomp_acks.py) -------------------------------------------------
     def ack(self, ack_id: str) -> None:
+        """Queue an ACK; never waits (the asyncio twin calls it on its loop), and raises only
+        before it has done anything (the connection is gone)."""
         self.check()
-        frame = encode_ack(ack_id)
-        with self._ack_cond:
-            self._acks.append(frame)
-            n = len(self._acks)
-            if n == 1:
-                self._ack_cond.notify()
-        if n >= ACK_BATCH:
-            self.flush_acks()
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_loop, name="mqprimer-stomp-acks", daemon=True)
-            self._flusher.start()
+        self.acks.add(encode_ack(ack_id))
 
     def flush_acks(self) -> None:
-        with self._ack_cond:
-            acks, self._acks = self._acks, []
-        if acks:
-            self.write(b"".join(acks))
-
-    def _flush_loop(self) -> None:
-        while self.alive:
-            with self._ack_cond:
-                while not self._acks and self.alive:
-                    self._ack_cond.wait(1.0)
-            time.sleep(ACK_LINGER)
-            try:
-                self.flush_acks()
-            except Exception:
-                return  # the connection is gone; the owner's next call says so
+        self.write(b"")
 
     def get(self, timeout: float | None, box: Inbox | None = None) -> Any:
         """The next MESSAGE frame of ``box`` (default: the link's own inbox), or ``None`` after
@@ -348,8 +311,8 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             except IndexError:  # another thread of this consumer took it
                 pass
         q = box.q
-        if self._acks and (timeout != 0 and q.empty() or len(self._acks) >= ACK_BATCH):
-            self.flush_acks()  # about to wait: let the broker have every ACK first
+        if timeout != 0 and self.acks.pending and q.empty():
+            self.flush_acks()  # about to wait: let the broker have every ACK first (a poll never writes)
         try:
             frame = q.get(timeout=timeout) if timeout != 0 else q.get_nowait()
         except queue.Empty:
@@ -373,6 +336,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
     def subscribe(self, frames: list[dict[str, str]], box: Inbox) -> None:
         """SUBSCRIBE with every frame (each has its ``id``), routing their MESSAGEs to ``box``."""
         self.check()
+        self.acks.start()  # here, on the caller's thread: a first ACK may come from an event loop
         ids = [f["id"] for f in frames]
         with self._routes_lock:
             taken = [i for i in ids if i in self.routes]
@@ -409,7 +373,6 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         try:
             if not self.alive or self.error is not None or not ids:
                 return  # the connection is gone (the broker has everything back), or nothing to end
-            self.flush_acks()
             unsub = {i: self.next_id() for i in ids}
             self.write(b"".join(encode_frame("UNSUBSCRIBE", {"id": i, "receipt": r}) for i, r in unsub.items()))
             self.wait_receipts(unsub.values())

@@ -69,6 +69,9 @@ from ._stomp_wire import Inbox, encode_frame
 _COMMON = dict(
     topic=NATIVE, retry=EMULATED, dead_letter=EMULATED, status=UNSUPPORTED,
     confirmed_send=True, guarantee="at-least-once",
+    # deliveries wait in the link's inboxes (the receiver thread fills them); an ACK is queued and
+    # written with MSG_DONTWAIT or by the link's flusher thread, never waited for (_stomp_acks.py)
+    nowait=("poll", "ack"),
 )
 CAPABILITIES_RABBITMQ = Capabilities(
     name="stomp-rabbitmq", patterns=NATIVE, priority=NATIVE, delay=NATIVE, ttl=NATIVE, persistent=True,

@@ -1,0 +1,164 @@
+"""A STOMP link's ACK writer: batched ACKs that a consumer gives without ever waiting.
+
+One write per ACK costs more than the ACK itself (a system call and a GIL hand-off to
+stomp.py's receiver thread each), so ACKs are written together: when :data:`ACK_BATCH` are
+waiting, with the link's next write of any frame, whenever a consumer is about to wait for a
+message, before the link closes, and at the latest :data:`ACK_LINGER` after the first one.
+
+:meth:`AckWriter.add` never waits, whoever calls it: the asyncio twin runs it on its event
+loop (``Capabilities.nowait``), where a broker that stopped reading (a full socket buffer)
+or a producer's SEND holding the socket must not hold the loop. A full batch is written
+with ``MSG_DONTWAIT`` only if both the link's write lock and stomp.py's socket lock are free
+at once; whatever the socket did not take then (a partial write, or nothing) goes to the
+flusher thread, which writes it with a blocking ``sendall``. A partial write's rest keeps
+both locks until the flusher has written it (a ``threading.Lock`` may be released by another
+thread), so no other frame, nor a stomp.py heart-beat, can land inside a half-written ACK.
+
+Every other write of the link (:meth:`AckWriter.write`) carries the waiting ACKs in front of
+its frames under the same lock: an ACK given before a NACK, UNSUBSCRIBE or DISCONNECT is on
+the wire before it. An ACK lost with its connection means a redelivery: at-least-once holds.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from stomp.exception import NotConnectedException
+
+ACK_BATCH = 32  # ACKs written together at most
+ACK_LINGER = 0.01  # seconds an ACK may wait for others while the consumer is busy
+
+
+class AckWriter:
+    """The waiting ACKs of one link, and the lock every write of that link takes."""
+
+    def __init__(self, transport: Callable[[], Any], alive: Callable[[], bool]) -> None:
+        self._transport = transport  # stomp.py's transport (the socket changes on reconnect)
+        self._alive = alive
+        self.lock = threading.Lock()  # held by whoever writes to the socket (ACKs first)
+        self._cond = threading.Condition()  # guards the fields below; never held across I/O
+        self._pending: list[bytes] = []
+        self._tail: tuple[Any, Any, bytes] | None = None  # (socket, its lock, bytes): a partial write's rest
+        self._stopped = False  # no flusher any more (closed, or the connection is gone)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start the flusher (from a thread: ``Thread.start`` waits for it to run)."""
+        with self._cond:
+            if self._thread is not None or self._stopped:
+                return
+            self._thread = threading.Thread(target=self._run, name="mqprimer-stomp-acks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No more flushing (the link is closing: its owner wrote the waiting ACKs already)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def add(self, frame: bytes) -> None:
+        """Queue one encoded ACK; never waits and never raises."""
+        with self._cond:
+            self._pending.append(frame)
+            n = len(self._pending)
+            if n == 1:
+                self._cond.notify()  # the flusher's linger starts
+        if n >= ACK_BATCH:
+            self._write_nowait()
+
+    def write(self, data: bytes, send: Callable[[bytes], None]) -> None:
+        """``send`` the waiting ACKs and then ``data`` in one call, under the write lock (blocking)."""
+        with self.lock:
+            with self._cond:
+                acks, self._pending = self._pending, []
+            if acks:
+                acks.append(data)
+                data = b"".join(acks)
+            if data:
+                send(data)
+
+    def _write_nowait(self) -> None:
+        if not self.lock.acquire(False):
+            self._kick()  # another write is under way; the flusher writes these after it
+            return
+        t = self._transport()
+        sem = getattr(t, "_Transport__socket_semaphore", None)  # stomp.py's: its heart-beats take it
+        sock = getattr(t, "socket", None)
+        if (sem is None or sock is None or not getattr(t, "blocking", False) or sock.gettimeout() is not None
+                or not sem.acquire(False)):
+            self.lock.release()  # TLS (stomp.py's I/O thread writes) or a busy socket: the flusher's job
+            self._kick()
+            return
+        with self._cond:
+            acks, self._pending = self._pending, []
+        data = b"".join(acks)
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except Exception:
+            sent = len(data)  # the connection is gone and these ACKs with it: the broker redelivers
+        if 0 < sent < len(data):
+            with self._cond:
+                if not self._stopped and self._thread is not None:
+                    self._tail = (sock, sem, data[sent:])  # the flusher writes it, then releases both locks
+                    self._cond.notify_all()
+                    return
+        elif sent == 0:
+            with self._cond:
+                self._pending[:0] = acks  # nothing written: they stay first in line
+        sem.release()
+        self.lock.release()
+        if sent == 0:
+            self._kick()
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while self._tail is None and not self._pending and not self._stopped and self._alive():
+                    cond.wait(1.0)
+                if self._tail is None and len(self._pending) < ACK_BATCH and not self._stopped and self._alive():
+                    cond.wait(ACK_LINGER)  # let others join the first (a full batch or a tail wakes it early)
+                tail, self._tail = self._tail, None
+                if tail is None and (self._stopped or not self._alive()):
+                    self._stopped = True
+                    self._pending.clear()  # closed (the owner wrote them) or lost (the broker redelivers)
+                    return
+            if tail is not None:
+                sock, sem, rest = tail
+                try:
+                    sock.sendall(rest)
+                except Exception:
+                    pass  # the connection is gone; its reader says so
+                finally:
+                    sem.release()
+                    self.lock.release()
+                continue
+            try:
+                t = self._transport()
+                self.write(b"", _sender(t))
+            except Exception:
+                pass  # the connection is gone: the next turn sees it
+
+
+def _sender(t: Any) -> Callable[[bytes], None]:
+    """How bytes reach the wire: stomp.py's ``send`` (its socket lock), or for TLS the queue its
+    I/O thread writes from."""
+    if getattr(t, "blocking", True):
+        return t.send  # type: ignore[no-any-return]
+    q = getattr(t, "send_queue", None)
+    if q is None:  # torn down, the disconnect notification still on its way
+        raise NotConnectedException()
+    return q.put  # type: ignore[no-any-return]

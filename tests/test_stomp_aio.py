@@ -1,0 +1,202 @@
+"""STOMP's declared ``nowait=("poll", "ack")`` (backends/_stomp_acks.py): the asyncio twin
+receives and acks on its event loop, and that never waits on the socket, even when the broker
+stopped reading and the socket's buffers are full; ACKs given on the loop still reach the
+broker before a clean close; on a lost connection the unacked messages come back."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import mqprimer
+import mqprimer.aio as aio
+from conftest import need_broker
+from mqprimer.aio._runner import Runner
+from mqprimer.backends._stomp_acks import AckWriter
+from mqprimer.testing.helpers import collect
+from test_aio_faults import run_watched
+
+pytestmark = pytest.mark.timeout(90)
+FLAVOURS = ["stomp-rabbitmq", "stomp-activemq"]
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every call handed to an aio pool thread, from now on."""
+    seen: list[Any] = []
+    put = Runner._put
+
+    def counting(self: Runner, job: Any) -> None:
+        seen.append(job.fn)
+        put(self, job)
+
+    monkeypatch.setattr(Runner, "_put", counting)
+    return seen
+
+
+class _Relay:
+    """One TCP connection relayed to ``target``; :meth:`freeze` stops reading from the client (a
+    broker that stopped reading), with a small receive buffer so that the client's fills soon."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.frozen = threading.Event()
+        self.done = threading.Event()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted one
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.done.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
+            self.socks += [client, upstream]
+            for src, dst, freezes in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, freezes), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, freezes: bool) -> None:
+        try:
+            while not self.done.is_set():
+                if freezes and self.frozen.is_set():
+                    time.sleep(0.01)  # read nothing more: the client's socket buffer fills
+                    continue
+                if not select.select([src], [], [], 0.05)[0]:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except (OSError, ValueError):  # ValueError: select() on a socket cut meanwhile
+            pass
+        self.cut()
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def cut(self) -> None:
+        """Both sides see a reset; later connections are relayed again."""
+        socks, self.socks = self.socks, []
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.close()
+            except OSError:
+                pass
+        self.frozen.clear()
+
+    def close(self) -> None:
+        self.done.set()
+        self.listener.close()
+        self.cut()
+
+
+def _acks_of(c: aio.Consumer) -> tuple[AckWriter, socket.socket]:
+    s = c.blocking._single
+    assert s is not None and s.sub is not None
+    link = s.sub.link  # type: ignore[attr-defined]
+    return link.acks, link.conn.transport.socket
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_acks_on_the_loop_never_wait_for_a_broker_that_stopped_reading(name: str, hops: list[Any]) -> None:
+    """Through a proxy that stops passing bytes, with the client's socket buffer made small:
+    a few thousand ACKs fill it, yet every receive and ack runs on the loop (no thread hop)
+    without holding it, and what could not be written waits in the ACK writer. After the cut
+    the messages whose ACK never reached the broker come back."""
+    url = need_broker(name)
+    u = mqprimer.URL.parse(url)
+    host, port = u.hosts[0]
+    q = f"stompnowait{uuid.uuid4().hex[:8]}"
+    n = 1000
+    with mqprimer.connect(url) as conn:
+        conn.producer().send_many((q, {"i": i}) for i in range(n))
+
+    async def main(proxy: _Relay) -> None:
+        via = url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
+        async with aio.connect(via, reconnect_timeout=1) as conn, conn.consumer(q, prefetch=n) as c:
+            first = await c.receive(timeout=10)  # the first receive waits on the consumer's thread
+            assert first is not None
+            writer, sock = _acks_of(c)
+            got = [first]
+            deadline = time.monotonic() + 20
+            while len(got) < n and time.monotonic() < deadline:
+                m = await c.receive(timeout=1)
+                if m is not None:
+                    got.append(m)
+            assert len(got) == n, f"only {len(got)} of {n} messages arrived"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            proxy.freeze()
+            await asyncio.sleep(0)
+            hops.clear()
+            t0 = time.monotonic()
+            for m in got:
+                await m.ack()
+            took = time.monotonic() - t0
+            assert not hops, f"{len(hops)} calls took the thread path: {hops[:3]}"
+            assert took < 5, f"{n} acks on the loop took {took:.1f}s"
+            # the socket is full: the ACKs it refused wait in the writer, or with the flusher
+            # thread blocked in sendall (off the loop)
+            assert not select.select([], [sock], [], 0)[1], "the socket took every ACK: the test never filled it"
+            assert writer.pending or writer.lock.locked()
+            proxy.cut()  # the connection is lost; the broker gives back what it never saw ACKed
+
+    proxy = _Relay((host or "127.0.0.1", port or 61613))
+    unfreeze = threading.Timer(30, proxy.cut)  # a loop held in a blocking write is freed (and reported)
+    unfreeze.start()
+    try:
+        run_watched(lambda: main(proxy))
+    finally:
+        unfreeze.cancel()
+        proxy.close()
+    with mqprimer.connect(url) as conn, conn.consumer(q, prefetch=n) as c:
+        back = collect(c, 1, timeout=15)  # the first (acked)
+        while (m := c.receive(timeout=0.5)) is not None:  # and the rest: the queue ends empty
+            m.ack()
+        assert back, "no unacked message came back after the connection was lost"
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_acks_given_on_the_loop_reach_the_broker_before_a_clean_close(name: str, hops: list[Any]) -> None:
+    """Fewer ACKs than a batch, given on the loop and left to linger, then the consumer closes at
+    once: they are written before the UNSUBSCRIBE / DISCONNECT, so nothing comes back."""
+    url = need_broker(name)
+    q = f"stompclose{uuid.uuid4().hex[:8]}"
+    n = 10
+
+    async def main() -> None:
+        async with aio.connect(url) as conn:
+            await conn.producer().send_many([(q, {"i": i}) for i in range(n)])
+            async with conn.consumer(q, prefetch=n) as c:
+                got: list[aio.Message] = []
+                deadline = time.monotonic() + 10
+                while len(got) < n and time.monotonic() < deadline:
+                    m = await c.receive(timeout=1)
+                    if m is not None:
+                        got.append(m)
+                assert len(got) == n
+                hops.clear()
+                for m in got:
+                    await m.ack()
+                assert not hops, "the acks took the thread path"
+                writer, _ = _acks_of(c)
+                assert writer.pending, "the ACKs went out at once: nothing lingered to test the close with"
+
+    run_watched(main)
+    with mqprimer.connect(url) as conn, conn.consumer(q) as c:
+        again = c.receive(timeout=1.0)
+        assert again is None, f"an ACKed message came back after a clean close: {again.body}"
