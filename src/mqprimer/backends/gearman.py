@@ -38,6 +38,7 @@ onto gearmand 1.1 (docs/backend-gearman.md has the measurements behind each line
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import select
@@ -56,6 +57,7 @@ from ..backend import (
     Backend,
     Capabilities,
     Destination,
+    NotNow,
     Outgoing,
     Queue,
     QueueStats,
@@ -67,8 +69,10 @@ from ..backend import (
 from ..envelope import encode, make
 from ..errors import ConfigurationError, UnsupportedError
 from ..url import URL
+from . import _gearman_aio as aio_io
 from . import _gearman_proto as gp
-from ._gearman_proto import GearmanError, GearmanSub, Link, other_unique, packet
+from ._gearman_proto import GearmanError, Link, other_unique, packet
+from ._gearman_sub import GearmanSub
 
 DEFAULT_PORT = 4730
 _CONNECT_TIMEOUT = 5.0
@@ -96,6 +100,9 @@ CAPABILITIES = Capabilities(
     guarantee="at-least-once",
     notes="persistent only with a persistent queue (gearmand -q libsqlite3 ...); two priority levels "
     "(0-4 normal, 5-9 high); delays in whole seconds; status by message id from any process",
+    # receive(0.0) hands out a job grabbed already and writes a grab only if the socket takes
+    # it at once (GearmanSub.receive_nowait); ack waits for gearmand's answer: not declared
+    nowait=("poll",),
 )
 
 _SUBMIT = {0: gp.SUBMIT_JOB_BG, 1: gp.SUBMIT_JOB_HIGH_BG}  # priority band -> command
@@ -217,6 +224,7 @@ class GearmanBackend(Backend):
         self.job_timeout = int(raw) if raw else None
         self.io_timeout = url.seconds("io_timeout", _IO_TIMEOUT)
         self.link: Link | None = None
+        self.aio_busy = False  # a publish_async is out on the event loop
         # (function, unique) of the jobs this backend's subscriptions hold: a copy of one of
         # them (retry, requeue) needs another unique, or gearmand would merge the two
         self.held: set[tuple[bytes, bytes]] = set()
@@ -276,6 +284,27 @@ class GearmanBackend(Backend):
         link.send(self._submit(destination, payload, message_id, priority, delay))
         prepare()  # the next message id, made while gearmand works (see _ids.py)
         link.read()  # JOB_CREATED, or GearmanError
+
+    async def publish_async(self, destination: Destination, payload: bytes, *, message_id: str) -> None:
+        # publish() on the event loop (backend.py's asyncio SPI; why: _gearman_aio.py)
+        link = self.link
+        if link is None or self.aio_busy or link.buf:
+            raise NotNow("not connected, busy, or answers unread: the blocking publish")
+        self.aio_busy = True  # the endpoint's lock is an RLock: another task on the loop would get it too
+        try:
+            await aio_io.send(link, self._submit(destination, payload, message_id, None, None))
+            prepare()  # the next message id, made while gearmand works (as publish)
+            deadline = asyncio.get_running_loop().time() + link.io_timeout
+            while not link.buffered():
+                await aio_io.fill(link, deadline)
+            link.read()  # JOB_CREATED, or GearmanError (in step)
+        except GearmanError:
+            raise
+        except BaseException:  # also cancelled with the answer unread: nothing else can use the link
+            aio_io.drop(link)
+            raise
+        finally:
+            self.aio_busy = False
 
     def publish_many(self, items: Sequence[Outgoing]) -> None:
         """Pipelined: up to ``_PIPELINE`` submits per write, then their answers in order.
