@@ -11,6 +11,10 @@ loss; ``full``: fsync on every commit, survives those too, much slower), ``busy_
 (seconds to wait for another process's write lock, default 5), ``status_keep`` (how many
 settled message ids :meth:`status` remembers as DONE, default 100000).
 
+The asyncio twin runs plain sends, polls and acks on its event loop through a second
+connection that never waits for a lock and never checkpoints ("not done" then, and the
+twin's thread does them): see ``loop_db`` in ._sqlite_db.
+
 The schema, the ordering rules and the housekeeping are described in docs/backend-sqlite.md.
 """
 
