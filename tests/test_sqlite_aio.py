@@ -287,3 +287,31 @@ def test_a_loop_side_reserve_takes_at_most_its_byte_budget(path: Path, counted: 
     got = asyncio.run(main())
     assert [i for i, _ in got] == ids and [body for _, body in got] == [small, small, small, big, {"i": 1}]
     assert counted["hops"]["receive"] >= 1, "the big message was reserved on a thread"
+
+
+def test_due_chores_are_left_to_the_thread_which_renews_a_private_subscription(
+        path: Path, counted: dict[str, Counter[str]]) -> None:
+    """A private topic subscription lives while its consumer renews its lease (and
+    housekeeping runs in every process): the loop-side poll never does these writes, it
+    reports "not done" when they are due, so that the twin's thread reserves and does them."""
+    url = f"sqlite:///{path}"
+
+    async def main() -> None:
+        async with aio.connect(url) as conn, conn.consumer(mqprimer.Topic("t.#")) as c:
+            sub = c.blocking._single.sub  # type: ignore[union-attr]
+            assert isinstance(sub, SqliteSubscription) and sub.private
+            p = conn.producer()
+            await p.send(mqprimer.Topic("t.a"), {"i": 0})
+            m = await c.receive(timeout=10)
+            assert m is not None
+            await m.ack()
+            sub.renew_at = sub.housekeep_at = 0.0  # both due now
+            hops = counted["hops"]["receive"]
+            await p.send(mqprimer.Topic("t.a"), {"i": 1})
+            m = await c.receive(timeout=10)
+            assert m is not None and m.body == {"i": 1}
+            await m.ack()
+            assert counted["hops"]["receive"] > hops, "the reserve with chores due ran on the loop"
+            assert sub.renew_at > time.time() and sub.housekeep_at > time.time(), "chores not done"
+
+    asyncio.run(main())
