@@ -147,6 +147,9 @@ def test_a_direct_request_waits_for_one_handed_off_before_it() -> None:
         first = threading.Thread(target=call, args=("first", 1), daemon=True)
         first.start()
         wait_until(lambda: len(link._todo) == 1, what="the first request's hand-off queued")
+        # the I/O thread clears this when it starts a drain, before it reaches the request:
+        # that window is what the second caller must not slip through
+        link._woken = False
         second = threading.Thread(target=call, args=("second", 2), daemon=True)
         second.start()
         wait_until(lambda: len(link._todo) == 2, timeout=5, what="the second request queued behind the first")
@@ -160,3 +163,26 @@ def test_a_direct_request_waits_for_one_handed_off_before_it() -> None:
             stop.set()
             th.join(10)
     assert got == {"first": {"echo": 1}, "second": {"echo": 2}}
+
+
+def test_a_thread_joins_a_pending_hand_off_instead_of_writing(service: tuple[str, str, list[Any]]) -> None:
+    """While a hand-off to the I/O thread is pending, its run (and send()) comes anyway: a
+    request then joins it rather than writing by itself, so many threads' frames (acks of
+    many consumers, 16 callers' requests) share one send() instead of one each."""
+    url, queue, _ = service
+    hold = threading.Event()
+    got: list[Any] = []
+    with mqprimer.connect(url) as conn:
+        assert conn.request(queue, 0, timeout=10).body == {"echo": 0}
+        link = _link(conn)
+        link.submit(lambda: hold.wait(10))  # the I/O thread is busy with this one...
+        caller = threading.Thread(target=lambda: got.append(conn.request(queue, 1, timeout=20).body), daemon=True)
+        try:
+            wait_until(lambda: not link._todo, what="the I/O thread running the first hand-off")
+            link.submit(lambda: None)  # ...and this one is pending
+            caller.start()
+            wait_until(lambda: len(link._todo) == 2, timeout=5, what="the request joining the pending hand-off")
+        finally:
+            hold.set()
+        caller.join(25)
+    assert got == [{"echo": 1}]

@@ -205,7 +205,7 @@ class Link:
             transport._MAX_RECV_BYTES = 256 * 1024
             transport._MAX_CONSUME_BYTES = 1024 * 1024
         self.ioloop = ioloop
-        self.out = Output(self.conn, self.submit)  # who writes to the socket, and when (_amqp_out)
+        self.out = Output(self.conn, self.submit, lambda: self._woken)  # who writes to the socket (_amqp_out)
         self.conn.add_on_close_callback(self._on_close)
         self.ioloop.call_later(_ACK_DELAY, self._tick)
         self.thread = threading.Thread(target=self._run, name="mqprimer-amqp-io", daemon=True)

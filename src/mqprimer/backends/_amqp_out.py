@@ -7,8 +7,8 @@ when the loop next sees the socket writable. Two shortcuts, both for plaintext c
 - :meth:`Output.coalesce` (I/O thread, after each hand-off): join what is buffered and send
   it at once, in one ``send()``, not on the loop's next turn (one ``epoll_wait`` less).
 - :meth:`Output.direct` (any thread): a user thread that finds the output idle (nothing
-  buffered, nobody writing) sends its own frames (a request, a reply, an ack) itself, instead
-  of waking the I/O thread to do it. A sequential request/reply round trip then costs two
+  buffered, nobody writing, no hand-off pending) sends its own frames (a request, a reply,
+  an ack) itself, instead of waking the I/O thread to do it. A sequential request/reply round trip then costs two
   thread wake-ups instead of four (docs/request-reply.md). Frames are marshalled with pika's
   own ``pika.frame`` classes; pika's channel objects are not touched (their state is read).
 
@@ -41,8 +41,9 @@ class Output:
     """The socket's writers, serialised (see the module doc). Made on the I/O thread's
     connection right after it connected, before the loop runs."""
 
-    def __init__(self, conn: Any, wake: Callable[[Callable[[], None]], None]) -> None:
+    def __init__(self, conn: Any, wake: Callable[[Callable[[], None]], None], woken: Callable[[], bool]) -> None:
         self.conn = conn
+        self._woken = woken  # a hand-off to the I/O thread is pending: it runs (and sends) anyway
         self.lock = threading.Lock()  # held around every send() on the socket
         self.rest: bytes | None = None  # a direct write's unsent tail (goes out first)
         self.partial = 0  # direct writes the socket took only in part (tests read it)
@@ -94,7 +95,10 @@ class Output:
         """Send ``build()``'s bytes from this thread, now, if the output is idle; ``False``
         (nothing sent) if it is busy, or ``build`` returned ``None``: hand them to the I/O
         thread then. ``build`` runs under the lock, so what it checks holds until they leave."""
-        if not self.plain or not self.lock.acquire(blocking=False):
+        # with a hand-off already pending, joining it costs no wake-up and shares its send()
+        # (many consumers' acks on one connection, many callers' requests): only a thread that
+        # would wake the I/O thread for itself writes instead
+        if not self.plain or self._woken() or not self.lock.acquire(blocking=False):
             return False
         try:
             t = self.transport
