@@ -14,6 +14,7 @@ takes the blocking path on a thread, which handles everything uncommon as usual.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from .._ids import stamp
@@ -132,17 +133,35 @@ async def send(p: Producer, destination: Any, body: Any, type: str | None) -> "s
         payload = fmt % (mid.encode(), now.encode(), _encode_body(body))
     except (TypeError, ValueError, OverflowError) as exc:
         raise body_error(exc) from None
-    if len(payload) > fast[1] or not ep.lock.acquire(False):
-        return None  # too large (send() refuses it), or busy
-    try:
-        if ep.backend is not backend:
-            return None
+    if len(payload) > fast[1]:
+        return None  # too large: send() refuses it
+    # one send at a time on the loop per connection; the others wait their turn on the loop
+    # (FIFO), not on a thread that would wait for the endpoint's lock held by the loop
+    gate = _gate(conn)
+    async with gate:
+        if not ep.lock.acquire(False):
+            return None  # a thread's call holds the connection
         try:
-            await backend.publish_async(dest, payload, message_id=mid)
-        except NotNow:
-            return None
-        except Exception as exc:
-            return (ep, exc, dest, payload, mid)
-    finally:
-        ep.lock.release()
+            if ep.backend is not backend:
+                return None
+            try:
+                await backend.publish_async(dest, payload, message_id=mid)
+            except NotNow:
+                return None
+            except Exception as exc:
+                return (ep, exc, dest, payload, mid)
+        finally:
+            ep.lock.release()
     return mid
+
+
+_gates: "weakref.WeakKeyDictionary[Any, tuple[asyncio.AbstractEventLoop, asyncio.Lock]]" = weakref.WeakKeyDictionary()
+
+
+def _gate(conn: Any) -> asyncio.Lock:
+    """The asyncio lock of ``conn``'s loop-side sends on the running loop."""
+    loop = asyncio.get_running_loop()
+    got = _gates.get(conn)
+    if got is None or got[0] is not loop:
+        got = _gates[conn] = (loop, asyncio.Lock())
+    return got[1]
