@@ -3,6 +3,7 @@
 Run (brokers from ``scripts/brokers up rabbitmq activemq``)::
 
     .venv/bin/python benchmarks/bench_stomp.py [N] [--before SRC [--rounds R] [--one]]   (default 4000, 5)
+    .venv/bin/python benchmarks/bench_stomp.py --aio-sends [N]   (default 400)
 
 ``--before SRC`` (e.g. ``src`` of a ``git worktree add /tmp/stomp-before <commit>``) compares
 this design with that checkout's STOMP driver instead, both loaded in this process: consume
@@ -310,8 +311,66 @@ def many(url: str, n: int, k: int = 50) -> tuple[float, tuple[int, int]]:
     return rate, (threads - threads0 - k, fds - fds0)
 
 
+def aio_sends(url: str, label: str, n: int) -> None:
+    """Where an asyncio send's time goes (docs/backend-stomp.md, "asyncio"): the blocking
+    ``send`` is timed on the twin's thread, beside blocking sends, in alternating chunks of 20."""
+    import asyncio
+
+    import mqprimer.aio as aio
+
+    q = f"bench.aiosend.{uuid.uuid4().hex[:8]}"
+    marks: dict[str, float] = {}
+
+    async def run() -> None:
+        with mqprimer.connect(url) as bconn:
+            bp = bconn.producer()
+            async with aio.connect(url) as conn:
+                p = conn.producer()
+                for attr in ("send", "_send_plain"):  # whichever the twin calls on its thread
+                    inner = getattr(p if attr == "_send_plain" else p.blocking, attr, None)
+                    if inner is None:
+                        continue
+
+                    def timed(*a: Any, _inner: Any = inner, **k: Any) -> Any:
+                        marks["start"] = time.perf_counter()
+                        try:
+                            return _inner(*a, **k)
+                        finally:
+                            marks["end"] = time.perf_counter()
+
+                    setattr(p if attr == "_send_plain" else p.blocking, attr, timed)
+                cols: dict[str, list[float]] = {k: [] for k in ("blocking", "aio", "in", "body", "out")}
+                for _ in range(max(1, n // 40)):
+                    for _ in range(20):
+                        t = time.perf_counter()
+                        bp.send(q, BODY)
+                        cols["blocking"].append(time.perf_counter() - t)
+                    for _ in range(20):
+                        t0 = time.perf_counter()
+                        await p.send(q, BODY)
+                        t1 = time.perf_counter()
+                        cols["aio"].append(t1 - t0)
+                        cols["in"].append(marks["start"] - t0)
+                        cols["body"].append(marks["end"] - marks["start"])
+                        cols["out"].append(t1 - marks["end"])
+            with bconn.consumer(q) as c:  # leave the queue empty
+                while (m := c.receive(timeout=0.5)) is not None:
+                    m.ack()
+        us = {k: statistics.median(v) * 1e6 for k, v in cols.items()}
+        print(f"{label}: p50 blocking send {us['blocking']:.0f} us; aio send {us['aio']:.0f} us = hop in "
+              f"{us['in']:.0f} + send on the thread {us['body']:.0f} + hop out {us['out']:.0f} us")
+
+    asyncio.run(run())
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if "--aio-sends" in args:
+        args.remove("--aio-sends")
+        for name, url in sorted(broker_urls().items()):
+            if name in ("stomp-rabbitmq", "stomp-activemq"):
+                aio_sends(url, name, int(args[0]) if args else 400)
+        return
     before = None
     if "--before" in args:
         i = args.index("--before")
