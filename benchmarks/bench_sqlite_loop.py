@@ -1,6 +1,8 @@
 """How long the asyncio twin's loop-side sqlite operations hold the event loop.
 
     .venv/bin/python benchmarks/bench_sqlite_loop.py [--ops N]
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        .venv/bin/python benchmarks/bench_sqlite_loop.py --only blocking|aio send|recv N [--base]
 
 The twin runs a plain send (``Producer.send_nowait``: the backend's ``nowait_publisher``),
 a poll (``receive_nowait``) and an ack (``ack_nowait``) on its event loop, each through a
@@ -12,10 +14,14 @@ as many receive + ack, twice: alone on the file, and while another process write
 connection checkpoints the WAL). It prints p50 / p99 / max per call, how many were "not done"
 (then done on a thread), the longest the loop was late for a 1 ms timer (the loop yields after
 every call), the largest the WAL file grew, and checks that every message sent was received
-once. On a shared machine a call's wall time includes time the thread was runnable but waited
-for a CPU (preempted): the "own" columns subtract that wait (the thread's run-queue time from
-/proc/thread-self/schedstat), leaving the call's CPU time plus any wait for I/O or a lock; "cpu
-max" is the largest CPU time of one call (time.thread_time).
+once. ``--only`` runs N plain sends, or N receive + ack of a filled queue, through one API
+and nothing else (``--base``: the same set-up without the N operations), for instruction
+counts that the machine's load does not move: (run - base) / N per operation.
+
+On a shared machine a call's wall time includes time the thread was runnable but waited for a
+CPU (preempted): the "own" columns subtract that wait (the thread's run-queue time from
+/proc/thread-self/schedstat), leaving the call's CPU time plus any wait for I/O or a lock;
+"cpu max" is the largest CPU time of one call (time.thread_time).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mqprimer
 import mqprimer.aio as aio
 from mqprimer.aio import _nowait
 from mqprimer.producer import Producer
@@ -121,7 +128,44 @@ async def run(url: str, ops: int, wal: str, wal_max: list[int]) -> list[float]:
     return lag
 
 
+def only(mode: str, phase: str, n: int, base: bool) -> None:
+    url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-sqlite-loop-')}/q.db"
+    with mqprimer.connect(url) as b:
+        if phase == "recv":
+            b.producer().send_many([("q", {"n": 1}) for _ in range(n)])
+    if base:
+        n = 0
+    if mode == "blocking":
+        with mqprimer.connect(url) as conn, conn.consumer("q", prefetch=50) as c:
+            p = conn.producer()
+            p.send("w", 0)  # the first send learns the driver's path
+            for _ in range(n if phase == "send" else 0):
+                p.send("w", {"n": 1})
+            for _ in range(n if phase == "recv" else 0):
+                m = c.receive(timeout=5)
+                assert m is not None
+                m.ack()
+        return
+
+    async def run() -> None:
+        async with aio.connect(url) as conn, conn.consumer("q", prefetch=50) as c:
+            p = conn.producer()
+            await p.send("w", 0)
+            for _ in range(n if phase == "send" else 0):
+                await p.send("w", {"n": 1})
+            for _ in range(n if phase == "recv" else 0):
+                m = await c.receive(timeout=5)
+                assert m is not None
+                await m.ack()
+
+    asyncio.run(run())
+
+
 def main() -> None:
+    if "--only" in sys.argv:
+        at = sys.argv.index("--only")
+        only(sys.argv[at + 1], sys.argv[at + 2], int(sys.argv[at + 3]), "--base" in sys.argv)
+        return
     ops = int(sys.argv[sys.argv.index("--ops") + 1]) if "--ops" in sys.argv else 5000
     times: dict[str, list[float]] = {"send": [], "poll": [], "ack": []}
     own: dict[str, list[float]] = {"send": [], "poll": [], "ack": []}
