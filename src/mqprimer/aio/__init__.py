@@ -12,7 +12,9 @@
 Same names as the blocking API, awaited where they may wait on a broker. The twin adapts
 the blocking portable layer (envelopes, capability checks, retry policy, emulated retry and
 dead letters, failover, reconnect all exist once) and runs its calls on threads owned by the
-aio objects, so no call blocks the event loop, whatever the broker does. See docs/asyncio.md.
+aio objects, or on the loop itself where a driver's call cannot wait (Capabilities.nowait) or
+offers an asyncio path on the loop's own sockets (backend.py's asyncio SPI: beanstalk), so no
+call blocks the event loop, whatever the broker does. See docs/asyncio.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ A consumer owns one thread: its blocking receive waits there in short slices (so
 settle queued behind it waits at most a slice) and its settles run there in order. Where the
 driver declares it (``Capabilities.nowait``), a receive first takes a message this process
 holds already on the loop, an ack runs on the loop while that thread is idle (see
-:mod:`._nowait`), and receives waiting together share one slice. A
+:mod:`._nowait`), and receives waiting together share one slice. Where the driver offers
+an asyncio path (``Subscription.receive_async`` / ``ack_async``: beanstalk), receive and ack
+run on the loop's own sockets instead (:mod:`._native`), one receive at a time. A
 ``receive`` cancelled while a slice is under way leaves that slice running; a message it
 brings back is given back to the broker at once (``Subscription.requeue`` through the
 consumer's settle path), so cancellation never strands a delivery half-taken.

@@ -21,7 +21,7 @@ from greenstalk import _parse_response
 
 from ..backend import Delivery, Queue, Subscription
 from ..errors import MessageTooLarge
-from ._beanstalk_aio import AsyncSub
+from ._beanstalk_asub import AsyncSub
 from ._beanstalk_lease import watchdog
 
 Key = tuple[str, int, int]  # (host, port, job id)
