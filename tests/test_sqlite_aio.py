@@ -287,6 +287,9 @@ def test_a_loop_side_reserve_takes_at_most_its_byte_budget(path: Path, counted: 
     got = asyncio.run(main())
     assert [i for i, _ in got] == ids and [body for _, body in got] == [small, small, small, big, {"i": 1}]
     assert counted["hops"]["receive"] >= 1, "the big message was reserved on a thread"
+    # an ack of a payload over LOOP_MAX_PAYLOAD (64 KiB: the four big ones here) frees its
+    # overflow pages, reading each: on the thread; the small one's on the loop
+    assert (counted["hops"]["ack"], counted["done"]["ack"]) == (4, 1), counted
 
 
 def test_due_chores_are_left_to_the_thread_which_renews_a_private_subscription(

@@ -20,6 +20,7 @@ from ._sqlite_db import (
     HOUSEKEEP_EVERY,
     LOOP_COMMITS,
     LOOP_MAX_BATCH,
+    LOOP_MAX_PAYLOAD,
     Options,
     Txn,
     connect_db,
@@ -210,9 +211,10 @@ class SqliteSubscription(Subscription):
 
     def ack_nowait(self, delivery: Delivery) -> bool:
         """:meth:`ack` on the event loop; ``False``: nothing done (busy, the reservation lost:
-        the thread's ack raises ReservationLost, or a WAL checkpoint due: LOOP_COMMITS)."""
+        the thread's ack raises ReservationLost, a WAL checkpoint due: LOOP_COMMITS, or a
+        payload over LOOP_MAX_PAYLOAD, whose overflow pages the update reads to free them)."""
         db = self.ndb
-        if db is None or self.loop_commits >= LOOP_COMMITS:
+        if db is None or self.loop_commits >= LOOP_COMMITS or len(delivery.payload) > LOOP_MAX_PAYLOAD:
             return False  # until the thread's ack (which the twin calls next) has run
         try:
             cur = db.execute(_ACK, delivery.tag)
