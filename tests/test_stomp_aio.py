@@ -200,3 +200,38 @@ def test_acks_given_on_the_loop_reach_the_broker_before_a_clean_close(name: str,
     with mqprimer.connect(url) as conn, conn.consumer(q) as c:
         again = c.receive(timeout=1.0)
         assert again is None, f"an ACKed message came back after a clean close: {again.body}"
+
+
+def test_waiting_acks_go_out_in_front_of_a_nack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACKs still lingering in the writer are written before the next frame of the link, in
+    the same write: here a NACK (RabbitMQ's give-back), given right after two ACKs."""
+    url = need_broker("stomp-rabbitmq")
+    q = f"stomporder{uuid.uuid4().hex[:8]}"
+    with mqprimer.connect(url) as conn:
+        conn.producer().send_many([(q, i) for i in range(3)])
+        with conn.consumer(q, prefetch=3) as c:
+            ms = collect(c, 3, ack=False)
+            s = c._single
+            assert s is not None and s.sub is not None
+            t = s.sub.link.conn.transport  # type: ignore[attr-defined]
+            writes: list[bytes] = []
+            send = t.send
+
+            def spy(data: bytes) -> None:
+                writes.append(data)
+                send(data)
+
+            monkeypatch.setattr(t, "send", spy)
+            ms[0].ack()
+            ms[1].ack()
+            c._settle(ms[2], "give back", lambda sub: sub.requeue(ms[2]._delivery))  # as aio's _give_back
+            wire = b"".join(writes)
+            ids = [m._delivery.tag.headers["ack"].encode() for m in ms]
+            assert wire.count(b"NACK\nid:") == 1 and b"NACK\nid:" + ids[2] in wire, wire
+            nack = wire.index(b"NACK\nid:")
+            assert wire.index(b"ACK\nid:" + ids[0]) < nack and wire.index(b"ACK\nid:" + ids[1]) < nack, wire
+            back = collect(c, 1)  # the NACKed one, redelivered (and acked now)
+            assert back[0].body == 2
+            monkeypatch.undo()
+    with mqprimer.connect(url) as conn, conn.consumer(q) as c:
+        assert c.receive(timeout=1.0) is None, "an ACKed message came back"
