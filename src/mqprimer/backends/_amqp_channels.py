@@ -1,15 +1,6 @@
 """The kinds of channel :mod:`mqprimer.backends.amqp` opens on its connection (a
-:class:`~._amqp_link.Link`): the publisher-confirm channel, a consumer's channel, and
-RabbitMQ direct reply-to (docs/request-reply.md).
-
-Direct reply-to: the reply path consumes the pseudo-queue ``amq.rabbitmq.reply-to``
-(no-ack, as RabbitMQ requires) and publishes its requests on that same channel with
-``reply_to: amq.rabbitmq.reply-to`` (RabbitMQ only accepts that on the consuming
-channel). No queue is declared, so none can be left behind: the path ends with its
-channel. The envelope must carry the address too (``mqreplyto``), so that any client can
-answer through the envelope alone; RabbitMQ only reveals the channel's address in the
-``reply_to`` property of a message it rewrites. So the path learns it once: it publishes a
-probe to a server-named exclusive queue of its own and reads the rewritten property back.
+:class:`~._amqp_link.Link`): the publisher-confirm channel and a consumer's channel
+(RabbitMQ direct reply-to: ``_amqp_reply``).
 """
 
 from __future__ import annotations
@@ -26,10 +17,9 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from pika.spec import Basic, BasicProperties
 
 from .._ids import prepare
-from ..backend import Delivery, Destination, Queue, ReplyPath, Subscription, Topic
-from ..envelope import CONTENT_TYPE
+from ..backend import Delivery, Destination, Queue, Subscription, Topic
 from ._amqp_link import _CLOSE_WAIT, Chan, Link, Step, Waiter, refused
-from ._amqp_out import ack_frame, publish_frames
+from ._amqp_out import ack_frame
 
 
 @dataclass(frozen=True)
@@ -213,8 +203,11 @@ class AmqpSubscription(Subscription):
             acks.clear()  # their delivery tags die with the channel
             return
         ack = ch.basic_ack
-        while acks:
-            ack(acks.popleft())
+        try:
+            while True:  # a thread writing acks directly (_ack_frames) may take the last one meanwhile
+                ack(acks.popleft())
+        except IndexError:
+            pass
 
     # -- consumer thread --------------------------------------------------------------------
     def receive(self, timeout: float | None) -> Delivery | None:
@@ -271,9 +264,12 @@ class AmqpSubscription(Subscription):
             return None
         n = ch.channel_number
         frames = []
-        while acks:
-            frames.append(ack_frame(n, acks.popleft()))
-        return b"".join(frames)
+        try:
+            while True:  # the I/O thread's drain_acks may take the last one meanwhile
+                frames.append(ack_frame(n, acks.popleft()))
+        except IndexError:
+            pass
+        return b"".join(frames) if frames else None
 
     def requeue(self, delivery: Delivery) -> None:
         if self._error is not None:
@@ -301,110 +297,3 @@ class AmqpSubscription(Subscription):
                 chan.run(last, timeout=_CLOSE_WAIT)
             except px.AMQPError:
                 pass
-
-
-DIRECT = "amq.rabbitmq.reply-to"
-
-
-class DirectReplyPath(ReplyPath):
-    publishes_requests = True
-    # request() only hands a publish to the I/O thread: callers need not wait for the reader
-    concurrent_requests = True
-
-    def __init__(self, link: Link, queue_args: dict[str, Any]) -> None:
-        self.link = link
-        self.queue_args = queue_args
-        self.declared: set[str] = set()
-        self.buf: SimpleQueue[bytes | None] = SimpleQueue()
-        self.queued: deque[None] = deque()  # requests handed to the I/O thread, not yet in pika's buffer
-        self.error: BaseException | None = None
-        self.chan = chan = Chan(link, self._ended)
-        probe: list[str] = []
-
-        def consume(ch: Any, done: Callable[[Any], None]) -> None:
-            ch.basic_consume(DIRECT, self._on_reply, auto_ack=True, callback=done)
-
-        def declare(ch: Any, done: Callable[[Any], None]) -> None:
-            def ok(frame: Any) -> None:
-                probe.append(frame.method.queue)
-                done(None)
-
-            ch.queue_declare("", exclusive=True, auto_delete=True, callback=ok)
-
-        def learn(ch: Any, done: Callable[[Any], None]) -> None:
-            def got(_ch: Any, _method: Any, props: Any, _body: bytes) -> None:
-                ch.queue_delete(probe[0])
-                done(props.reply_to)
-
-            ch.basic_consume(probe[0], got, auto_ack=True)
-            ch.basic_publish("", probe[0], b"", BasicProperties(reply_to=DIRECT))
-
-        address = chan.run(chan.open_step, consume, declare, learn, timeout=10.0)
-        if not isinstance(address, str) or not address.startswith(DIRECT + "."):
-            chan.close()
-            raise px.AMQPChannelError("RabbitMQ did not rewrite reply_to: no direct reply-to support")
-        self.address = address
-
-    def _on_reply(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
-        self.buf.put(body)
-
-    def _ended(self, reason: BaseException) -> None:
-        if isinstance(reason, px.AMQPChannelError):  # the path is gone: the portable layer makes a new one
-            reason = px.ChannelWrongStateError(f"the reply channel closed: {reason}")
-        self.error = reason
-        self.buf.put(None)
-
-    def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
-        if self.error is not None:
-            raise self.error
-        name = destination.name
-        declare = name not in self.declared  # like send(): the request waits for its service
-        self.declared.add(name)
-        props = BasicProperties(
-            content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id, correlation_id=message_id,
-            reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
-        )
-        chan, args, link, queued = self.chan, self.queue_args, self.link, self.queued
-        if not declare:
-            # from this thread if the socket is idle (_amqp_out): no wake-up of the I/O thread
-            def frames() -> bytes | None:
-                ch = chan.ch
-                if queued or chan.closed is not None or not ch.is_open:
-                    return None  # a request handed off before this one (its declare) goes first
-                return publish_frames(ch.channel_number, "", name, payload, props, link.conn._body_max_length)
-
-            if link.out.direct(frames):
-                return
-
-        # no publisher confirm: the reply confirms the request, and a lost one is a Timeout
-        def send() -> None:
-            try:
-                if chan.ch.is_open:
-                    if declare:
-                        chan.ch.queue_declare(name, durable=True, arguments=args)
-                    chan.ch.basic_publish("", name, payload, props)
-            finally:
-                queued.pop()  # after its frames are in pika's buffer: a direct write sees them there
-
-        queued.append(None)
-        try:
-            link.submit(send)
-        except BaseException:
-            queued.pop()
-            raise
-
-    def receive(self, timeout: float) -> bytes | None:
-        if self.error is not None:
-            raise self.error
-        try:
-            payload = self.buf.get(True, timeout) if timeout > 0 else self.buf.get_nowait()
-        except Empty:
-            return None
-        if payload is None:
-            self.buf.put(None)
-            assert self.error is not None
-            raise self.error
-        return payload
-
-    def close(self) -> None:
-        self.chan.close()

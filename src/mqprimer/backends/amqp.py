@@ -59,9 +59,10 @@ from ..backend import (
 )
 from ..envelope import CONTENT_TYPE
 from ..url import URL
-from ._amqp_channels import AmqpSubscription, Confirmer, DirectReplyPath, SubQueue
+from ._amqp_channels import AmqpSubscription, Confirmer, SubQueue
 from ._amqp_link import URL_PARAMS, Chan, Link, Options, parameters, refused
 from ._amqp_out import publish_frames
+from ._amqp_reply import DirectReplyPath
 
 CAPABILITIES = Capabilities(
     name="amqp",
