@@ -34,6 +34,7 @@ from ._runner import Runner
 T = TypeVar("T")
 log = logging.getLogger("mqprimer")
 _SLICE = 0.1  # longest one blocking receive holds the consumer's thread
+_DONE = -1.0  # Consumer._receive_native: the receive is over (a message, or the timeout ran out)
 
 
 class _Calls(Protocol):
@@ -102,9 +103,10 @@ class Consumer:
             if _native.receives(c):
                 # on the loop's own sockets (Subscription.receive_async); the thread path below
                 # only when the driver cannot now (busy, or anything uncommon)
-                msg, timeout = await self._receive_native(timeout)
-                if msg is not None or timeout == 0:
+                msg, left = await self._receive_native(timeout)
+                if msg is not None or left == _DONE:
                     return msg
+                timeout = left  # the driver cannot now: the thread path below, for what is left
             got = _nowait.poll(c)  # a message this process holds already (Capabilities.nowait)
             if got.__class__ is _Message:
                 return Message(got, self)  # type: ignore[arg-type]
@@ -149,8 +151,8 @@ class Consumer:
                 return None
 
     async def _receive_native(self, timeout: float | None) -> "tuple[Message | None, float | None]":
-        """Receive on the loop: ``(message, _)``, or ``(None, timeout left)`` (0: it ran out)
-        when the thread path must go on (the driver said NotNow)."""
+        """Receive on the loop: ``(message, _DONE)``, ``(None, _DONE)`` when the timeout ran
+        out, or ``(None, timeout left)`` when the thread path must go on (the driver said NotNow)."""
         c = self.blocking
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -159,30 +161,30 @@ class Consumer:
                 # another receive is out on the loop: wait for it to end, then try (never a
                 # thread slice each, which would queue settles behind them: see receive)
                 if left == 0:
-                    return None, 0.0
+                    return None, _DONE
                 await asyncio.wait((self._native,), timeout=left)
                 if c.closed:
-                    return None, 0.0
+                    return None, _DONE
                 continue
             wait = _SLICE if left is None else min(_SLICE, left)
             self._native = fut = asyncio.get_running_loop().create_future()
             try:
                 got = await _native.receive(c, wait)
             except NotNow:
-                return None, (None if deadline is None else max(deadline - time.monotonic(), 0.0) or None)
+                return None, (None if deadline is None else max(deadline - time.monotonic(), 0.0))
             finally:
                 self._native = None
                 fut.set_result(None)
             if got is not None:
                 if got.__class__ is _Message:
-                    return Message(got, self), 0.0  # type: ignore[arg-type]
+                    return Message(got, self), _DONE  # type: ignore[arg-type]
                 # the delivery is taken: a cancelled receive still has it wrapped, then given back
                 m = await self._runner.call(_nowait.wrap, c, got, on_late=_give_back, inline=False, always=True)
                 if m is not None:
-                    return Message(m, self), 0.0
+                    return Message(m, self), _DONE
                 continue
             if c.closed or (deadline is not None and time.monotonic() >= deadline):
-                return None, 0.0
+                return None, _DONE
 
     def __aiter__(self) -> AsyncIterator["Message"]:
         return self._iterate()
