@@ -1,7 +1,7 @@
 """ZeroMQ: raw pyzmq against mqprimer on the same loopback, producer and consumer in separate processes.
 
     .venv/bin/python benchmarks/bench_zeromq.py [--n 200000] [--profile] [--json]
-    .venv/bin/python benchmarks/bench_zeromq.py --callgrind [--n 10000]
+    .venv/bin/python benchmarks/bench_zeromq.py --callgrind [--frozen-clock] [--n 10000]
 
 Rows: raw pyzmq PUSH/PULL; raw pyzmq + stdlib json (the envelope a user would write by hand);
 mqprimer send alone (a raw PULL drains); mqprimer send + receive + ack end to end; the same
@@ -210,8 +210,24 @@ def profile(n: int) -> None:
 
 
 # -- instructions per message (--callgrind) ---------------------------------------------------
+def _freeze_clock() -> None:
+    """One millisecond for the whole run (``--frozen-clock``): under valgrind a process runs
+    ~50x slower, so a new millisecond would come every few sends, and the once-a-millisecond
+    work (new id head and time) would weigh ~50x what it does at native speed, by an amount
+    that depends on how loaded the machine is."""
+    import itertools
+
+    import mqprimer._ids
+    import mqprimer.producer
+
+    now = time.time_ns()
+    mqprimer._ids._time_ns = mqprimer.producer._time_ns = itertools.repeat(now).__next__
+
+
 def loop(kind: str, port: int, n: int, flag: str) -> None:
     """One measured loop; ``flag``: a file that says the peer has sent everything (receive loops)."""
+    if os.environ.get("BENCH_FROZEN_CLOCK") == "1":
+        _freeze_clock()
     url = f"zmq+tcp://127.0.0.1:{port}?hwm=10000000&linger=600&send_timeout=600"
     ctx = zmq.Context()
     if kind in ("send-raw", "recv-raw"):
@@ -300,8 +316,10 @@ def instructions(kind: str, n: int) -> float:
     return (counts[1] - counts[0]) / (2 * n)
 
 
-def callgrind(n: int) -> None:
-    print(f"\n## CPU instructions per message (callgrind, n={n} and {3 * n}, difference / {2 * n})")
+def callgrind(n: int, frozen: bool) -> None:
+    os.environ["BENCH_FROZEN_CLOCK"] = "1" if frozen else "0"
+    print(f"\n## CPU instructions per message (callgrind, n={n} and {3 * n}, difference / {2 * n}"
+          f"{', clock frozen' if frozen else ''})")
     rows = {k: instructions(k, n) for k in ("send-raw", "send-mq", "recv-raw", "recv-mq")}
     names = {"send-raw": "raw pyzmq send", "send-mq": "mqprimer send", "recv-raw": "raw pyzmq recv + msgspec decode",
              "recv-mq": "mqprimer receive + ack"}
@@ -323,10 +341,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--callgrind", action="store_true")
+    ap.add_argument("--frozen-clock", action="store_true", help="with --callgrind: one millisecond for the run")
     a = ap.parse_args()
     n = a.n
     if a.callgrind:
-        callgrind(n if n != 200_000 else 10_000)
+        callgrind(n if n != 200_000 else 10_000, a.frozen_clock)
         return
     rows = [raw_push(n, False), raw_push(n, True), raw_pub(n), mq_send_alone(n), mq_end_to_end(n, False),
             mq_end_to_end(n, True)]

@@ -88,3 +88,40 @@ def test_forked_processes_draw_their_own_random_bits(monkeypatch: pytest.MonkeyP
     assert not set(child_ids) & set(parent_ids)
     # the same counter values in both processes, told apart by the offset alone
     assert {i[15:18] for i in child_ids} & {i[15:18] for i in parent_ids}
+
+
+def _fast_ids(frames: _ids.Frames, ms: int, count: int) -> list[str]:
+    """Ids made the way Producer.send's fast path makes them (its lines, without a socket)."""
+    out = []
+    for _ in range(count):
+        n = next(_ids._counter)
+        st = frames.st
+        if st[0] != ms or st[1] != n >> 12:
+            st = frames.update(ms, n >> 12)
+        out.append(f"{st[3]}{_ids._HEX3[n & 0xFFF]}{st[4]}")
+    return out
+
+
+def test_fast_path_ids_are_stamp_ids_and_a_forked_child_makes_its_own() -> None:
+    # Producer.send's fast path caches the id's head and tail per millisecond in _ids.Frames;
+    # a forked child must not reuse the parent's tail (its offset), or both make the same ids
+    ms = 1_800_000_000_000
+    frames = _ids.Frames(b'{"id":"%b","time":"%b","data":%b}')
+    parent_first = _fast_ids(frames, ms, 3)
+    assert all(_UUID7.match(i) for i in parent_first)
+    assert uuid.UUID(parent_first[0]).int >> 80 == ms and frames.st[2].startswith(b'{"id":"')
+    assert frames.st[2].endswith(b'","time":"' + _ids._now_iso(ms * 1_000_000).encode() + b'","data":%b}')
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and exit without running pytest's teardown
+        os.write(w, " ".join(_fast_ids(frames, ms, 3)).encode())
+        os._exit(0)
+    os.close(w)
+    child_ids = os.read(r, 200).decode().split()
+    os.close(r)
+    os.waitpid(pid, 0)
+    parent_ids = _fast_ids(frames, ms, 3)
+    assert len(child_ids) == 3 and all(_UUID7.match(i) for i in child_ids)
+    assert not set(child_ids) & set(parent_ids)
+    # the same counter values in both processes, told apart by the offset alone
+    assert [i[15:18] for i in child_ids] == [i[15:18] for i in parent_ids]

@@ -416,6 +416,61 @@ def test_sends_after_close_are_refused_once_the_fast_path_was_learnt(closing: st
         conn.close()
 
 
+def test_fast_path_frames_are_the_envelope_format_byte_for_byte_and_options_stay_keyword_only() -> None:
+    # send()'s fast path fills a per-millisecond format (_ids.Frames) with the id's last digits
+    # and the body: the frame must be exactly fresh_format's (held to build() by test_envelope),
+    # also where the source and type hold % signs, which that format escapes
+    import inspect
+
+    import zmq
+
+    import mqprimer
+    from mqprimer.envelope import decode, fresh_format
+
+    port = _port()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.rcvtimeo = 5000
+    pull.connect(f"tcp://127.0.0.1:{port}")
+    source = 'urn:100%-"odd"%b%%s'
+    try:
+        with mqprimer.connect(f"zmq+tcp://127.0.0.1:{port}?bind=producer", source=source) as conn:
+            p = conn.producer()
+            sent = [(t, p.send("jobs", {"n": i, "s": "%b%s"}, type=t))
+                    for i, t in enumerate([None, "a%b%%c", None, "a%b%%c", None, None])]
+            assert p._fast["jobs"][5] is not None and p._fast["jobs"][10] is not None, "fast path not learnt"
+            for t, mid in sent:
+                frame = pull.recv()
+                name, _, payload = frame.partition(b"\0")
+                env = decode(payload)
+                assert name == b"jobs" and env.id == mid and env.source == source
+                assert env.time is not None
+                body = msgspec_json(env.body)
+                assert payload == fresh_format(source, t or "mqprimer.message") % (mid.encode(), env.time.encode(),
+                                                                                    body)
+            # an option passed positionally is refused on the fast path too, never dropped
+            for bad in ({"k": "v"}, None):
+                with pytest.raises(TypeError, match="keyword-only"):
+                    p.send("jobs", {"n": 9}, bad)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="keyword-only"):
+                p.send("jobs", {"n": 9}, _keywords_only=None)  # type: ignore[call-arg,arg-type]
+            params = inspect.signature(p.send).parameters
+            assert list(params) == ["destination", "body", "headers", "type", "priority", "delay", "ttl", "id"]
+            assert {n for n, q in params.items() if q.kind is q.KEYWORD_ONLY} == set(list(params)[2:])
+            pull.rcvtimeo = 300
+            with pytest.raises(zmq.Again):
+                pull.recv()  # nothing of the refused sends went out
+    finally:
+        pull.close(0)
+        ctx.term()
+
+
+def msgspec_json(value: object) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(value)
+
+
 def test_messages_already_buffered_are_checked_like_the_first() -> None:
     # Consumer.receive decodes a message already waiting in the driver's buffer inline (its
     # fast path); an expired one, a foreign one and one with malformed headers must still be

@@ -13,6 +13,7 @@ import itertools
 import os
 import random
 import time
+import weakref
 
 _time_ns = time.time_ns
 _MASK62 = (1 << 62) - 1
@@ -37,6 +38,7 @@ _HEX3 = tuple(f"{i:03x}" for i in range(4096))
 # millisecond comes every few sends, where format specs cost a quarter of a send
 _HEX2 = tuple(f"{i:02x}" for i in range(256))
 _MS3 = tuple(f".{i:03d}Z" for i in range(1000))
+_HEX3B = tuple(h.encode() for h in _HEX3)
 
 
 def _reset_after_fork() -> None:
@@ -44,6 +46,8 @@ def _reset_after_fork() -> None:
     _offset = random.SystemRandom().getrandbits(62)
     _tail_cache = (-1, "")
     _ready.clear()  # made with the parent's offset
+    for frames in list(_all_frames):
+        frames.st = _STALE  # their ids' tails carry the parent's offset
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -140,6 +144,50 @@ def wire() -> tuple[str, bytes]:
     if n >> 12 != t[0]:
         t = _set_tail(n >> 12)
     return f"{c[1]}{_HEX3[n & 0xFFF]}{t[1]}", c[3]
+
+
+# Frames.st before its first update (and in a forked child): matches no millisecond
+_STALE: tuple[int, int, bytes, str, str] = (-1, -1, b"", "", "")
+_ID_AT, _TIME_AT, _BODY_AT = b"\xff\x01", b"\xff\x02", b"\xff\x03"  # never in UTF-8 (the frame's name and JSON are)
+
+
+class Frames:
+    """The send fast path's envelope format with this millisecond's id and time filled in.
+
+    ``fmt % (id, time, body)`` (ASCII bytes, JSON body) is a frame; ``st`` is ``(ms, block,
+    fmt2, id head, id tail)`` where ``fmt2 % (_HEX3B[n & 0xFFF], body)`` is the same frame for
+    the id of counter value ``n`` (``n >> 12 == block``), whose text is ``head + _HEX3[n &
+    0xFFF] + tail``: one two-spec format per message instead of making the id and time
+    (tuple, f-string, encode) and a three-spec one. ``st`` is replaced whole, never mutated,
+    so a thread always reads a consistent one; a forked child resets every one (its ids
+    take its own offset).
+    """
+
+    __slots__ = ("fmt", "st", "_parts", "__weakref__")
+
+    def __init__(self, fmt: bytes) -> None:
+        self.fmt = fmt
+        self.st = _STALE
+        # fmt split around its id and time, every other % escaped again, the body's spec kept
+        before, _, rest = (fmt % (_ID_AT, _TIME_AT, _BODY_AT)).replace(b"%", b"%%").partition(_ID_AT)
+        between, _, after = rest.partition(_TIME_AT)
+        self._parts = (before, between, after.replace(_BODY_AT, b"%b"))
+        _all_frames.add(self)
+
+    def update(self, ms: int, block: int) -> tuple[int, int, bytes, str, str]:
+        c = _ms_cache
+        if c[0] != ms:
+            c = _set_ms(ms)
+        t = _tail_cache
+        if t[0] != block:
+            t = _set_tail(block)
+        head, tail = c[1], t[1]
+        p = self._parts
+        st = self.st = (ms, block, p[0] + f"{head}%b{tail}".encode() + p[1] + c[3] + p[2], head, tail)
+        return st
+
+
+_all_frames: weakref.WeakSet[Frames] = weakref.WeakSet()
 
 
 def new_id() -> str:

@@ -4,6 +4,7 @@ reconnect, capability and size checks live there)."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ._endpoint import Endpoint
-from ._ids import stamp, wire
+from ._ids import _HEX3, _HEX3B, Frames, _counter, stamp
 from ._replies import check_headers
 from ._replies import check_type as _check_type
 from .backend import Destination, Outgoing, Topic
@@ -20,7 +21,11 @@ from .envelope import DEFAULT_TYPE, body_error, encode, fresh_format, make
 from .errors import StateError
 
 _BINARY = (bytes, bytearray, memoryview)
+# bodies send()'s fast path takes (exact classes: a set lookup, cheaper than isinstance);
+# anything else, bytes-like ones included, takes the usual path, which writes the same bytes
+_JSON_CLASSES = frozenset({dict, list, str, int, float, bool, type(None), tuple})
 _encode_body = msgspec.json.Encoder().encode
+_time_ns = time.time_ns
 
 
 class _Conn(Protocol):
@@ -56,6 +61,21 @@ def _check_options(priority: int | None, delay: float | None, ttl: float | None)
 
 
 
+class _KeywordsOnly:
+    """The type of send()'s third parameter, which no caller passes.
+
+    send()'s options are keyword-only, but a keyword-only parameter left out costs a dict
+    lookup in ``__kwdefaults__`` per call (CPython 3.11), ~0.8k instructions per send for
+    six of them, while defaulted positional ones are copied from a tuple. So they are
+    positional in the code, behind this sentinel: any option passed positionally lands in
+    ``_keywords_only`` (TypeError), a type checker refuses anything there (this class is
+    private), and ``inspect.signature`` shows the keyword-only signature (set below).
+    """
+
+
+_KEYWORDS_ONLY = _KeywordsOnly()
+
+
 class Producer:
     """Sends messages. ``send`` returns once the broker has the message (where it confirms)."""
 
@@ -65,7 +85,8 @@ class Producer:
         # type -> the envelope format of send()'s fast path (envelope.fresh_format)
         self._formats: dict[str | None, bytes] = {}
         # queue name -> (its Queue, endpoint, backend, endpoint index, {type: prefixed format},
-        # the driver's send or None, frame size limit, prefix length, %-escaped prefix): _learn
+        # the driver's send or None, frame size limit, prefix length, %-escaped prefix,
+        # {type: its _ids.Frames}, the Frames of type None or None, the endpoint's lock): _learn
         self._fast: dict[str, tuple[Any, ...]] = {}
         self._nowait: dict[str, tuple[Any, Any]] = {}  # queue name -> (backend, its nowait_publisher)
 
@@ -103,7 +124,7 @@ class Producer:
         self,
         destination: "str | Destination",
         body: Any,
-        *,
+        _keywords_only: "_KeywordsOnly" = _KEYWORDS_ONLY,  # see _KeywordsOnly: `*` without its cost
         headers: dict[str, str] | None = None,
         type: str | None = None,
         priority: int | None = None,
@@ -114,34 +135,44 @@ class Producer:
         """Send one message; return its id. Options the backend cannot honour raise UnsupportedError."""
         conn = self._conn
         fast = self._fast.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
-        if (fast is not None and headers is None and priority is None and not delay and ttl is None and id is None
-                and conn._active == fast[3] and (fmt := fast[4].get(type)) is not None
-                and not isinstance(body, _BINARY)):
+        if (fast is not None and _keywords_only is _KEYWORDS_ONLY and headers is None and priority is None
+                and not delay and ttl is None and id is None and conn._active == fast[3]
+                and (frames := fast[10] if type is None else fast[9].get(type)) is not None
+                and body.__class__ in _JSON_CLASSES):
             # The driver's own send (Backend.fast_publisher), learnt by _learn below after a
-            # plain send to this queue passed every check: one format writes the driver's frame
-            # prefix and the envelope at once, and no per-message call chain runs (ZeroMQ:
-            # 29.6k -> 23.8k instructions per send, bench_zeromq.py --callgrind; raw pyzmq 4.9k).
+            # plain send to this queue passed every check: one two-spec format (_ids.Frames:
+            # this millisecond's id head and time already in it) writes the driver's frame
+            # prefix and the envelope, and no per-message call chain runs. The id is _ids.stamp's
+            # (the same counter, head and tail), inline: no call, no tuple, no encode.
             # A closed producer has no fast paths (close() drops them); a closed connection
             # reset its endpoints, so the backend check below fails.
-            mid, when = wire()
+            ms = _time_ns() // 1_000_000
+            n = next(_counter)
+            st = frames.st
+            if st[0] != ms or st[1] != n >> 12:
+                st = frames.update(ms, n >> 12)
+            n &= 0xFFF
             try:
-                frame = fmt % (mid.encode(), when, _encode_body(body))
+                frame = st[2] % (_HEX3B[n], _encode_body(body))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise body_error(exc) from None
             if len(frame) <= fast[6]:  # else: the path below refuses it (MessageTooLarge)
-                ep = fast[1]
-                lock = ep.lock
+                mid = f"{st[3]}{_HEX3[n]}{st[4]}"
+                lock = fast[11]
                 try:
                     lock.acquire()  # not `with`: its special-method lookups cost as much as a send
                     try:
-                        if ep.backend is fast[2]:
+                        if fast[1].backend is fast[2]:
                             fast[5](frame)
                             return mid
                     finally:
                         lock.release()
                 except Exception as exc:
-                    conn._fast_failed(ep, fast[2].fast_error(exc), fast[0], frame[fast[7]:], mid)
+                    conn._fast_failed(fast[1], fast[2].fast_error(exc), fast[0], frame[fast[7]:], mid)
                     return mid
+        if _keywords_only is not _KEYWORDS_ONLY:
+            raise TypeError("Producer.send() takes 2 positional arguments (destination, body); its options "
+                            "(headers, type, priority, delay, ttl, id) are keyword-only: send(q, body, headers=...)")
         if self._closed or conn._closed:
             self._check()
         if headers or ttl is not None or id is not None or isinstance(body, _BINARY):
@@ -219,10 +250,13 @@ class Producer:
             got = backend.fast_publisher(dest)
             prefix, send = got if got is not None else (b"", None)
             old = (dest, ep, backend, conn._active, {}, send, conn.size_limit(ep)[0] + len(prefix), len(prefix),
-                   prefix.replace(b"%", b"%%"))
+                   prefix.replace(b"%", b"%%"), {}, None, ep.lock)
             self._fast[dest.name] = old
         if old[5] is not None and len(old[4]) < 100:
             old[4][type] = old[8] + fmt
+            frames = old[9][type] = Frames(old[4][type])
+            if type is None:
+                self._fast[dest.name] = (*old[:10], frames, old[11])
 
     def _build_plain(self, destination: "str | Destination", body: Any) -> Outgoing:
         """:meth:`build` without options: send()'s format path where it applies (same bytes)."""
@@ -271,3 +305,13 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _public_signature(fn: Any) -> inspect.Signature:
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "_keywords_only"]
+    return sig.replace(parameters=[p if i < 3 else p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                   for i, p in enumerate(params)])
+
+
+Producer.send.__signature__ = _public_signature(Producer.send)  # type: ignore[attr-defined]
