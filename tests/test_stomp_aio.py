@@ -48,6 +48,7 @@ class _Relay:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.frozen = threading.Event()
+        self.still = threading.Event()  # the client-to-broker pump has seen the freeze
         self.done = threading.Event()
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted one
@@ -73,6 +74,7 @@ class _Relay:
         try:
             while not self.done.is_set():
                 if freezes and self.frozen.is_set():
+                    self.still.set()
                     time.sleep(0.01)  # read nothing more: the client's socket buffer fills
                     continue
                 if not select.select([src], [], [], 0.05)[0]:
@@ -86,7 +88,10 @@ class _Relay:
         self.cut()
 
     def freeze(self) -> None:
+        """Stop reading from the client; returns once the pump has stopped (it may be mid-select)."""
+        self.still.clear()
         self.frozen.set()
+        assert self.still.wait(5), "the relay did not stop reading"
 
     def cut(self) -> None:
         """Both sides see a reset; later connections are relayed again."""
@@ -140,7 +145,9 @@ def test_acks_on_the_loop_never_wait_for_a_broker_that_stopped_reading(name: str
                     got.append(m)
             assert len(got) == n, f"only {len(got)} of {n} messages arrived"
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            proxy.freeze()
+            proxy.still.clear()
+            proxy.frozen.set()
+            await asyncio.wait_for(asyncio.to_thread(proxy.still.wait, 5), 10)  # the relay stopped reading
             await asyncio.sleep(0)
             hops.clear()
             t0 = time.monotonic()
@@ -235,3 +242,42 @@ def test_waiting_acks_go_out_in_front_of_a_nack(monkeypatch: pytest.MonkeyPatch)
             monkeypatch.undo()
     with mqprimer.connect(url) as conn, conn.consumer(q) as c:
         assert c.receive(timeout=1.0) is None, "an ACKed message came back"
+
+
+def test_close_does_not_wait_for_a_write_stuck_on_a_broker_that_stopped_reading() -> None:
+    """ACKs (never waiting, in the blocking API too) fill the socket of a broker that stopped
+    reading (no heart-beats, so nothing notices): the flusher's write is stuck holding the
+    socket, and the link's close gives up the DISCONNECT after 2 s instead of waiting with it."""
+    url = need_broker("stomp-rabbitmq")
+    host, port = mqprimer.URL.parse(url).hosts[0]
+    q = f"stompstuck{uuid.uuid4().hex[:8]}"
+    n = 1000
+    with mqprimer.connect(url) as conn:
+        conn.producer().send_many((q, {"i": i}) for i in range(n))
+    relay = _Relay((host or "127.0.0.1", port or 61613))
+    unfreeze = threading.Timer(30, relay.cut)
+    unfreeze.start()
+    try:
+        via = url.replace(f"{host}:{port}", f"127.0.0.1:{relay.port}") + "?heartbeat=0"
+        with mqprimer.connect(via) as conn, conn.consumer(q, prefetch=n) as c:
+            got = collect(c, n, ack=False)
+            s = c._single
+            assert s is not None and s.sub is not None
+            link = s.sub.link  # type: ignore[attr-defined]
+            link.conn.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            relay.freeze()
+            t0 = time.monotonic()
+            for m in got:
+                m.ack()
+            assert time.monotonic() - t0 < 5, "the acks waited for the socket"
+            assert link.acks.lock.locked(), "no write is stuck: the test never filled the socket"
+            t0 = time.monotonic()
+            link.close()
+            took = time.monotonic() - t0
+            assert took < 6, f"close waited {took:.1f}s for the stuck write"
+    finally:
+        unfreeze.cancel()
+        relay.close()
+    with mqprimer.connect(url) as conn, conn.consumer(q, prefetch=n) as c:
+        while (left := c.receive(timeout=0.5)) is not None:  # what the broker never saw ACKed
+            left.ack()

@@ -73,9 +73,13 @@ class AckWriter:
         if n >= ACK_BATCH:
             self._write_nowait()
 
-    def write(self, data: bytes, send: Callable[[bytes], None]) -> None:
-        """``send`` the waiting ACKs and then ``data`` in one call, under the write lock (blocking)."""
-        with self.lock:
+    def write(self, data: bytes, send: Callable[[bytes], None], timeout: float = -1) -> bool:
+        """``send`` the waiting ACKs and then ``data`` in one call, under the write lock (blocking);
+        ``False``: another write held the lock for ``timeout`` seconds (a broker that stopped
+        reading), nothing was sent."""
+        if not self.lock.acquire(timeout=timeout):
+            return False
+        try:
             with self._cond:
                 acks, self._pending = self._pending, []
             if acks:
@@ -83,6 +87,9 @@ class AckWriter:
                 data = b"".join(acks)
             if data:
                 send(data)
+        finally:
+            self.lock.release()
+        return True
 
     def _write_nowait(self) -> None:
         if not self.lock.acquire(False):

@@ -201,14 +201,18 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
 
     def close(self) -> None:
         """Disconnect (the broker then gives every unacked message back). Never raises."""
+        flushed = False
         try:
-            self.flush_acks()  # ACKs already given go out before the DISCONNECT
+            # ACKs already given go out before the DISCONNECT; a write stuck on a broker that
+            # stopped reading (holding the socket) means no DISCONNECT, only the socket's close
+            self.check()
+            flushed = self.acks.write(b"", _sender(self.conn.transport), timeout=2.0)
         except Exception:
             pass
         was_alive, self.alive = self.alive, False
         self.acks.stop()
         try:
-            if was_alive:
+            if was_alive and flushed:
                 rid = self.next_id("bye")
                 self.conn.disconnect(receipt=rid)
                 self._wait(lambda: rid in self.receipts or not self.conn.transport.running, 2.0)
