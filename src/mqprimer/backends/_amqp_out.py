@@ -86,8 +86,8 @@ class Output:
                 bufs.clear()
                 bufs.append(data)
             if self.plain and bufs:
-                self._send_buffered()
-                if bufs:  # the rest of a direct write was never registered with the loop
+                self._send_buffered()  # pika's own handler: it logs and aborts on a socket error
+                if bufs and t._state == t._STATE_ACTIVE:  # a direct write's rest was never registered
                     t._nbio.set_writer(t._sock.fileno(), t._on_socket_writable)
 
     # -- any thread --------------------------------------------------------------------------
