@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_zeromq.py --callgrind [--frozen-clock] [--n 10000]
 
 Rows: raw pyzmq PUSH/PULL; raw pyzmq + stdlib json (the envelope a user would write by hand);
-mqprimer send alone (a raw PULL drains); mqprimer send + receive + ack end to end; the same
-for PUB/SUB. ``--profile`` prints where the per-message time goes (cProfile, in-process).
+raw pyzmq send alone and mqprimer send alone (the send loop timed, a raw PULL drains);
+mqprimer send + receive + ack end to end; the same for PUB/SUB. ``--profile`` prints where the
+per-message time goes (cProfile, in-process).
 
 ``--callgrind`` counts CPU instructions per message instead (valgrind, apt-get install
 valgrind), which the other processes on a shared machine do not disturb: each loop (mqprimer
@@ -41,9 +42,16 @@ BODY = {"path": "photos/2024/a.jpg", "size": 128, "tenant": "acme"}
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port P whose P+1 (a zmq+tcp URL's topic port) is free too."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 # -- the consumer process -------------------------------------------------------------------
@@ -128,6 +136,24 @@ def raw_push(n: int, as_json: bool) -> Result:
     secs = time.perf_counter() - start
     s.close(0)
     return Result("raw pyzmq + stdlib json" if as_json else "raw pyzmq PUSH/PULL", n, secs)
+
+
+def raw_send_alone(n: int) -> Result:
+    """The send loop only, as ``mqprimer send alone`` (a raw PULL drains): the bound for that row."""
+    addr = f"tcp://127.0.0.1:{_port()}"
+    p = spawn("pull", addr, n)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.sndhwm = 100_000
+    s.connect(addr)
+    payload, send = b"bench\0" + b"x" * 220, s.send
+    start = time.perf_counter()
+    for _ in range(n):
+        send(payload)
+    secs = time.perf_counter() - start
+    finish(p)
+    s.close(0)
+    return Result("raw pyzmq send alone", n, secs)
 
 
 def raw_pub(n: int) -> Result:
@@ -347,12 +373,13 @@ def main() -> None:
     if a.callgrind:
         callgrind(n if n != 200_000 else 10_000, a.frozen_clock)
         return
-    rows = [raw_push(n, False), raw_push(n, True), raw_pub(n), mq_send_alone(n), mq_end_to_end(n, False),
-            mq_end_to_end(n, True)]
+    rows = [raw_push(n, False), raw_push(n, True), raw_pub(n), raw_send_alone(n), mq_send_alone(n),
+            mq_end_to_end(n, False), mq_end_to_end(n, True)]
     report(f"ZeroMQ over loopback TCP, producer and consumer in separate processes ({zmq.zmq_version()})", rows, [
         ("mqprimer PUSH/PULL send+receive+ack", "raw pyzmq PUSH/PULL"),
         ("mqprimer PUSH/PULL send+receive+ack", "raw pyzmq + stdlib json"),
         ("mqprimer send alone", "raw pyzmq PUSH/PULL"),
+        ("mqprimer send alone", "raw pyzmq send alone"),
         ("mqprimer PUB/SUB send+receive+ack", "raw pyzmq PUB/SUB"),
     ])
     if a.profile:
