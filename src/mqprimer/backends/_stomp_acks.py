@@ -21,8 +21,10 @@ the wire before it. An ACK lost with its connection means a redelivery: at-least
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +92,39 @@ class AckWriter:
         finally:
             self.lock.release()
         return True
+
+    def write_within(self, data: bytes, seconds: float) -> bool:
+        """:meth:`write` for a close: ``False`` if the waiting ACKs and ``data`` could not all
+        go out within ``seconds`` (a broker that stopped reading); the stream may then end
+        inside a frame, so the caller closes the socket without another frame."""
+        deadline = time.monotonic() + seconds
+        t = self._transport()
+        sem = getattr(t, "_Transport__socket_semaphore", None)
+        sock = getattr(t, "socket", None)
+        if sem is None or sock is None or not getattr(t, "blocking", False):
+            return self.write(data, _sender(t), seconds)  # TLS: a queue put, stomp.py's thread writes
+        if not self.lock.acquire(timeout=seconds):
+            return False
+        try:
+            if not sem.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+            try:
+                with self._cond:
+                    acks, self._pending = self._pending, []
+                rest = memoryview(b"".join([*acks, data]))
+                while rest:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([], [sock], [], left)[1]:
+                        return False
+                    try:
+                        rest = rest[sock.send(rest, socket.MSG_DONTWAIT):]
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                return True
+            finally:
+                sem.release()
+        finally:
+            self.lock.release()
 
     def _write_nowait(self) -> None:
         if not self.lock.acquire(False):

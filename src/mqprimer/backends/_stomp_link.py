@@ -206,7 +206,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             # ACKs already given go out before the DISCONNECT; a write stuck on a broker that
             # stopped reading (holding the socket) means no DISCONNECT, only the socket's close
             self.check()
-            flushed = self.acks.write(b"", _sender(self.conn.transport), timeout=2.0)
+            flushed = self.acks.write_within(b"", 2.0)
         except Exception:
             pass
         was_alive, self.alive = self.alive, False
