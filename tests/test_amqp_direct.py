@@ -186,3 +186,68 @@ def test_a_thread_joins_a_pending_hand_off_instead_of_writing(service: tuple[str
             hold.set()
         caller.join(25)
     assert got == [{"echo": 1}]
+
+
+
+def test_requests_in_flight_and_a_busy_service_s_replies_go_through_the_io_thread() -> None:
+    """Direct writes are for the lone round trip. A request made while others are unanswered
+    is handed to the I/O thread (16 callers' requests then leave in a few send()s, not one
+    each), and so is a reply a service sends while more requests wait in its buffer."""
+    url = need_broker("amqp")
+    queue = f"direct{uuid.uuid4().hex[:8]}"
+    got: list[Any] = []
+    with mqprimer.connect(url) as conn:
+        try:
+            conn.request(queue, 0, timeout=0.2)  # makes the reply path, declares the queue; nobody answers
+        except mqprimer.Timeout:
+            pass  # and its timed-out wait wrote that request off
+        assert conn._replies is not None and conn._replies.path is not None
+        path: Any = conn._replies.path
+        out = _link(conn).out
+        written: list[bool] = []  # what each direct() attempt of the caller's connection did
+        direct = out.direct
+
+        def counting(build: Callable[[], bytes | None]) -> bool:
+            done: bool = direct(build)
+            written.append(done)
+            return done
+
+        out.direct = counting
+        handed = _count_submits(_link(conn))
+        callers = []
+
+        def call(i: int) -> None:
+            got.append(conn.request(queue, i, timeout=20).body)
+
+        for i in (1, 2, 3):
+            th = threading.Thread(target=call, args=(i,), daemon=True)
+            th.start()
+            callers.append(th)
+            wait_until(lambda: path.sent == i + 1, what=f"request {i} made")  # noqa: B023 (waited for here)
+        wait_until(lambda: len(written) + handed[0] == 3, timeout=5, what="requests 1-3 written or handed off")
+        # the first found nothing in flight and wrote itself; the two made while it was unanswered
+        # did not even try (written stays [True])
+        assert written == [True], f"direct writes tried by requests 1-3: {written}, expected only the first"
+        with mqprimer.connect(url) as sconn, sconn.consumer(queue, prefetch=10) as c:
+            sout = _link(sconn).out
+            sdirect = sout.direct
+            tried: list[str] = []  # what the service's thread tried to write itself
+
+            def service_counting(build: Callable[[], bytes | None]) -> bool:
+                tried.append(build.__qualname__)
+                done: bool = sdirect(build)
+                return done
+
+            sout.direct = service_counting
+            replies = 0
+            while any(th.is_alive() for th in callers):
+                m = c.receive(timeout=0.2)
+                if m is not None:  # requests 1-3 (and request 0 if it has not expired yet)
+                    m.reply({"echo": m.body})
+                    replies += 1
+                    m.ack()
+    assert sorted(b["echo"] for b in got) == [1, 2, 3]
+    # the requests were all waiting when the service started: its first reply found more
+    # behind it in the buffer and went with the I/O thread
+    reply_tries = sum(1 for name in tried if "send_reply" in name)
+    assert reply_tries < replies, f"the service tried to write all {replies} replies itself"

@@ -213,10 +213,12 @@ class AmqpSubscription(Subscription):
     def receive(self, timeout: float | None) -> Delivery | None:
         if self._error is not None:  # what is buffered will be redelivered: do not hand it out
             raise self._error
-        local = self._local
+        local, q = self._local, self._q
         if local:
-            return local.popleft()
-        q = self._q
+            d = local.popleft()
+            # more to do after this one: a reply sent meanwhile goes with the I/O thread's batch
+            self._link.backlog = bool(local) or not q.empty()
+            return d
         try:
             burst = q.get_nowait()
         except Empty:
@@ -233,7 +235,9 @@ class AmqpSubscription(Subscription):
             assert self._error is not None
             raise self._error
         local.extend(burst)
-        return local.popleft()
+        d = local.popleft()
+        self._link.backlog = bool(local) or not q.empty()
+        return d
 
     def _flush(self) -> None:
         if not self._flush_due:

@@ -176,6 +176,8 @@ class Link:
         self._todo: deque[Callable[[], None]] = deque()
         self._woken = False
         self.chans: set[Chan] = set()  # open channels (I/O thread only)
+        # the last receive() left deliveries waiting: replies go with the I/O thread's batch then
+        self.backlog = False
         self.flushers: set[Any] = set()  # subscriptions with acks to write out (I/O thread only)
         ioloop = IOLoop()
         ioloop.activate_poller()

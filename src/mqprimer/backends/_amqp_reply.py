@@ -12,6 +12,7 @@ exclusive queue of its own and reads the rewritten property back.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
@@ -38,6 +39,14 @@ class DirectReplyPath(ReplyPath):
         self.queue_args = queue_args
         self.declared: set[str] = set()
         self.buf: SimpleQueue[bytes | None] = SimpleQueue()
+        # requests sent and replies read, to tell a lone caller (who writes its request itself)
+        # from many in flight (whose requests the I/O thread sends together, in one send());
+        # replies are counted on the I/O thread only; a reply that never comes is written off
+        # when a read finds nothing (``settled``)
+        self.count_lock = threading.Lock()
+        self.sent = 0
+        self.replies = 0
+        self.settled = 0
         self.queued: deque[None] = deque()  # requests handed to the I/O thread, not yet in pika's buffer
         self.error: BaseException | None = None
         self.chan = chan = Chan(link, self._ended)
@@ -68,7 +77,15 @@ class DirectReplyPath(ReplyPath):
         self.address = address
 
     def _on_reply(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+        self.replies += 1
         self.buf.put(body)
+
+    def _in_flight(self) -> int:
+        """Requests sent before this one and not answered (counts this one as sent)."""
+        with self.count_lock:
+            before = self.sent
+            self.sent = before + 1
+        return before - self.replies - self.settled
 
     def _ended(self, reason: BaseException) -> None:
         if isinstance(reason, px.AMQPChannelError):  # the path is gone: the portable layer makes a new one
@@ -87,7 +104,7 @@ class DirectReplyPath(ReplyPath):
             reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
         )
         chan, args, link, queued = self.chan, self.queue_args, self.link, self.queued
-        if not declare:
+        if self._in_flight() <= 0 and not declare:
             # from this thread if the socket is idle (_amqp_out): no wake-up of the I/O thread
             def frames() -> bytes | None:
                 ch = chan.ch
@@ -121,6 +138,8 @@ class DirectReplyPath(ReplyPath):
         try:
             payload = self.buf.get(True, timeout) if timeout > 0 else self.buf.get_nowait()
         except Empty:
+            if timeout > 0:  # a whole wait without a reply: what is still unanswered may never be
+                self.settled = self.sent - self.replies
             return None
         if payload is None:
             self.buf.put(None)

@@ -262,7 +262,7 @@ class AmqpBackend(Backend):
                 return None
             return publish_frames(ch.channel_number, "", address, payload, props, link.conn._body_max_length)
 
-        if link.out.direct(frames):
+        if not link.backlog and link.out.direct(frames):  # a busy service's replies go out together
             return
 
         def send() -> None:
