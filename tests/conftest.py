@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,3 +249,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.hookimpl(trylast=True)  # after the fixtures' teardown, which may thaw or restart the broker
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     os.environ["MQPRIMER_MAY_DISRUPT"] = ""
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every call the asyncio twin hands to one of its pool threads (the function), from now on:
+    what the twin's loop-side paths (Capabilities.nowait, the asyncio SPI) must leave empty."""
+    from mqprimer.aio._runner import Runner
+
+    seen: list[Any] = []
+    put = Runner._put
+
+    def counting(self: Runner, job: Any) -> None:
+        seen.append(job.fn)
+        put(self, job)
+
+    monkeypatch.setattr(Runner, "_put", counting)
+    return seen

@@ -14,24 +14,11 @@ import pytest
 
 import mqprimer.aio as aio
 from conftest import free_port_pair, need_broker
-from mqprimer.aio._runner import Runner
 from test_aio_faults import run_watched
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every call handed to an aio pool thread, from now on."""
-    seen: list[Any] = []
-    put = Runner._put
-
-    def counting(self: Runner, job: Any) -> None:
-        seen.append(job.fn)
-        put(self, job)
-
-    monkeypatch.setattr(Runner, "_put", counting)
-    return seen
 
 
 @pytest.mark.parametrize("name", ["zeromq", "amqp"])

@@ -21,7 +21,6 @@ import mqprimer
 import mqprimer.aio as aio
 from conftest import need_broker
 from mqprimer import Queue
-from mqprimer.aio._runner import Runner
 from mqprimer.backends._gearman_sub import GearmanSub
 from mqprimer.backends.gearman import GearmanBackend
 
@@ -38,18 +37,6 @@ def q() -> str:
     return f"ga{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every call handed to an aio pool thread, from now on."""
-    seen: list[Any] = []
-    put = Runner._put
-
-    def counting(self: Runner, job: Any) -> None:
-        seen.append(job.fn)
-        put(self, job)
-
-    monkeypatch.setattr(Runner, "_put", counting)
-    return seen
 
 
 def test_aio_receive_takes_grabbed_jobs_on_the_loop(url: str, q: str, hops: list[Any]) -> None:
