@@ -16,44 +16,15 @@ full), so either path may take the connection between two commands.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
-import weakref
-from collections.abc import Callable
-from typing import Any
 
 from greenstalk import _parse_response
 
+from ._loop_io import idle_readable, wait_fd
+
 _DONTWAIT = socket.MSG_DONTWAIT
 _CHUNK = 1 << 17
-_IDLE_WAIT = 0.02  # the longest wait for a reply in the kernel while the loop is idle (Exchange._idle_ready)
-_pollers: "dict[tuple[int, int], select.poll]" = {}
-_last: list[Any] = [lambda: None, None]  # (weak reference to the loop, its selector fd) last asked for
-_selector_fds: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int | None]" = weakref.WeakKeyDictionary()
-
-
-def _selector_fd(loop: asyncio.AbstractEventLoop) -> int | None:
-    """The fd of ``loop``'s selector, where it is asyncio's own selector loop with one that
-    has an fd (epoll); ``None``: no idle waits on this loop (always through the selector)."""
-    last = _last
-    if last[0]() is loop:
-        return last[1]  # type: ignore[no-any-return]
-    got = _selector_fds.get(loop, -1)
-    if got == -1:
-        fd = None
-        if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-            sel = getattr(loop, "_selector", None)
-            fileno = getattr(sel, "fileno", None)
-            if fileno is not None and all(hasattr(loop, a) for a in ("_ready", "_scheduled")):
-                fd = fileno()
-        got = _selector_fds[loop] = fd
-    _last[:] = [weakref.ref(loop), got]  # one loop per process, mostly: no weak-dictionary lookup per call
-    return got
-
-
-def _wake(fut: "asyncio.Future[bool]", ready: bool) -> None:
-    if not fut.done():
-        fut.set_result(ready)
+_IDLE_WAIT = 0.02  # the longest wait for a reply in the kernel while the loop is idle (_loop_io.idle_readable)
 
 
 class Exchange:
@@ -92,62 +63,22 @@ class Exchange:
             if sent >= len(data):
                 return
             try:
-                await self._wait(self.loop.add_writer, self.loop.remove_writer, None)
+                await self._wait(True, None)
             except asyncio.CancelledError:
                 if sent:
                     drop(self.sock)  # half a command written: nothing can follow it
                 raise
 
-    async def _wait(self, add: Callable[..., None], remove: Callable[[int], object], deadline: float | None) -> None:
-        loop = self.loop
-        fut: asyncio.Future[bool] = loop.create_future()
-        add(self.fd, _wake, fut, True)
-        timer = None if deadline is None else loop.call_at(deadline, _wake, fut, False)
-        try:
-            ready = await fut
-        finally:
-            remove(self.fd)
-            if timer is not None:
-                timer.cancel()
-        if not ready:
+    async def _wait(self, writable: bool, deadline: float | None) -> None:
+        if not await wait_fd(self.loop, self.fd, writable, deadline):
             raise TimeoutError("beanstalkd did not answer within the I/O timeout")
 
     def _idle_ready(self, until: float | None) -> bool:
-        """Whether the socket became readable in a short wait made while the loop has nothing
-        else to do (no callback ready, no timer due before it ends, no other I/O: the loop's
-        own selector is watched too, and ends the wait the moment it has an event).
-
-        A reply takes ~20-60 us; waking through the selector and a task step costs as much
-        again here (bench_aio: 0.5x of the blocking API with every reply awaited). So the
-        caller waits in the kernel, as the blocking path does, only while nobody else could
-        have run meanwhile, and at most _IDLE_WAIT: a frozen or slow broker then holds up
-        nothing (a waiting callback, a due timer or another socket ends the wait at once)."""
-        loop = self.loop
-        efd = _selector_fd(loop)
-        if efd is None:
-            return False
-        ready = loop._ready  # type: ignore[attr-defined]
-        if ready and not all(h._cancelled for h in ready):  # cancelled ones wait for the loop's next turn
-            return False
-        now = loop.time()
-        bound = _IDLE_WAIT if until is None else min(_IDLE_WAIT, until - now)
-        scheduled = loop._scheduled  # type: ignore[attr-defined]
-        if scheduled:
-            bound = min(bound, scheduled[0]._when - now)
-        if bound <= 0:
-            return False
-        key = (efd, self.fd)  # fd numbers: one reused by another socket is polled alike, correctly
-        poller = _pollers.get(key)
-        if poller is None:
-            if len(_pollers) >= 256:
-                _pollers.clear()
-            poller = _pollers[key] = select.poll()
-            poller.register(self.fd, select.POLLIN)
-            poller.register(efd, select.POLLIN)
-        for fd, _ in poller.poll(bound * 1000):
-            if fd == self.fd:
-                return True
-        return False
+        """Whether the socket became readable in a short kernel wait made while the loop has
+        nothing else to do (_loop_io.idle_readable): a reply takes ~20-60 us, and waking
+        through the selector and a task step costs as much again here (bench_aio: 0.5x of the
+        blocking API with every reply awaited there)."""
+        return idle_readable(self.loop, self.fd, until, _IDLE_WAIT)
 
     def pull(self, until: float | None) -> bool:
         """Bytes of the reply read into the buffer after a wait on an idle loop (_idle_ready);
@@ -188,7 +119,7 @@ class Exchange:
         if self._idle_ready(until):
             return True
         try:
-            await self._wait(self.loop.add_reader, self.loop.remove_reader, until)
+            await self._wait(False, until)
         except TimeoutError:
             return False
         return True
@@ -196,7 +127,7 @@ class Exchange:
     async def _fill(self, deadline: float | None, wait: bool) -> None:
         while True:
             if wait and not self._idle_ready(deadline):
-                await self._wait(self.loop.add_reader, self.loop.remove_reader, deadline)
+                await self._wait(False, deadline)
             try:
                 data = self.sock.recv(_CHUNK, _DONTWAIT)
             except BlockingIOError:

@@ -20,70 +20,13 @@ the loop's selector.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
-import weakref
 
 from ._gearman_proto import Link
+from ._loop_io import idle_readable, wait_fd
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _IDLE_WAIT = 0.002  # the longest the loop waits in the kernel for an answer, and only while idle
-_selector_fds: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int | None]" = weakref.WeakKeyDictionary()
-
-
-def _selector_fd(loop: asyncio.AbstractEventLoop) -> int | None:
-    """The fd of ``loop``'s selector (asyncio's own selector loop on epoll); ``None``: never
-    wait in the kernel on this loop, always through its selector."""
-    got = _selector_fds.get(loop, -1)
-    if got == -1:
-        got = None
-        if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-            fileno = getattr(getattr(loop, "_selector", None), "fileno", None)
-            if fileno is not None and hasattr(loop, "_ready") and hasattr(loop, "_scheduled"):
-                got = fileno()
-        _selector_fds[loop] = got
-    return got
-
-
-def _idle_readable(loop: asyncio.AbstractEventLoop, fd: int, until: float) -> bool:
-    """Whether ``fd`` became readable within a short kernel wait made only while the loop is idle."""
-    efd = _selector_fd(loop)
-    if efd is None:
-        return False
-    ready = loop._ready  # type: ignore[attr-defined]
-    if ready and not all(h._cancelled for h in ready):
-        return False
-    now = loop.time()
-    bound = min(_IDLE_WAIT, until - now)
-    scheduled = loop._scheduled  # type: ignore[attr-defined]
-    if scheduled:
-        bound = min(bound, scheduled[0]._when - now)
-    if bound <= 0:
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    poller.register(efd, select.POLLIN)  # anything for the loop ends the wait at once
-    return any(f == fd for f, _ in poller.poll(bound * 1000))
-
-
-def _wake(fut: "asyncio.Future[bool]", ready: bool) -> None:
-    if not fut.done():
-        fut.set_result(ready)
-
-
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, writable: bool, deadline: float) -> bool:
-    """Wait on the loop's selector until ``fd`` is readable (writable); ``False``: the deadline passed."""
-    fut: asyncio.Future[bool] = loop.create_future()
-    if writable:
-        loop.add_writer(fd, _wake, fut, True)
-    else:
-        loop.add_reader(fd, _wake, fut, True)
-    timer = loop.call_at(deadline, _wake, fut, False)
-    try:
-        return await fut
-    finally:
-        (loop.remove_writer if writable else loop.remove_reader)(fd)
-        timer.cancel()
 
 
 def drop(link: Link) -> None:
@@ -111,7 +54,7 @@ async def send(link: Link, data: bytes) -> None:
     deadline = loop.time() + link.io_timeout
     try:
         while sent < len(data):
-            if not await _ready(loop, sock.fileno(), True, deadline):
+            if not await wait_fd(loop, sock.fileno(), True, deadline):
                 raise TimeoutError("gearmand took no data within the I/O timeout")
             try:
                 sent += sock.send(data[sent:], _DONTWAIT)
@@ -130,7 +73,7 @@ async def fill(link: Link, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     fd = link.sock.fileno()
     while True:
-        if not _idle_readable(loop, fd, deadline) and not await _ready(loop, fd, False, deadline):
+        if not idle_readable(loop, fd, deadline, _IDLE_WAIT) and not await wait_fd(loop, fd, False, deadline):
             raise TimeoutError("gearmand did not answer within the I/O timeout")
         if link.fill_nowait():
             return
