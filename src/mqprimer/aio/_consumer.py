@@ -260,6 +260,10 @@ class Message:
         calls = self._calls
         if calls.__class__ is Consumer:
             m = self.blocking
+            runner = calls._runner
+            if runner.inline and not runner.pending:
+                m.ack()  # memory://: in-process work, as Consumer.call would run it (Runner.inline)
+                return
             if _nowait.ack(m):
                 return  # acked on the loop: the driver's ack never waits (Capabilities.nowait)
             if await _native.ack(m):
