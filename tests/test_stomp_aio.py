@@ -269,3 +269,94 @@ def test_close_does_not_wait_for_a_write_stuck_on_a_broker_that_stopped_reading(
     with mqprimer.connect(url) as conn, conn.consumer(q, prefetch=n) as c:
         while (left := c.receive(timeout=0.5)) is not None:  # what the broker never saw ACKed
             left.ack()
+
+
+def _link_of(p: aio.Producer) -> Any:
+    conn: Any = p.blocking._conn
+    return conn.endpoints[conn._active].backend.link
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_sends_on_the_loop_take_no_thread_hop_and_keep_their_order(name: str, hops: list[Any]) -> None:
+    """After the first send to a queue (the thread path makes its checks), sends are written on
+    the loop and their RECEIPTs awaited there (_stomp_aio.py): no thread hop, every message
+    arrives once and in order, and a send cancelled while it awaits its RECEIPT leaves the
+    link in step (its RECEIPT is dropped when it comes, the next sends still confirm)."""
+    url = need_broker(name)
+    q = f"stomploopsend{uuid.uuid4().hex[:8]}"
+    n = 40
+
+    async def main() -> None:
+        async with aio.connect(url) as conn:
+            p = conn.producer()
+            await p.send(q, {"i": 0})
+            hops.clear()
+            for i in range(1, n):
+                await p.send(q, {"i": i})
+            assert not hops, f"{len(hops)} sends took the thread path: {hops[:3]}"
+            link = _link_of(p)
+            task = asyncio.create_task(p.send(q, {"i": n}))  # cancelled awaiting its RECEIPT
+            for _ in range(3):
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await p.send(q, {"i": n + 1})
+            assert not hops, "a send after the cancelled one took the thread path"
+            assert link.alive and link is _link_of(p), "the cancelled send dropped the connection"
+            await asyncio.to_thread(wait_until, lambda: not link.abandoned, 10)
+            assert not link.awaited and not link.receipts, "receipts left behind"
+
+    run_watched(main)
+    with mqprimer.connect(url) as conn, conn.consumer(q, prefetch=100) as c:
+        got = [m.body["i"] for m in collect(c, n + 1, timeout=15)]
+        while (m := c.receive(timeout=0.5)) is not None:
+            got.append(m.body["i"])
+            m.ack()
+    want = list(range(n)) + [n + 1]
+    assert [i for i in got if i != n] == want, f"sends lost, repeated or out of order: {got}"
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_a_send_on_the_loop_never_waits_for_a_broker_that_stopped_reading(name: str, hops: list[Any]) -> None:
+    """Through a relay that stops reading, with the client's socket buffer made small: a large
+    send is written on the loop as the socket takes it, the loop runs on meanwhile (run_watched
+    fails on a held loop), and a send cancelled inside its half-written frame drops the
+    connection (the stream would go on mid-frame), which the next send replaces."""
+    url = need_broker(name)
+    u = mqprimer.URL.parse(url)
+    host, port = u.hosts[0]
+    q = f"stomploopstuck{uuid.uuid4().hex[:8]}"
+
+    async def main(proxy: _Relay) -> None:
+        via = url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
+        async with aio.connect(via, reconnect_timeout=5) as conn:
+            p = conn.producer()
+            await p.send(q, "first")  # the thread path: its checks
+            link = _link_of(p)
+            link.conn.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            proxy.still.clear()
+            proxy.frozen.set()
+            await asyncio.wait_for(asyncio.to_thread(proxy.still.wait, 5), 10)
+            hops.clear()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(p.send(q, "x" * 400_000), 1.0)
+            assert not hops, f"the send took the thread path: {hops[:3]}"
+            assert not link.alive, "a half-written SEND left the connection in use"
+            proxy.cut()
+            await p.send(q, "after")  # a new connection (through the relay again)
+
+    proxy = _Relay((host or "127.0.0.1", port or 61613))
+    unfreeze = threading.Timer(30, proxy.cut)  # a loop held in a blocking write is freed (and reported)
+    unfreeze.start()
+    try:
+        run_watched(lambda: main(proxy))
+    finally:
+        unfreeze.cancel()
+        proxy.close()
+    with mqprimer.connect(url) as conn, conn.consumer(q) as c:
+        got = [m.body for m in collect(c, 2, timeout=15)]
+        while (m := c.receive(timeout=0.5)) is not None:
+            got.append(m.body)
+            m.ack()
+    assert got[0] == "first" and got[-1] == "after" and len(got) == 2, f"unexpected messages: {[g[:10] for g in got]}"

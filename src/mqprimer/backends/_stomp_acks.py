@@ -30,6 +30,8 @@ from typing import Any
 
 from stomp.exception import NotConnectedException
 
+from ..backend import NotNow
+
 ACK_BATCH = 32  # ACKs written together at most
 ACK_LINGER = 0.01  # seconds an ACK may wait for others while the consumer is busy
 
@@ -125,6 +127,38 @@ class AckWriter:
                 sem.release()
         finally:
             self.lock.release()
+
+    def send_nowait(self, sock: Any, sem: Any, frame: bytes) -> memoryview | None:
+        """The waiting ACKs and ``frame`` written with ``MSG_DONTWAIT`` (the asyncio twin's SEND,
+        _stomp_aio.py); ``None``: all written. Else the rest, both locks still held: the caller
+        writes it and releases them. Raises ``NotNow`` when nothing was written (a lock busy,
+        the socket full), ``OSError`` when the connection is gone."""
+        if not self.lock.acquire(False):
+            raise NotNow("a write is under way")
+        if not sem.acquire(False):
+            self.lock.release()
+            raise NotNow("the socket is busy")
+        with self._cond:
+            acks, self._pending = self._pending, []
+        data = b"".join([*acks, frame]) if acks else frame
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sem.release()
+            self.lock.release()
+            raise
+        if sent < len(data) and sent > 0:
+            return memoryview(data)[sent:]
+        if sent == 0 and acks:
+            with self._cond:
+                self._pending[:0] = acks  # nothing written: they stay first in line
+        sem.release()
+        self.lock.release()
+        if sent == 0:
+            raise NotNow("the socket is full")
+        return None
 
     def _write_nowait(self) -> None:
         if not self.lock.acquire(False):

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -110,6 +112,11 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.inbox = Inbox()  # MESSAGEs of no registered subscription (a reply path's)
         self.receipts: set[str] = set()
         self.receipt_errors: dict[str, str] = {}
+        # receipt ids an event loop awaits (_stomp_aio.py: woken through _wake_fd), and those
+        # of cancelled loop-side sends, whose RECEIPTs are dropped when they come
+        self.awaited: set[str] = set()
+        self.abandoned: set[str] = set()
+        self._wake_fd: int | None = None
         self.error: str | None = None
         self.connected = False
         self.alive = False
@@ -156,11 +163,35 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             if self.error is None:
                 self.error = message
             self.cond.notify_all()
+        self.kick_loop()
 
     def on_receipt(self, frame: Any) -> None:
+        rid = frame.headers.get("receipt-id", "")
         with self.cond:
-            self.receipts.add(frame.headers.get("receipt-id", ""))
+            if rid in self.abandoned:
+                self.abandoned.discard(rid)
+                return
+            self.receipts.add(rid)
             self.cond.notify_all()
+            if rid not in self.awaited:
+                return
+        self.kick_loop()
+
+    def loop_waker(self) -> int | None:
+        """The eventfd this link's receiver writes for an event loop awaiting a RECEIPT (made
+        once, closed with the link object); ``None`` where there is no eventfd."""
+        fd = self._wake_fd
+        if fd is None and hasattr(os, "eventfd"):
+            fd = self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            weakref.finalize(self, os.close, fd)
+        return fd
+
+    def kick_loop(self) -> None:
+        if self.awaited and self._wake_fd is not None:
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
 
     def on_message(self, frame: Any) -> None:  # stomp.py's own reader (a version without the one we use)
         self.routes.get(frame.headers.get("subscription", ""), self.inbox).put([frame])
@@ -177,6 +208,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._wake_all()
 
     def _wake_all(self) -> None:
+        self.kick_loop()
         with self._routes_lock:
             boxes = {id(b): b for b in (self.inbox, *self.routes.values())}  # a subscription's ids share one
         for box in boxes.values():

@@ -54,6 +54,7 @@ from ..backend import (
     Capabilities,
     Delivery,
     Destination,
+    NotNow,
     Outgoing,
     Queue,
     ReplyPath,
@@ -62,6 +63,7 @@ from ..backend import (
 )
 from ..errors import ConfigurationError, UnsupportedError
 from ..topics import matches
+from . import _stomp_aio
 from ._stomp_link import RECEIPT_TIMEOUT, ConnectionLost, Link, StompAuthError, StompBrokerError
 from ._stomp_reply import StompReplyPath
 from ._stomp_wire import Inbox, encode_frame
@@ -248,6 +250,12 @@ class StompBackend(Backend):
         for it in items:
             if isinstance(it.destination, Queue) and not it.delay:
                 self.declared.add(it.destination.name)
+
+    async def publish_async(self, destination: Destination, payload: bytes, *, message_id: str) -> None:
+        link = self.link
+        if link is None:
+            raise NotNow("closed")
+        await _stomp_aio.publish(link, self.send_headers(Outgoing(destination, payload, message_id)), payload)
 
     def ensure_queue(self, name: str) -> None:
         """Make a RabbitMQ queue exist before a delay queue dead-letters into it.
