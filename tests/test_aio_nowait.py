@@ -186,3 +186,37 @@ def test_a_large_message_is_decoded_on_a_thread_not_on_the_loop(
         assert on_loop and max(on_loop) <= _nowait.INLINE_MAX, f"decoded on the loop: {on_loop} bytes"
 
     asyncio.run(main())
+
+
+def test_send_nowait_writes_the_bytes_and_ids_send_writes() -> None:
+    """The twin's loop-side send (Producer.send_nowait) frames the envelope as send()'s fast
+    path does: the id it returns is the one on the wire, the bytes are fresh_format's."""
+    import msgspec
+    import zmq
+
+    import mqprimer
+    from mqprimer.envelope import DEFAULT_TYPE, fresh_format
+
+    port = free_port_pair()
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.rcvtimeo = 5000
+    pull.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        with mqprimer.connect(f"zmq+tcp://127.0.0.1:{port}") as conn:
+            p = conn.producer()
+            for typ in (None, "t.x"):  # a send of each type learns the fast path send_nowait takes
+                p.send("nw", {"warm": 1}, type=typ)
+                pull.recv()
+            body = {"n": 1, "text": "100% sure"}
+            sent = [p.send_nowait("nw", body), p.send_nowait("nw", body, "t.x")]
+            assert None not in sent, "send_nowait took nothing"
+            for mid, typ in zip(sent, (DEFAULT_TYPE, "t.x"), strict=True):
+                frame = pull.recv()
+                payload = frame[frame.index(b"{"):]
+                env = msgspec.json.decode(payload)
+                assert env["id"] == mid
+                want = fresh_format(conn.source, typ) % (mid.encode(), env["time"].encode(),
+                                                        msgspec.json.encode(body))
+                assert payload == want
+    finally:
+        pull.close(0)

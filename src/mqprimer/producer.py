@@ -212,19 +212,27 @@ class Producer:
         ``None``: nothing was sent, call :meth:`send`. The asyncio twin calls it on its loop."""
         fast = self._fast.get(destination) if destination.__class__ is str else None  # type: ignore[call-overload]
         conn = self._conn
-        if (fast is None or fast[5] is None or fast[1].backend is not fast[2] or type not in fast[4]
-                or conn._active != fast[3] or self._closed or conn._closed or isinstance(body, _BINARY)):
+        if (fast is None or fast[5] is None or fast[1].backend is not fast[2]
+                or (frames := fast[10] if type is None else fast[9].get(type)) is None
+                or conn._active != fast[3] or self._closed or conn._closed or body.__class__ not in _JSON_CLASSES):
             return None
         nowait = self._nowait.get(fast[0].name)
         if nowait is None or nowait[0] is not fast[2]:
             nowait = self._nowait[fast[0].name] = (fast[2], fast[2].nowait_publisher(fast[0]))
         if nowait[1] is None:
             return None
-        mid, now = stamp()
+        # send()'s fast-path framing (_ids.Frames): the same ids and bytes
+        ms = _time_ns() // 1_000_000
+        n = next(_counter)
+        st = frames.st
+        if st[0] != ms or st[1] != n >> 12:
+            st = frames.update(ms, n >> 12)
+        n &= 0xFFF
         try:
-            frame = fast[4][type] % (mid.encode(), now.encode(), _encode_body(body))
+            frame = st[2] % (_HEX3B[n], _encode_body(body))
         except (TypeError, ValueError, OverflowError) as exc:
             raise body_error(exc) from None
+        mid = f"{st[3]}{_HEX3[n]}{st[4]}"
         ep = fast[1]
         if len(frame) > fast[6] or not ep.lock.acquire(False):  # too large (send() refuses it), or busy
             return None
