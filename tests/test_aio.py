@@ -208,3 +208,24 @@ def test_cli_worker_runs_an_async_handler_recycles_and_drains_on_sigterm(tmp_pat
         back = c.receive(timeout=5)
         assert back is not None and back.body == "slow2", "the aborted message did not go back to the broker"
         back.ack()
+
+
+def test_send_options_are_keyword_only_as_in_the_blocking_api() -> None:
+    """aio Producer.send takes its options by keyword only (positional ones raise TypeError,
+    not land in ``headers``), and its signature says so."""
+    import inspect
+
+    from mqprimer.aio._conn import Producer
+
+    params = inspect.signature(Producer.send).parameters
+    assert [p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY] == [
+        "headers", "type", "priority", "delay", "ttl", "id"]
+
+    async def main() -> None:
+        async with aio.connect(f"memory://kw{uuid.uuid4().hex[:6]}") as conn:
+            p = conn.producer()
+            with pytest.raises(TypeError, match="keyword-only"):
+                await p.send("q", {"a": 1}, {"h": "1"})  # type: ignore[arg-type]
+            assert await p.send("q", {"a": 1}, headers={"h": "1"}, type="t.x")
+
+    asyncio.run(main())

@@ -18,6 +18,7 @@ from ..client import Connection as _Connection
 from ..client import Producer as _Producer
 from ..deadletters import DeadLetters as _DeadLetters
 from ..envelope import Envelope
+from ..producer import _KEYWORDS_ONLY, _KeywordsOnly, _public_signature
 from ..retry import RetryPolicy
 from ..url import URL
 from . import _native
@@ -167,11 +168,13 @@ class Producer:
     def build(self, destination: "str | Destination", body: Any, **options: Any) -> Outgoing:
         return self.blocking.build(destination, body, **options)
 
-    async def send(self, destination: "str | Destination", body: Any, *, headers: dict[str, str] | None = None,
-                   type: str | None = None, priority: int | None = None, delay: float | None = None,
-                   ttl: float | None = None, id: str | None = None) -> str:
+    async def send(self, destination: "str | Destination", body: Any,
+                   _keywords_only: _KeywordsOnly = _KEYWORDS_ONLY,  # keyword-only options, as the blocking send's
+                   headers: dict[str, str] | None = None, type: str | None = None, priority: int | None = None,
+                   delay: float | None = None, ttl: float | None = None, id: str | None = None) -> str:
         """Send one message; return its id once the broker has it (where it confirms)."""
-        if headers is None and ttl is None and id is None and priority is None and delay is None:
+        if (headers is None and ttl is None and id is None and priority is None and delay is None
+                and _keywords_only is _KEYWORDS_ONLY):
             if self._runner.inline:  # memory://: no I/O (see _runner), and no coroutine hop either
                 return self.blocking.send(destination, body, type=type)
             # on the loop where the driver can take it without waiting (Backend.nowait_publisher)
@@ -186,6 +189,9 @@ class Producer:
                 await self._runner.call(self.blocking._conn._fast_failed, *got)  # type: ignore[attr-defined,misc]
                 return got[4]  # type: ignore[index,no-any-return]
             return await self._runner.call(self._send_plain, destination, body, type)
+        if _keywords_only is not _KEYWORDS_ONLY:
+            raise TypeError("send() takes 2 positional arguments (destination, body); its options (headers, "
+                            "type, priority, delay, ttl, id) are keyword-only: await send(q, body, headers=...)")
         return await self._runner.call(functools.partial(
             self.blocking.send, destination, body, headers=headers, type=type, priority=priority, delay=delay,
             ttl=ttl, id=id))
@@ -205,6 +211,10 @@ class Producer:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+
+Producer.send.__signature__ = _public_signature(Producer.send)  # type: ignore[attr-defined]
 
 
 class DeadLetters:
