@@ -44,6 +44,15 @@ class Exchange:
         self.buf = bytearray()
         self.started = False
 
+    def reset(self) -> "Exchange":
+        """This exchange, ready for the next command (one per subscription and loop, reused:
+        its buffer is empty after every reply read in full, and a call that leaves it
+        otherwise drops the connection)."""
+        self.started = False
+        if self.buf:
+            self.buf.clear()
+        return self
+
     def write(self, data: bytes) -> int:
         """Write what the socket takes now (a command is ~30 bytes: all of it, unless the
         buffer is full); the rest, if any, with :meth:`send`. Synchronous, as the other
@@ -83,7 +92,7 @@ class Exchange:
     def pull(self, until: float | None) -> bool:
         """Bytes of the reply read into the buffer after a wait on an idle loop (_idle_ready);
         ``False``: none came in that wait (await :meth:`line`/:meth:`readable` then)."""
-        if not self._idle_ready(until):
+        if not idle_readable(self.loop, self.fd, until, _IDLE_WAIT):
             return False
         try:
             data = self.sock.recv(_CHUNK, _DONTWAIT)
@@ -94,6 +103,38 @@ class Exchange:
         self.started = True
         self.buf += data
         return True
+
+    def quick_line(self, until: float | None) -> bytes | None:
+        """The next reply line when the buffer holds it, or it came whole in a wait on an idle
+        loop (:meth:`pull`); ``None``: not yet (await :meth:`line`, or :meth:`readable` while
+        :attr:`started` is false). One call where ``take_line``/``pull``/``take_line`` were
+        three: this is the common path of every command, and its Python costs as much CPU as
+        the syscalls (docs/backend-beanstalk.md, "asyncio")."""
+        buf = self.buf
+        end = buf.find(b"\n")
+        if end < 0:
+            if not idle_readable(self.loop, self.fd, until, _IDLE_WAIT):
+                return None
+            try:
+                data = self.sock.recv(_CHUNK, _DONTWAIT)
+            except BlockingIOError:
+                return None
+            if not data:
+                raise ConnectionError("unexpected EOF from beanstalkd")
+            self.started = True
+            if buf:
+                buf += data
+            else:
+                end = data.find(b"\n")
+                if end == len(data) - 1:  # the whole reply and nothing else: no copy through the buffer
+                    return data
+                buf += data
+            end = buf.find(b"\n")
+            if end < 0:
+                return None
+        out = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        return out
 
     def take_line(self) -> bytes | None:
         """The next reply line if the buffer holds it whole, else ``None``."""
@@ -180,8 +221,8 @@ async def put(sock: socket.socket, frame: bytes, io_timeout: float) -> int:
         if (sent := ex.write(cmd)) < len(cmd):  # nearly always all at once
             await ex.send(cmd, sent)
         until = loop.time() + io_timeout
-        line = (ex.take_line() if ex.pull(until) else None) or await ex.line(until)
-        if ex.left():
+        line = ex.quick_line(until) or await ex.line(until)
+        if ex.buf:
             raise ConnectionError("bytes beyond a reply: the connection is out of step")
     except BaseException:  # also cancelled with the reply unread: nothing else can use the connection
         drop(sock)

@@ -7,6 +7,7 @@ for the non-blocking I/O; docs/backend-beanstalk.md ("asyncio") says how and why
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -53,6 +54,7 @@ class AsyncSub:
     _wait_s: int
     _poll_max: float
     _drains: "set[asyncio.Task[None]]"
+    _ex: Exchange | None  # reused by the calls on one loop (Exchange.reset); None until the first
 
     def _watch(self, lease_end: float) -> None: ...
 
@@ -77,7 +79,7 @@ class AsyncSub:
             raise NotNow("busy")
         kept = False  # the lock handed to a task finishing a cancelled command
         sock = self.c._sock
-        ex = Exchange(sock, loop)
+        ex = self._exchange(sock, loop)
         try:
             if self.closed or self.extra:
                 raise NotNow("closed, or lease-nudge answers to read first")
@@ -88,8 +90,7 @@ class AsyncSub:
                     await ex.send(cmd, sent)
                 until = loop.time() + self.io_timeout
                 try:
-                    line = ex.take_line() if ex.pull(until) else None
-                    jid, size = _reserved_head(line or await ex.line(until))
+                    jid, size = _reserved_head(ex.quick_line(until) or await ex.line(until))
                 except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
                     return False
                 except asyncio.CancelledError:
@@ -111,21 +112,24 @@ class AsyncSub:
                     if self.wake_at is None:
                         self._watch(self.asked_at + self._wait_s + self.ttr)
                 overdue = self.asked_at + self._wait_s + self.io_timeout
-                try:
-                    came = ex.pull(min(deadline, overdue)) or await ex.readable(min(deadline, overdue))
-                except asyncio.CancelledError:
-                    self.gave_up = time.monotonic()  # left pending, as a receive that timed out
-                    raise
-                if not came:
-                    if deadline < overdue:
-                        self.gave_up = time.monotonic()
-                        return None
-                    raise TimeoutError("beanstalkd did not answer a reserve within the I/O timeout")
+                ex.started = False  # this reply's bytes (after a TIMED_OUT, the next reserve's)
+                # the reply line at once when it comes within the idle wait (the common case)
+                line = ex.quick_line(deadline if deadline < overdue else overdue)
+                if line is None and not ex.started:
+                    try:
+                        came = await ex.readable(deadline if deadline < overdue else overdue)
+                    except asyncio.CancelledError:
+                        self.gave_up = time.monotonic()  # left pending, as a receive that timed out
+                        raise
+                    if not came:
+                        if deadline < overdue:
+                            self.gave_up = time.monotonic()
+                            return None
+                        raise TimeoutError("beanstalkd did not answer a reserve within the I/O timeout")
                 self.pending = False
                 self.gave_up = None
                 try:
-                    line = ex.take_line() or await ex.line(overdue, wait=not ex.started)
-                    jid, size = _reserved_head(line)
+                    jid, size = _reserved_head(line or await ex.line(overdue, wait=not ex.started))
                 except greenstalk.TimedOutError:
                     continue  # a whole wait without a job: wait again
                 except greenstalk.DeadlineSoonError:
@@ -144,20 +148,23 @@ class AsyncSub:
                 self.lock.release()
 
     async def _body(self, ex: Exchange, jid: int, size: int, deadline: float) -> Delivery:
-        data = ex.take(size + 2)
-        if data is None:
+        buf = ex.buf
+        if len(buf) == size + 2:  # the common case: the body came with the RESERVED line, and nothing more
+            body = bytes(buf[:size])
+            buf.clear()
+        else:
             try:
-                data = await ex.exactly(size + 2, deadline)
+                body = (await ex.exactly(size + 2, deadline))[:size]
             except asyncio.CancelledError:
                 drop(ex.sock)  # half a job read: beanstalkd returns it when the connection goes
                 raise
-        if ex.left():
-            raise ConnectionError("bytes beyond a reply: the connection is out of step")
+            if buf:
+                raise ConnectionError("bytes beyond a reply: the connection is out of step")
         # as BeanstalkSub._reserved: the body as it is (a NUL body after a crash fails to decode, and is dead-lettered)
         now = self.held[jid] = time.monotonic()
         if self.wake_at is None:
             self._watch(now + self.ttr)
-        return Delivery(data[:size], greenstalk.Job(jid, data[:size]))
+        return Delivery(body, greenstalk.Job(jid, body))
 
     async def ack_async(self, delivery: Delivery) -> None:
         if not self.lock.acquire(False):
@@ -169,18 +176,20 @@ class AsyncSub:
             if self.closed or self.pending:
                 raise NotNow("closed, or a reserve pending")
             jid = delivery.tag.id
-            ex = Exchange(sock, loop)
+            ex = self._exchange(sock, loop)
             cmd = b"delete %d\r\n" % jid
             if (sent := ex.write(cmd)) < len(cmd):  # nearly always all at once
                 await ex.send(cmd, sent)
             deadline = loop.time() + self.io_timeout
-            try:
-                line = (ex.take_line() if ex.pull(deadline) else None) or await ex.line(deadline)
-            except asyncio.CancelledError:
-                kept = self._finish_later(ex, deadline, jid)
-                raise
+            line = ex.quick_line(deadline)  # the reply within the idle wait: no coroutine step
+            if line is None:
+                try:
+                    line = await ex.line(deadline)
+                except asyncio.CancelledError:
+                    kept = self._finish_later(ex, deadline, jid)
+                    raise
             self.held.pop(jid, None)
-            if ex.left():
+            if ex.buf:
                 raise ConnectionError("bytes beyond a reply: the connection is out of step")
             if line != b"DELETED\r\n":
                 _parse_response(line, b"DELETED")
@@ -192,6 +201,14 @@ class AsyncSub:
         finally:
             if not kept:
                 self.lock.release()
+
+    def _exchange(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> Exchange:
+        """This subscription's :class:`Exchange` for ``sock`` on ``loop`` (under the lock)."""
+        ex = self._ex
+        if ex is None or ex.sock is not sock or ex.loop is not loop:
+            ex = self._ex = Exchange(sock, loop)
+            return ex
+        return ex.reset()
 
     def _finish_later(self, ex: Exchange, deadline: float, deleted: int | None = None) -> bool:
         """Hand a cancelled command's reply to a task that keeps the lock until it is read."""

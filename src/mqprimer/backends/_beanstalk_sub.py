@@ -79,6 +79,7 @@ class BeanstalkSub(AsyncSub, Subscription):
         self.closed = False
         self.gave_up: float | None = None  # when a receive() last returned with the reserve still pending
         self._drains: set[Any] = set()  # tasks finishing the replies of cancelled asyncio calls (AsyncSub)
+        self._ex: Any = None  # AsyncSub's Exchange, reused by its calls on one loop
 
     # Waiting: a reserve left waiting on the server holds up every later command on its
     # connection (delete, bury) until it answers, and beanstalkd counts reserve timeouts in

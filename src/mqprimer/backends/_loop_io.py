@@ -72,7 +72,10 @@ def idle_readable(loop: asyncio.AbstractEventLoop, fd: int, until: float | None,
         poller = _pollers[key] = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(efd, select.POLLIN)  # anything for the loop ends the wait at once
-    return any(f == fd for f, _ in poller.poll(bound * 1000))
+    for f, _ in poller.poll(bound * 1000):  # a loop, not any(genexpr): ~1 us less per reply
+        if f == fd:
+            return True
+    return False
 
 
 def _wake(fut: "asyncio.Future[bool]", ready: bool) -> None:
