@@ -27,6 +27,8 @@ from ..producer import _BINARY, Producer, _encode_body
 from . import _nowait
 
 _offers: dict[tuple[type, str], bool] = {}
+_receiving: dict[type, bool] = {}  # offers(sub, "receive_async") by class
+_acking: dict[type, bool] = {}  # offers(sub, "ack_async") by class
 
 
 def offers(obj: Subscription | Backend, name: str) -> bool:
@@ -36,13 +38,20 @@ def offers(obj: Subscription | Backend, name: str) -> bool:
     if got is None:
         base = Subscription if isinstance(obj, Subscription) else Backend
         got = _offers[key] = getattr(obj.__class__, name) is not getattr(base, name)
+        if name == "receive_async":
+            _receiving[obj.__class__] = got
+        elif name == "ack_async":
+            _acking[obj.__class__] = got
     return got
 
 
 def receives(c: Consumer) -> bool:
     """Whether ``c`` has one subscription, on a driver with an awaitable receive."""
     s = c._single
-    return s is not None and s.sub is not None and offers(s.sub, "receive_async")
+    if s is None or s.sub is None:
+        return False
+    got = _receiving.get(s.sub.__class__)  # offers(), one Python call fewer on every receive
+    return offers(s.sub, "receive_async") if got is None else got
 
 
 async def receive(c: Consumer, timeout: float) -> "Message | _nowait.Raw | None":
@@ -53,7 +62,7 @@ async def receive(c: Consumer, timeout: float) -> "Message | _nowait.Raw | None"
     if s is None or c._closed:
         raise NotNow("not a single subscription, or closed")
     sub = s.sub
-    if sub is None or not offers(sub, "receive_async"):
+    if sub is None or not (_receiving.get(sub.__class__) or offers(sub, "receive_async")):
         raise NotNow("not connected, or not offered")
     lock = s.lock
     if not lock.acquire(False):
@@ -83,7 +92,7 @@ async def ack(m: Message) -> bool:
         return False  # the thread's ack raises the StateError
     s = m._sub
     sub = s.sub
-    if sub is None or not offers(sub, "ack_async") or not s.lock.acquire(False):
+    if sub is None or not (_acking.get(sub.__class__) or offers(sub, "ack_async")) or not s.lock.acquire(False):
         return False
     try:
         if s.sub is not sub or m._generation != s.generation:

@@ -79,7 +79,13 @@ class AsyncSub:
             raise NotNow("busy")
         kept = False  # the lock handed to a task finishing a cancelled command
         sock = self.c._sock
-        ex = self._exchange(sock, loop)
+        ex = self._ex
+        if ex is None or ex.sock is not sock or ex.loop is not loop:
+            ex = self._exchange(sock, loop)
+        else:  # Exchange.reset, inline: this is every call's path
+            ex.started = False
+            if ex.buf:
+                ex.buf.clear()
         try:
             if self.closed or self.extra:
                 raise NotNow("closed, or lease-nudge answers to read first")
@@ -176,7 +182,13 @@ class AsyncSub:
             if self.closed or self.pending:
                 raise NotNow("closed, or a reserve pending")
             jid = delivery.tag.id
-            ex = self._exchange(sock, loop)
+            ex = self._ex
+            if ex is None or ex.sock is not sock or ex.loop is not loop:
+                ex = self._exchange(sock, loop)
+            else:  # Exchange.reset, inline: this is every call's path
+                ex.started = False
+                if ex.buf:
+                    ex.buf.clear()
             cmd = b"delete %d\r\n" % jid
             if (sent := ex.write(cmd)) < len(cmd):  # nearly always all at once
                 await ex.send(cmd, sent)
