@@ -416,3 +416,19 @@ def test_request_shares_the_connections_one_broker_connection_and_survives_a_cut
         finally:
             stop.set()
             service.join(10)
+
+
+def test_a_socket_reset_while_pika_sets_it_up_is_a_connection_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pika's own socket checks during the connect workflow raise ValueError when the peer
+    resets the socket at once ("Expected connected socket, but getpeername() failed"; seen in
+    a CI failover run): that is a failed connection attempt, retried as one, not a broker fault."""
+    from pika.adapters.select_connection import SelectConnection
+
+    from mqprimer.backends import _amqp_link
+
+    def failing(params: object, on_done: object, custom_ioloop: object) -> None:
+        on_done(ValueError("Expected connected socket, but getpeername() failed"))  # type: ignore[operator]
+
+    monkeypatch.setattr(SelectConnection, "create_connection", staticmethod(failing))
+    with pytest.raises(pika.exceptions.AMQPConnectionError, match="getpeername"):
+        _amqp_link.Link(pika.ConnectionParameters(host="127.0.0.1", port=1))

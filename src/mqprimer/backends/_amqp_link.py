@@ -193,6 +193,11 @@ class Link:
         if isinstance(done[0], BaseException):
             ioloop.close()
             exc = BlockingConnection._reap_last_connection_workflow_error(done[0])
+            if not isinstance(exc, (px.AMQPError, OSError)):
+                # pika's own checks while it set the socket up, e.g. "Expected connected socket,
+                # but getpeername() failed" (ValueError) when the peer reset it at once (a CI
+                # failover run): the attempt failed, so a connection error, retried as one
+                exc = px.AMQPConnectionError(f"{type(exc).__name__}: {exc}")
             if not str(exc).strip("(),' "):  # pika's connect errors print as "" (only their repr tells)
                 exc = type(exc)(repr(exc))
             raise exc
