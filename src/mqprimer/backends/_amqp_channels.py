@@ -227,7 +227,7 @@ class AmqpSubscription(Subscription):
             if self._acks:
                 self._flush()
             try:
-                burst = q.get(True, timeout)
+                burst = self._link.reader.get(q, timeout)
             except Empty:
                 return None
         if burst is None:

@@ -10,7 +10,8 @@ work through :meth:`Link.submit` (``add_callback_threadsafe``, pika's one thread
 call, with wake-ups merged) and wait on a :class:`Waiter` (a bare lock) for the answer,
 while deliveries reach consumers through a ``queue.SimpleQueue`` each (C code, no Python
 lock). Requests, replies and acks skip the hand-off when the socket is idle: their thread
-writes their frames itself (``_amqp_out``). Heartbeats and broker flow control are pika's
+writes their frames itself (``_amqp_out``); and a thread waiting for a delivery or a reply
+reads the socket itself while the I/O thread is idle (``_amqp_read``). Heartbeats and broker flow control are pika's
 own timers on that loop, so a handler that holds a message for minutes keeps its
 connection, and a dead or frozen broker is noticed within ``heartbeat + 5`` s (pika's
 check interval) even when nobody calls.
@@ -36,6 +37,7 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 from ..errors import ConfigurationError
 from ..url import URL
 from ._amqp_out import Output
+from ._amqp_read import Reader
 
 log = logging.getLogger("mqprimer")
 
@@ -203,7 +205,7 @@ class Link:
             raise exc
         ioloop.deactivate_poller()  # start() activates it again, in the I/O thread
         self.conn: SelectConnection = done[0]
-        transport = getattr(self.conn, "_transport", None)
+        transport: Any = getattr(self.conn, "_transport", None)
         if transport is not None:
             # pika reads 4 KiB per recv(), 100 KiB per wake-up: every recv() is a system call
             # (costly here) and a release of the GIL that a busy consumer thread then keeps for
@@ -213,6 +215,8 @@ class Link:
             transport._MAX_CONSUME_BYTES = 1024 * 1024
         self.ioloop = ioloop
         self.out = Output(self.conn, self.submit, lambda: self._woken)  # who writes to the socket (_amqp_out)
+        # who reads it (_amqp_read): a waiting thread, while the I/O thread is idle
+        self.reader = Reader(ioloop, transport._sock if self.out.plain else None, self.out.coalesce, self._crash)
         self.conn.add_on_close_callback(self._on_close)
         self.ioloop.call_later(_ACK_DELAY, self._tick)
         self.thread = threading.Thread(target=self._run, name="mqprimer-amqp-io", daemon=True)
@@ -220,6 +224,7 @@ class Link:
 
     # -- I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        self.reader.enter()
         try:
             self.ioloop.start()
         except BaseException as exc:  # pika itself failed: nobody may wait for this loop any more
@@ -247,6 +252,11 @@ class Link:
                 log.debug("AMQP I/O thread: %r", exc)
         self.out.coalesce()
         self.ioloop.call_later(_ACK_DELAY, self._tick)
+
+    def _crash(self, exc: BaseException) -> None:
+        """pika failed in a thread that ran the loop for the I/O thread (_amqp_read)."""
+        self._fail_all(px.ConnectionWrongStateError(f"the AMQP connection's loop failed: {exc!r}"))
+        self.ioloop.stop()
 
     def _on_close(self, _conn: Any, reason: BaseException) -> None:
         self._fail_all(reason)

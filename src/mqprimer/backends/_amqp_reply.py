@@ -136,7 +136,7 @@ class DirectReplyPath(ReplyPath):
         if self.error is not None:
             raise self.error
         try:
-            payload = self.buf.get(True, timeout) if timeout > 0 else self.buf.get_nowait()
+            payload = self.link.reader.get(self.buf, timeout) if timeout > 0 else self.buf.get_nowait()
         except Empty:
             if timeout > 0:  # a whole wait without a reply: what is still unanswered may never be
                 self.settled = self.sent - self.replies
