@@ -1,15 +1,16 @@
 """AMQP request/reply diagnostics beside bench_rpc.py (issue 13): where a round trip's time goes.
 
-Run: .venv/bin/python benchmarks/bench_rpc_amqp.py counts {raw,direct,handoff} [--n 1000]
+Run: .venv/bin/python benchmarks/bench_rpc_amqp.py counts {raw,direct,noread,handoff} [--n 1000]
      .venv/bin/python benchmarks/bench_rpc_amqp.py caller [--n 600] [--rounds 6]
 (broker URL from .run/brokers/urls)
 
 - ``counts MODE``: 50 warm-up then ``--n`` sequential round trips, bench_rpc's service and
   caller in this one process (raw = pika ``BlockingConnection`` on both sides with direct
-  reply-to; direct = mqprimer; handoff = mqprimer with direct writes off, every frame handed
-  to the I/O thread, as before backends/_amqp_out.py). Prints the voluntary context switches
-  per round trip (``getrusage``: one per thread that blocks and is woken). For syscall and
-  instruction counts per round trip run it under ``strace -f -c`` or ``valgrind
+  reply-to; direct = mqprimer; noread = mqprimer with the waiting threads' reads off, every
+  delivery read by the I/O thread and handed over, as before backends/_amqp_read.py; handoff =
+  both off, every frame handed to and from the I/O thread, as before backends/_amqp_out.py).
+  Prints the voluntary context switches per round trip (``getrusage``: one per thread that
+  blocks and is woken). For syscall and instruction counts per round trip run it under ``strace -f -c`` or ``valgrind
   --tool=callgrind`` with ``--n N`` and ``--n 0`` and divide the difference by N.
 - ``caller``: the caller side alone, as the issue compares it: a raw pika caller and an
   mqprimer caller (and the hand-off caller) against ONE raw pika service, order rotating
@@ -35,16 +36,21 @@ import pika  # noqa: E402
 from _common import Result, broker_urls  # noqa: E402
 
 import mqprimer  # noqa: E402
-from mqprimer.backends import _amqp_out  # noqa: E402
+from mqprimer.backends import _amqp_out, _amqp_read  # noqa: E402
 from mqprimer.backends._amqp_link import Options, parameters  # noqa: E402
 from mqprimer.envelope import decode  # noqa: E402
 
 _DIRECT = _amqp_out.Output.direct
+_GET = _amqp_read.Reader.get
 
 
-def _handoff(on: bool) -> None:
-    """Direct writes off (every request, reply and ack handed to the I/O thread) or back on."""
+def _handoff(on: bool, reads: bool | None = None) -> None:
+    """Direct writes off (every request, reply and ack handed to the I/O thread) or back on;
+    the waiting threads' reads off (every delivery read and handed over by the I/O thread)
+    or on: off with the writes unless ``reads`` says otherwise."""
     _amqp_out.Output.direct = (lambda self, build: False) if on else _DIRECT  # type: ignore[method-assign]
+    off = on if reads is None else not reads
+    _amqp_read.Reader.get = (lambda self, q, timeout: q.get(True, timeout)) if off else _GET  # type: ignore
 
 
 def _mark() -> tuple[int, float]:
@@ -78,7 +84,7 @@ def counts(url: str, mode: str, n: int) -> None:
             bench_rpc._raw_rounds = saved
         rate, switches = out[0]
     else:
-        _handoff(mode == "handoff")
+        _handoff(mode == "handoff", reads=mode == "direct")
         dest = f"bench-rpc-{uuid.uuid4().hex[:8]}"
         stop, ready = threading.Event(), threading.Event()
         th = threading.Thread(target=bench_rpc._serve_mq, args=(url, dest, stop, ready), daemon=True)
@@ -175,7 +181,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("counts")
-    c.add_argument("mode", choices=["raw", "direct", "handoff"])
+    c.add_argument("mode", choices=["raw", "direct", "noread", "handoff"])
     c.add_argument("--n", type=int, default=1000)
     k = sub.add_parser("caller")
     k.add_argument("--n", type=int, default=600)
