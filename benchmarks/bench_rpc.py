@@ -15,13 +15,14 @@ For each backend, in one run: a service thread answers on a queue, and a caller 
   beanstalk = greenstalk (put to the service tube; the service reserves, puts the reply
   into the caller's tube named in the request, deletes; the caller reserves and deletes);
   gearman = pygearman foreground jobs (``submit_job``; 16 in flight = ``submit_multiple_jobs``
-  in rounds of 16). memory, sqlite and STOMP (and zmq, whose owner measures it in
-  bench_zeromq.py) are mqprimer only here.
+  in rounds of 16); zeromq = pyzmq REQ/REP against a ROUTER service (16 in flight = one DEALER
+  with 16 outstanding). memory, sqlite and STOMP are mqprimer only here.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import sys
 import threading
@@ -269,7 +270,71 @@ def bench_raw_gearman(url: str, n: int) -> list[Result]:
     return _raw_rounds("pygearman foreground", n, one, many)
 
 
-RAW = {"amqp": bench_raw_amqp, "beanstalk": bench_raw_beanstalk, "gearman": bench_raw_gearman}
+# -- raw ZeroMQ (pyzmq REQ/REP; DEALER for 16 in flight) ----------------------------------------
+def _free_port_pair() -> int:
+    """A loopback port P with P+1 free too (a zmq+tcp:// URL uses P+1 for topics)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
+def bench_raw_zeromq(url: str, n: int) -> list[Result]:
+    import zmq
+
+    ctx = zmq.Context()
+    addr = f"tcp://127.0.0.1:{_free_port_pair()}"
+    stop, ready = threading.Event(), threading.Event()
+
+    def serve() -> None:  # a ROUTER answers REQ (sequential) and DEALER (16 in flight) callers alike
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(addr)
+        ready.set()
+        reply = _payload()
+        while not stop.is_set():
+            if router.poll(100):
+                frames = router.recv_multipart()
+                decode(frames[-1])
+                router.send_multipart([*frames[:-1], reply])
+        router.close(0)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    ready.wait(30)
+    req, dealer = ctx.socket(zmq.REQ), ctx.socket(zmq.DEALER)
+    req.connect(addr)
+    dealer.connect(addr)
+
+    def one() -> None:
+        req.send(_payload())
+        decode(req.recv())
+
+    def many(total: int) -> None:
+        sent = done = 0
+        while done < total:
+            while sent - done < INFLIGHT and sent < total:
+                dealer.send_multipart([b"", _payload()])
+                sent += 1
+            decode(dealer.recv_multipart()[-1])
+            done += 1
+
+    try:
+        return _raw_rounds("pyzmq REQ/REP", n, one, many)
+    finally:
+        stop.set()
+        th.join(10)
+        req.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+RAW = {"amqp": bench_raw_amqp, "beanstalk": bench_raw_beanstalk, "gearman": bench_raw_gearman,
+       "zeromq": bench_raw_zeromq}
 
 
 def main() -> None:
@@ -284,7 +349,8 @@ def main() -> None:
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     urls = broker_urls()
-    urls.update(memory="memory://bench-rpc", sqlite=f"sqlite:////tmp/mqprimer-bench-rpc-{uuid.uuid4().hex[:6]}.db")
+    urls.update(memory="memory://bench-rpc", sqlite=f"sqlite:////tmp/mqprimer-bench-rpc-{uuid.uuid4().hex[:6]}.db",
+                zeromq=f"zmq+tcp://127.0.0.1:{_free_port_pair()}")
     for name in args.backends:
         url = urls.get(name)
         if url is None:
