@@ -16,7 +16,8 @@ For each backend, in one run: a service thread answers on a queue, and a caller 
   into the caller's tube named in the request, deletes; the caller reserves and deletes);
   gearman = pygearman foreground jobs (``submit_job``; 16 in flight = ``submit_multiple_jobs``
   in rounds of 16); zeromq = pyzmq REQ/REP against a ROUTER service (16 in flight = one DEALER
-  with 16 outstanding). memory, sqlite and STOMP are mqprimer only here.
+  with 16 outstanding); stomp = stomp.py with ``reply-to:/temp-queue/...`` and ``correlation-id``
+  (16 in flight = 16 outstanding SENDs on one connection). memory and sqlite are mqprimer only here.
 """
 
 from __future__ import annotations
@@ -333,8 +334,106 @@ def bench_raw_zeromq(url: str, n: int) -> list[Result]:
         ctx.term()
 
 
+# -- raw STOMP (stomp.py, /temp-queue/ reply-to) -----------------------------------------------
+def bench_raw_stomp(url: str, n: int) -> list[Result]:
+    """stomp.py the way a STOMP client does request/reply: the service answers each MESSAGE with a
+    SEND to its ``reply-to`` (the broker's rewrite of the caller's ``/temp-queue/``) carrying the
+    ``correlation-id``, then ACKs it (client-individual, prefetch 32, all on stomp.py's receiver
+    thread); the caller SENDs with ``reply-to:/temp-queue/<name>`` and waits for the reply that
+    stomp.py's receiver thread puts in a queue. Connected as backends/stomp.py connects (URL
+    credentials and vhost, 4 s heart-beats), plus TCP_NODELAY."""
+    import queue
+
+    import stomp
+
+    u = mqprimer.URL.parse(url)
+    vhost = u.params.get("vhost") or (u.path.lstrip("/") or "/")
+    dest = f"/queue/bench-raw-rpc-{uuid.uuid4().hex[:8]}"
+    temp = f"/temp-queue/bench-raw-reply-{uuid.uuid4().hex[:8]}"
+    reply = _payload()
+
+    def connect(listener: stomp.ConnectionListener) -> stomp.Connection12:
+        c = stomp.Connection12([(u.host or "127.0.0.1", u.port or 61613)], heartbeats=(4000, 4000),
+                               heart_beat_receive_scale=2.5, vhost=vhost, auto_decode=False)
+        c.set_listener("bench", listener)
+        c.connect(u.username, u.password, wait=True)
+        # the service writes SEND then ACK: with Nagle on, the ACK waits for the broker's delayed
+        # TCP ack of the SEND (40 ms a round trip here); a client that cares turns it off
+        c.transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return c
+
+    class Service(stomp.ConnectionListener):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.server = ""
+            self.subscribed = threading.Event()
+
+        def on_connected(self, frame: Any) -> None:
+            self.server = frame.headers.get("server", "")
+
+        def on_receipt(self, frame: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(self, frame: Any) -> None:
+            h = frame.headers
+            decode(frame.body)
+            server.send(h["reply-to"], reply, headers={"correlation-id": h["correlation-id"]})
+            server.ack(h["ack"])
+
+    class Caller(stomp.ConnectionListener):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.replies: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+            self.subscribed = threading.Event()
+
+        def on_receipt(self, frame: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(self, frame: Any) -> None:
+            self.replies.put((frame.headers["correlation-id"], frame.body))
+
+    service, caller = Service(), Caller()
+    server = connect(service)
+    client = connect(caller)
+    activemq = "activemq" in service.server.lower()
+    prefetch = {"activemq.prefetchSize": "32"} if activemq else {"prefetch-count": "32"}
+    server.subscribe(dest, "svc", ack="client-individual", headers={**prefetch, "receipt": "sub"})
+    service.subscribed.wait(30)
+    if activemq:  # RabbitMQ subscribes a temp queue's owner by itself
+        client.subscribe(temp, "reply", ack="auto", headers={"receipt": "sub"})
+        caller.subscribed.wait(30)
+    seq = iter(range(10**9))
+
+    def send() -> str:
+        corr = str(next(seq))
+        client.send(dest, _payload(temp, corr), headers={"reply-to": temp, "correlation-id": corr})
+        return corr
+
+    def one() -> None:
+        corr = send()
+        got, body = caller.replies.get(timeout=30)
+        assert got == corr, (got, corr)
+        decode(body)
+
+    def many(total: int) -> None:
+        sent = done = 0
+        out: set[str] = set()
+        while done < total:
+            while sent - done < INFLIGHT and sent < total:
+                out.add(send())
+                sent += 1
+            got, body = caller.replies.get(timeout=30)
+            out.remove(got)
+            decode(body)
+            done += 1
+
+    try:
+        return _raw_rounds("stomp.py temp-queue", n, one, many)
+    finally:
+        client.disconnect()
+        server.disconnect()
+
+
 RAW = {"amqp": bench_raw_amqp, "beanstalk": bench_raw_beanstalk, "gearman": bench_raw_gearman,
-       "zeromq": bench_raw_zeromq}
+       "zeromq": bench_raw_zeromq, "stomp-rabbitmq": bench_raw_stomp, "stomp-activemq": bench_raw_stomp}
 
 
 def main() -> None:
