@@ -47,6 +47,10 @@ class AckWriter:
         self._pending: list[bytes] = []
         self._tail: tuple[Any, Any, bytes] | None = None  # (socket, its lock, bytes): a partial write's rest
         self._stopped = False  # no flusher any more (closed, or the connection is gone)
+        # the flusher waits for a first ACK (not lingering, not writing): only then does an ACK wake
+        # it; lingering, it writes at the linger's end whatever is waiting by then
+        self._idle = False
+        self._added = 0  # ACKs queued so far (the flusher lingers on while they keep coming)
         self._thread: threading.Thread | None = None
 
     @property
@@ -71,8 +75,9 @@ class AckWriter:
         """Queue one encoded ACK; never waits and never raises."""
         with self._cond:
             self._pending.append(frame)
+            self._added += 1
             n = len(self._pending)
-            if n == 1:
+            if n == 1 and self._idle:
                 self._cond.notify()  # the flusher's linger starts
         if n >= ACK_BATCH:
             self._write_nowait()
@@ -201,10 +206,20 @@ class AckWriter:
 
     def _run(self) -> None:
         cond = self._cond
+        added = 0
         while True:
             with cond:
-                while self._tail is None and not self._pending and not self._stopped and self._alive():
-                    cond.wait(1.0)
+                if self._added == added:  # no ACK in the last linger: wait for one
+                    self._idle = True
+                    while self._tail is None and not self._pending and not self._stopped and self._alive():
+                        if cond.wait(1.0):
+                            # woken: linger even if the ACK's consumer has written it meanwhile (it
+                            # does before it waits), so a busy consumer's next ACKs do not wake
+                            # this thread one by one (a wake-up per ACK, most of them for nothing)
+                            break
+                    self._idle = False
+                # while ACKs keep coming, one wake-up per linger, not one per ACK
+                added = self._added
                 if self._tail is None and len(self._pending) < ACK_BATCH and not self._stopped and self._alive():
                     cond.wait(ACK_LINGER)  # let others join the first (a full batch or a tail wakes it early)
                 tail, self._tail = self._tail, None
@@ -212,6 +227,8 @@ class AckWriter:
                     self._stopped = True
                     self._pending.clear()  # closed (the owner wrote them) or lost (the broker redelivers)
                     return
+                if tail is None and not self._pending:
+                    continue  # written by their consumer meanwhile
             if tail is not None:
                 sock, sem, rest = tail
                 try:
