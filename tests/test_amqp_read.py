@@ -98,7 +98,7 @@ def test_sequential_round_trips_are_read_by_the_waiting_threads() -> None:
     GIL when a reply comes while another thread holds it: either may read it then.)"""
     url = need_broker("amqp")
     queue = f"read{uuid.uuid4().hex[:8]}"
-    rounds = 60
+    rounds = 100
     svc = subprocess.Popen([sys.executable, "-c", _SERVICE, url, queue], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, text=True)
     try:
@@ -118,8 +118,10 @@ def test_sequential_round_trips_are_read_by_the_waiting_threads() -> None:
     finally:
         svc.kill()
         svc.wait(10)
-    # what is left to the I/O thread: a wait that began while it was busy (its 0.2 s timer)
-    assert min(caller, service) > rounds * 2 // 3, (
+    # what is left to the I/O thread: a wait that began while it was busy (its 0.2 s timer;
+    # under load, a reply in before its caller masked the socket): quiet 58-60 of 60, with a
+    # fresh-clone CI run's load beside it 40-46; with no reads by waiting threads 0
+    assert min(caller, service) > rounds // 4, (
         f"of {rounds} replies and requests, read by the waiting thread: {caller}, {service}")
 
 
