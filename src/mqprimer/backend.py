@@ -228,6 +228,15 @@ class Subscription(ABC):
     #: another (beanstalkd's TTR, sqlite's visibility timeout); ``None``: until it is
     #: settled or the connection closes. :meth:`touch` starts a new one.
     delivery_lease: float | None = None
+    #: Where :meth:`ack` is one atomic step (under the GIL) of bookkeeping in this process,
+    #: safe beside any other call and raising ``KeyError`` for a delivery it no longer holds
+    #: (zeromq plain mode): that callable, which :meth:`Message.ack` calls without the
+    #: consumer's lock; ``None``: acks take the lock
+    lockfree_ack: Callable[[Delivery], object] | None = None
+    #: ``True``: :meth:`receive` with timeout 0 is safe beside any other call without the
+    #: consumer's lock, and takes nothing once :meth:`close` has begun (returns ``None``; the
+    #: message stays for the next reader): the consumer's fast path then polls without it
+    lockfree_receive: bool = False
 
     @abstractmethod
     def receive(self, timeout: float | None) -> Delivery | None:

@@ -457,8 +457,11 @@ class _QueueSub(Subscription):
         with hub.lock:
             self.buf = hub.queues.setdefault(destination.name.encode(), deque(maxlen=hub.sock.rcvhwm))
         self.unsettled: dict[Delivery, None] = {}  # in delivery order
-        # ack is bookkeeping only: the dict's own C method, no Python frame per message
-        self.ack = self.unsettled.pop  # type: ignore[method-assign,assignment]
+        # ack is bookkeeping only: the dict's own C method, no Python frame per message; atomic
+        # (KeyError once the delivery is gone), so Message.ack skips the consumer's lock
+        self.ack = self.lockfree_ack = self.unsettled.pop  # type: ignore[method-assign,assignment]
+        self.lockfree_receive = True  # receive(0.0) is buffer pops and dict stores (see its closed check)
+        self.closed = False
 
     def receive(self, timeout: float | None) -> Delivery | None:
         buf = self.buf
@@ -485,6 +488,12 @@ class _QueueSub(Subscription):
         d: Delivery = _Delivery()
         d.payload = payload
         self.unsettled[d] = None
+        if self.closed:
+            # a close began meanwhile (lockfree_receive: the consumer polls without its lock):
+            # the delivery goes back, by close or by this, never by both and never lost
+            if self.unsettled.pop(d, 0) is None:
+                buf.appendleft(payload)
+            return None
         return d
 
     def ack(self, delivery: Delivery) -> None:
@@ -503,9 +512,17 @@ class _QueueSub(Subscription):
         _dead.setdefault((self.addr, self.destination.name), deque(maxlen=_DEAD_KEEP)).append(payload)
 
     def close(self) -> None:
-        for d in reversed(list(self.unsettled)):
-            self.buf.appendleft(d.payload)  # back to this process's buffer, in their order
-        self.unsettled.clear()
+        # back to this process's buffer, in their order (the newest first to the front); one
+        # popitem at a time, because an ack (lockfree_ack) may pop one meanwhile: each
+        # delivery is then either acked or given back, never both
+        self.closed = True  # first: a receive polling meanwhile sees it (receive)
+        unsettled, buf = self.unsettled, self.buf
+        while unsettled:
+            try:
+                d, _ = unsettled.popitem()
+            except KeyError:  # acked meanwhile
+                break
+            buf.appendleft(d.payload)
 
 
 class _TopicSub(Subscription):
@@ -521,7 +538,9 @@ class _TopicSub(Subscription):
         self.dead_target = Queue(f"{safe}.dead")
         self.buf: deque[bytes] = deque(maxlen=hub.sock.rcvhwm)
         self.unsettled: dict[Delivery, None] = {}
-        self.ack = self.unsettled.pop  # type: ignore[method-assign,assignment,misc]  # as _QueueSub's
+        self.ack = self.lockfree_ack = self.unsettled.pop  # type: ignore[method-assign,assignment,misc]  # as _QueueSub's
+        self.lockfree_receive = True
+        self.closed = False
         with hub.lock:
             hub.sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
             hub.subs.append(self)
@@ -541,6 +560,7 @@ class _TopicSub(Subscription):
         log.warning("zeromq: dead letter of a topic subscription dropped (reason: %s)", reason[:200])
 
     def close(self) -> None:
+        self.closed = True
         with self.hub.lock:
             if self in self.hub.subs:
                 self.hub.subs.remove(self)
