@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -217,6 +218,12 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
         self.conn.connect(self._login, self._passcode, wait=False, headers=self._extra)
+        sock = getattr(self.conn.transport, "socket", None)
+        if sock is not None:
+            # every write is whole frames in one call; Nagle would hold a frame written while the
+            # previous one is unacknowledged (replies and requests sent without a receipt, back to
+            # back) until the broker's delayed TCP ack: 40 ms here (docs/backend-stomp.md)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.connect_timeout
         with self.cond:
             while not self.connected:
