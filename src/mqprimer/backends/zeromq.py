@@ -64,6 +64,7 @@ from . import _zmq_link as link
 log = logging.getLogger("mqprimer")
 _SLICE = 0.05  # longest one reader holds a shared socket while waiting
 _BATCH = 512  # messages moved from a socket to the buffers per read
+_zmq_poll = zmq.zmq_poll
 _DEAD_KEEP = 10_000
 
 CAPABILITIES = Capabilities(
@@ -114,14 +115,21 @@ class _Hub:
         self.subs: list[_TopicSub] = []  # SUB: local subscriptions
         self.joined = False  # PUB: a subscriber was seen (or join timed out)
         self.private = False  # this backend's own socket, never shared
+        self.pollset = [(sock, zmq.POLLIN)]
 
     def read(self, wait: float) -> None:
         """Move what the socket has into the buffers, waiting up to ``wait`` s. With the lock held."""
         sock = self.sock
-        if wait > 0 and not sock.poll(int(wait * 1000) or 1):
+        # zmq_poll, not Socket.poll (a Poller object per call) and not a recv that ends in
+        # zmq.Again (pyzmq builds each error with imports, ~6 µs): a request/reply service
+        # reads one message per wait, and an empty poll is every idle consumer's
+        pollset = self.pollset
+        if not _zmq_poll(pollset, (int(wait * 1000) or 1) if wait > 0 else 0):
             return
         recv = sock.recv
-        for _ in range(_BATCH):
+        for i in range(_BATCH):
+            if i == 1 and not _zmq_poll(pollset, 0):
+                return  # one message came: no zmq.Again to end the batch (a burst pays one)
             try:
                 raw = recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -630,10 +638,11 @@ class _ReplyPath(ReplyPath):
     def __init__(self, s: link.Settings, name: str) -> None:
         bind = f"{s.reply_base}*" if s.reply_base.startswith("tcp") else f"{s.reply_base}{name}"
         self.sock = link.socket(s, zmq.PULL, bind, True)
+        self.pollset = [(self.sock, zmq.POLLIN)]
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def receive(self, timeout: float) -> bytes | None:
-        if not self.sock.poll(int(timeout * 1000)):
+        if not _zmq_poll(self.pollset, int(timeout * 1000)):  # as _Hub.read
             return None
         return self.sock.recv(zmq.NOBLOCK)
 
