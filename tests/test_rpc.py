@@ -299,3 +299,44 @@ def test_gearman_requests_are_foreground_jobs_a_raw_client_and_a_failing_raw_wor
             assert time.monotonic() - start < 10  # told by gearmand, not by the 30 s timeout
     finally:
         link.close()
+
+
+def test_the_ids_kept_to_tell_a_duplicate_reply_are_bounded_and_not_rebuilt_per_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection remembers its last answered request ids (a second reply to one of them is a
+    duplicate, not a late reply) in bounded memory, at a cost per request that does not grow:
+    the set is made again from the bounded deque once per _REMEMBER requests (before, once
+    the deque was full, on every request: a 4096-id set built per call)."""
+    from mqprimer import _replies
+
+    monkeypatch.setattr(_replies, "_REMEMBER", 32)
+    queue = f"remember{uuid.uuid4().hex[:8]}"
+    url = f"memory://remember-{uuid.uuid4().hex[:8]}"
+    with mqprimer.connect(url) as conn, conn.consumer(queue) as c:
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                m = c.receive(timeout=0.05)
+                if m is not None:
+                    m.reply(m.body)
+                    m.ack()
+
+        th = threading.Thread(target=serve, daemon=True)
+        th.start()
+        try:
+            sets: list[set[str]] = []  # kept alive, so that no two of them share an id()
+            first = []
+            for i in range(200):
+                assert conn.request(queue, i, timeout=10).body == i
+                replies: Any = conn._replies
+                first.append(replies.answered[-1])
+                if i >= 100 and not any(x is replies.answered_set for x in sets):
+                    sets.append(replies.answered_set)
+                assert len(replies.answered_set) <= 2 * 32
+            # 100 requests at _REMEMBER 32: the set was made again 3-4 times, not 100 times
+            assert len(sets) <= 5, f"the set of answered ids was made {len(sets)} times in 100 requests"
+            assert set(first[-32:]) <= replies.answered_set, "a recent request's id was forgotten"
+        finally:
+            stop.set()
+            th.join(5)

@@ -228,7 +228,10 @@ class Replies:
                 del self.waiting[mid]
                 if slot.env is not None:  # remembered, to tell a duplicate reply from a late one
                     self.answered.append(mid)
-                    if len(self.answered_set) >= _REMEMBER:
+                    # the set keeps the last _REMEMBER ids and up to as many older ones: made
+                    # again from the deque once in _REMEMBER requests, not (as the deque is
+                    # full from then on) on every one
+                    if len(self.answered_set) >= 2 * _REMEMBER:
                         self.answered_set = set(self.answered)
                     self.answered_set.add(mid)
         assert slot.env is not None and slot.payload is not None
