@@ -19,6 +19,7 @@ import pytest
 
 import mqprimer
 from conftest import need_broker
+from mqprimer.envelope import decode, encode, make
 from mqprimer.testing.helpers import wait_until
 from mqprimer.testing.proxy import Proxy
 from mqprimer.url import URL
@@ -207,3 +208,47 @@ def test_a_connection_lost_while_a_thread_leads_ends_its_wait_and_fails_no_threa
             assert m is not None and m.body == "after", "the consumer did not go on over a new connection"
             m.ack()
     assert thread_errors == []
+
+
+def test_a_request_is_transient_and_carries_what_a_raw_service_needs() -> None:
+    """A request is sent with delivery_mode 1: its reply path (RabbitMQ direct reply-to) lives
+    only as long as the caller's channel, so a request kept on disk over a broker restart could
+    never be answered; writing it there only cost each round trip the broker's disk path (about
+    half the round trip here). A raw pika service sees the properties it answers by."""
+    import pika
+
+    from mqprimer.backends._amqp_link import Options, parameters
+
+    url = need_broker("amqp")
+    queue = f"transient{uuid.uuid4().hex[:8]}"
+    u = URL.parse(url)
+    raw = pika.BlockingConnection(parameters(u, Options.from_url(u), "raw service test"))
+    seen: list[Any] = []
+    try:
+        ch = raw.channel()
+        ch.queue_declare(queue, durable=True, arguments={"x-max-priority": 9})
+
+        def on(c: Any, method: Any, props: Any, body: bytes) -> None:
+            seen.append(props)
+            reply = encode(make(id=uuid.uuid4().hex, source="urn:raw", type="reply", body={"ok": 1},
+                                correlation_id=decode(body).id))
+            c.basic_publish("", props.reply_to, reply, pika.BasicProperties(correlation_id=props.correlation_id))
+            c.basic_ack(method.delivery_tag)
+
+        ch.basic_consume(queue, on)
+        with mqprimer.connect(url) as conn:
+            result: list[Any] = []
+            caller = threading.Thread(target=lambda: result.append(conn.request(queue, {"n": 1}, timeout=10)),
+                                      daemon=True)
+            caller.start()
+            deadline = time.monotonic() + 15
+            while caller.is_alive() and time.monotonic() < deadline:
+                raw.process_data_events(0.05)
+            caller.join(1)
+        assert len(seen) == 1 and len(result) == 1 and result[0].body == {"ok": 1}
+        props = seen[0]
+        assert props.delivery_mode in (None, 1), f"a persistent request (delivery_mode {props.delivery_mode})"
+        assert props.reply_to.startswith("amq.rabbitmq.reply-to") and props.correlation_id
+        assert props.expiration is not None and 0 < int(props.expiration) <= 10_000
+    finally:
+        raw.close()

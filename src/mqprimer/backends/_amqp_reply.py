@@ -99,8 +99,11 @@ class DirectReplyPath(ReplyPath):
         name = destination.name
         declare = name not in self.declared  # like send(): the request waits for its service
         self.declared.add(name)
+        # transient: the reply address lives only as long as this channel, so a request kept on
+        # disk over a broker restart could never be answered; persisting it cost each round trip
+        # the broker's disk path (about half of it here)
         props = BasicProperties(
-            content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id, correlation_id=message_id,
+            content_type=CONTENT_TYPE, delivery_mode=1, message_id=message_id, correlation_id=message_id,
             reply_to=DIRECT, expiration=str(max(1, int(ttl * 1000))) if ttl else None,
         )
         chan, args, link, queued = self.chan, self.queue_args, self.link, self.queued
