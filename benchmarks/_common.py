@@ -7,6 +7,7 @@ process run, so the ratio is meaningful even on a noisy 2-core machine.
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import sys
 import threading
@@ -123,3 +124,16 @@ def broker_url(name: str, broker: str) -> str:
 
 def median_of(runs: list[float]) -> float:
     return statistics.median(runs)
+
+
+def free_port_pair() -> int:
+    """A free loopback port P whose P+1 is free too (a zmq+tcp:// URL uses P+1 for topics)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Result, broker_urls, report  # noqa: E402
+from _common import Result, broker_urls, free_port_pair, report  # noqa: E402
 
 import mqprimer  # noqa: E402
 from mqprimer.envelope import decode, encode, make  # noqa: E402
@@ -272,24 +272,11 @@ def bench_raw_gearman(url: str, n: int) -> list[Result]:
 
 
 # -- raw ZeroMQ (pyzmq REQ/REP; DEALER for 16 in flight) ----------------------------------------
-def _free_port_pair() -> int:
-    """A loopback port P with P+1 free too (a zmq+tcp:// URL uses P+1 for topics)."""
-    while True:
-        with socket.socket() as s, socket.socket() as t:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            try:
-                t.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-
-
 def bench_raw_zeromq(url: str, n: int) -> list[Result]:
     import zmq
 
     ctx = zmq.Context()
-    addr = f"tcp://127.0.0.1:{_free_port_pair()}"
+    addr = f"tcp://127.0.0.1:{free_port_pair()}"
     stop, ready = threading.Event(), threading.Event()
 
     def serve() -> None:  # a ROUTER answers REQ (sequential) and DEALER (16 in flight) callers alike
@@ -449,7 +436,7 @@ def main() -> None:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     urls = broker_urls()
     urls.update(memory="memory://bench-rpc", sqlite=f"sqlite:////tmp/mqprimer-bench-rpc-{uuid.uuid4().hex[:6]}.db",
-                zeromq=f"zmq+tcp://127.0.0.1:{_free_port_pair()}")
+                zeromq=f"zmq+tcp://127.0.0.1:{free_port_pair()}")
     for name in args.backends:
         url = urls.get(name)
         if url is None:

@@ -34,24 +34,11 @@ import msgspec
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, report  # noqa: E402
+from _common import Result, free_port_pair, report  # noqa: E402
 
 import mqprimer  # noqa: E402
 
 BODY = {"path": "photos/2024/a.jpg", "size": 128, "tenant": "acme"}
-
-
-def _port() -> int:
-    """A free port P whose P+1 (a zmq+tcp URL's topic port) is free too."""
-    while True:
-        with socket.socket() as s, socket.socket() as t:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            try:
-                t.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
 
 
 # -- the consumer process -------------------------------------------------------------------
@@ -114,7 +101,7 @@ def finish(p: subprocess.Popen[str]) -> None:
 
 # -- the cases ------------------------------------------------------------------------------
 def raw_push(n: int, as_json: bool) -> Result:
-    addr = f"tcp://127.0.0.1:{_port()}"
+    addr = f"tcp://127.0.0.1:{free_port_pair()}"
     p = spawn("json" if as_json else "pull", addr, n)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
@@ -140,7 +127,7 @@ def raw_push(n: int, as_json: bool) -> Result:
 
 def raw_send_alone(n: int) -> Result:
     """The send loop only, as ``mqprimer send alone`` (a raw PULL drains): the bound for that row."""
-    addr = f"tcp://127.0.0.1:{_port()}"
+    addr = f"tcp://127.0.0.1:{free_port_pair()}"
     p = spawn("pull", addr, n)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
@@ -157,7 +144,7 @@ def raw_send_alone(n: int) -> Result:
 
 
 def raw_pub(n: int) -> Result:
-    addr = f"tcp://127.0.0.1:{_port()}"
+    addr = f"tcp://127.0.0.1:{free_port_pair()}"
     ctx = zmq.Context()
     s = ctx.socket(zmq.XPUB)
     s.sndhwm = 0
@@ -176,7 +163,7 @@ def raw_pub(n: int) -> Result:
 
 
 def mq_send_alone(n: int) -> Result:
-    port = _port()
+    port = free_port_pair()
     p = spawn("pull", f"tcp://127.0.0.1:{port}", n)
     with mqprimer.connect(f"zmq+tcp://127.0.0.1:{port}?hwm=100000") as conn:
         send = conn.producer().send
@@ -189,7 +176,7 @@ def mq_send_alone(n: int) -> Result:
 
 
 def mq_end_to_end(n: int, topic: bool) -> Result:
-    port = _port()
+    port = free_port_pair()
     url = f"zmq+tcp://127.0.0.1:{port}?hwm=100000"
     if topic:
         dest: str | mqprimer.Topic = mqprimer.Topic("bench")
@@ -322,7 +309,7 @@ def peer(kind: str, port: int, n: int, flag: str) -> None:
 def instructions(kind: str, n: int) -> float:
     counts = []
     for count in (n, 3 * n):
-        port = _port()
+        port = free_port_pair()
         flag = f"/tmp/bench-zmq-{os.getpid()}-{port}.sent"
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"), PYTHONHASHSEED="0")
         me, args = [sys.executable, __file__], [kind, str(port), str(count), flag]

@@ -32,31 +32,6 @@ def _link(conn: mqprimer.Connection) -> Any:
     return backend._link
 
 
-def _echo(url: str, queue: str, stop: threading.Event, ready: threading.Event, conns: list[Any]) -> None:
-    with mqprimer.connect(url) as conn, conn.consumer(queue) as c:
-        conns.append(conn)
-        ready.set()
-        while not stop.is_set():
-            m = c.receive(timeout=0.1)
-            if m is not None:
-                m.reply({"echo": m.body})
-                m.ack()
-
-
-@pytest.fixture
-def service() -> Iterator[tuple[str, str, list[Any]]]:
-    url = need_broker("amqp")
-    queue = f"read{uuid.uuid4().hex[:8]}"
-    stop, ready = threading.Event(), threading.Event()
-    conns: list[Any] = []
-    th = threading.Thread(target=_echo, args=(url, queue, stop, ready, conns), daemon=True)
-    th.start()
-    assert ready.wait(20), "the echo service did not start"
-    yield url, queue, conns
-    stop.set()
-    th.join(10)
-
-
 @pytest.fixture
 def thread_errors() -> Iterator[list[BaseException | None]]:
     """Exceptions that end any thread meanwhile (pika's loop failing in a leader or in the I/O thread)."""
