@@ -286,6 +286,23 @@ class Link:
             self._woken = True
             self.ioloop.add_callback_threadsafe(self._do_todo)
 
+    def submit_ordered(self, queued: deque[None], fn: Callable[[], None]) -> None:
+        """:meth:`submit` ``fn``, counted in ``queued`` until it has run: a direct write
+        (``_amqp_out``) of the same channel checks ``queued`` and waits behind it."""
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                queued.pop()  # after fn's frames are in pika's buffer: a direct write sees them there
+
+        queued.append(None)
+        try:
+            self.submit(run)
+        except BaseException:
+            queued.pop()
+            raise
+
     def call(self, fn: Callable[[Waiter], None], timeout: float | None = None,
              meanwhile: Callable[[], None] | None = None) -> Any:
         """Run ``fn(waiter)`` on the I/O thread and wait for what it (or a callback) sets;

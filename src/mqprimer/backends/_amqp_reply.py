@@ -120,20 +120,12 @@ class DirectReplyPath(ReplyPath):
 
         # no publisher confirm: the reply confirms the request, and a lost one is a Timeout
         def send() -> None:
-            try:
-                if chan.ch.is_open:
-                    if declare:
-                        chan.ch.queue_declare(name, durable=True, arguments=args)
-                    chan.ch.basic_publish("", name, payload, props)
-            finally:
-                queued.pop()  # after its frames are in pika's buffer: a direct write sees them there
+            if chan.ch.is_open:
+                if declare:
+                    chan.ch.queue_declare(name, durable=True, arguments=args)
+                chan.ch.basic_publish("", name, payload, props)
 
-        queued.append(None)
-        try:
-            link.submit(send)
-        except BaseException:
-            queued.pop()
-            raise
+        link.submit_ordered(queued, send)
 
     def receive(self, timeout: float) -> bytes | None:
         if self.error is not None:

@@ -266,18 +266,10 @@ class AmqpBackend(Backend):
             return
 
         def send() -> None:
-            try:
-                if chan.ch.is_open:
-                    chan.ch.basic_publish("", address, payload, props)
-            finally:
-                queued.pop()
+            if chan.ch.is_open:
+                chan.ch.basic_publish("", address, payload, props)
 
-        queued.append(None)
-        try:
-            link.submit(send)
-        except BaseException:
-            queued.pop()
-            raise
+        link.submit_ordered(queued, send)
 
     def stats(self, destination: Queue) -> QueueStats:
         link = self._alive()
