@@ -18,6 +18,10 @@ from ..backend import Outgoing, Queue, ReplyPath
 from ._stomp_link import Link
 from ._stomp_wire import encode_frame
 
+#: requests are sent without ``persistent:true`` (transient on both brokers; False: as before,
+#: for bench_rpc_stomp.py's comparison)
+TRANSIENT = True
+
 
 class _Backend(Protocol):
     """What the path uses of :class:`~mqprimer.backends.stomp.StompBackend` (which imports this module)."""
@@ -46,6 +50,13 @@ class StompReplyPath(ReplyPath):
 
     def request(self, destination: Queue, payload: bytes, *, message_id: str, ttl: float | None) -> None:
         h = self.backend.send_headers(Outgoing(destination, payload, message_id, None, None, ttl))
+        if TRANSIENT:
+            # a request cannot outlive its reply path (the temporary queue dies with this link), so
+            # persisting it buys nothing, and costs the broker a disk write per request. The header
+            # is left out, never sent as "false": on RabbitMQ "persistent" is also the queue's
+            # "durable" declaration argument, and durable:false declares the service's queue
+            # exclusive and auto-delete, which the broker refuses (ERROR resource_locked)
+            del h["persistent"]
         h["reply-to"] = self.address
         h["correlation-id"] = message_id
         # no receipt: the reply confirms the request; a refused SEND closes this link, and the

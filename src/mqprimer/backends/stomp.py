@@ -286,7 +286,9 @@ class StompBackend(Backend):
         # frame gave it, or a queue name from a hand-written client's envelope
         raw = address.startswith("/")
         h = self.send_headers(Outgoing(Queue("x") if raw else Queue(address), payload, message_id, None, None, ttl))
-        h["persistent"] = "false"
+        # transient: no "persistent" header at all (on RabbitMQ "persistent:false" also declares a
+        # named queue exclusive and auto-delete: ERROR resource_locked for a queue that exists)
+        del h["persistent"]
         if raw:
             h = {k: v for k, v in h.items() if not k.startswith("x-")}
             h["destination"] = address
