@@ -38,6 +38,10 @@ class _Received(Message):
 
 
 _PENDING = _State.PENDING
+# the decoder's bound method, taken once: for a name bound by an import, Python 3.11 compiles
+# `_decoder.decode(...)` as a module attribute read, which cannot specialise on a Decoder and
+# made (and freed) a bound method object per received message
+_decode = _decoder.decode
 ERROR_TYPE = "mqprimer.error"  # the type of a dead-lettered request's error reply (docs/request-reply.md)
 REPLY_TYPE = "mqprimer.reply"  # the default type of a reply
 _SLICE = 0.25  # longest a blocking receive holds a subscription, so close() is prompt
@@ -141,7 +145,7 @@ class Consumer:
                         # _wrap's common case inline: a plain envelope (the schema's decoder
                         # alone, as in _wrap), no expiry, first delivery
                         try:
-                            env: Envelope | None = _decoder.decode(delivery.payload)
+                            env: Envelope | None = _decode(delivery.payload)
                         except Exception:
                             env = None
                         if (env is None or env.headers_json is not None or env.data_base64 is not UNSET
@@ -237,7 +241,7 @@ class Consumer:
         try:
             # the schema's decoder alone: decode() below adds only the size check (moot here,
             # the limit being at least the payload's length) and the words of its error
-            env: Envelope = _decoder.decode(d.payload) if decoded is None else decoded
+            env: Envelope = _decode(d.payload) if decoded is None else decoded
             if env.headers_json is not None or env.data_base64 is not UNSET:
                 validate(env)  # the envelope's rules the schema cannot state (envelope.validate)
         except Exception:
