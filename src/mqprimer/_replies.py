@@ -82,14 +82,7 @@ def request(conn: Caller, destination: str, body: Any, timeout: float, headers: 
             type: str | None) -> Message:
     """:meth:`mqprimer.Connection.request`: its arguments checked, then the connection's
     :class:`Replies` (made by the first call) sends the request and waits."""
-    conn.capabilities.require("request_reply", "request/reply (conn.request)")
-    dest = as_destination(destination)
-    if not isinstance(dest, Queue):
-        raise ValueError("request() sends to a queue (a str), not a Topic: exactly one service must answer")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-    check_headers(headers)
-    check_type(type)
+    dest = checked(conn, destination, timeout, headers, type)
     replies = conn._replies
     if replies is None:
         with conn._replies_lock:
@@ -100,9 +93,29 @@ def request(conn: Caller, destination: str, body: Any, timeout: float, headers: 
     return replies.request(dest, body, float(timeout), headers, type)
 
 
+def checked(conn: Owner, destination: str, timeout: float, headers: dict[str, str] | None,
+            type: str | None) -> Queue:
+    """The queue a request goes to, once the request's arguments are checked."""
+    conn.capabilities.require("request_reply", "request/reply (conn.request)")
+    dest = as_destination(destination)
+    if not isinstance(dest, Queue):
+        raise ValueError("request() sends to a queue (a str), not a Topic: exactly one service must answer")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    check_headers(headers)
+    check_type(type)
+    return dest
+
+
 def dropped_counts(replies: "Replies | None") -> dict[str, int]:
     """The replies a connection dropped so far (:attr:`mqprimer.Connection.dropped_replies`)."""
     return dict(replies.dropped) if replies is not None else {"duplicate": 0, "late": 0, "invalid": 0}
+
+
+class Wakes(Protocol):
+    """A waiting caller's wake-up: a threading.Event, or the asyncio twin's (aio/_request.py)."""
+
+    def set(self) -> None: ...
 
 
 class _Slot:
@@ -113,7 +126,7 @@ class _Slot:
         self.env: Envelope | None = None
         # made only by a caller that has to wait (a lone caller reads its own reply): set when
         # the reply is in, or when it is this caller's turn to read
-        self.event: threading.Event | None = None
+        self.event: Wakes | None = None
         self.turn = False  # it is this caller's turn to read (set with self.cond held)
 
 
@@ -189,31 +202,23 @@ class Replies:
     def request(self, dest: Queue, body: Any, timeout: float, headers: dict[str, str] | None,
                 type: str | None) -> Message:
         conn = self.conn
-        caps = conn.capabilities
         mid, now = stamp()
-        ttl = timeout if caps.ttl else None
-        slot = _Slot()
-        with self.cond:
-            self.waiting[mid] = slot
+        slot = self.enter(mid)
         deadline = time.monotonic() + timeout
         try:
             path = self.path
             if path is None:
                 with self.lock:
                     path = self._path()
-            env = make(
-                id=mid, source=conn.source, type=type or DEFAULT_TYPE, body=body, time=now, headers=headers,
-                expires=int(time.time() * 1000 + timeout * 1000) if ttl else None, reply_to=path.address,
-            )
-            payload = encode(env, max_size=conn.max_message_size)
+            payload, ttl = self.payload(path, mid, now, body, timeout, headers, type)
             if path.concurrent_requests:
                 try:
-                    path.request(dest, payload, message_id=mid, ttl=ttl if caps.ttl is NATIVE else None)
+                    path.request(dest, payload, message_id=mid, ttl=ttl if conn.capabilities.ttl is NATIVE else None)
                 except Exception as exc:
                     with self.lock:
                         raise self._lost(exc, "request") from None
             elif path.publishes_requests:
-                self.outbox.append((dest, payload, mid, ttl if caps.ttl is NATIVE else None))
+                self.outbox.append((dest, payload, mid, ttl if conn.capabilities.ttl is NATIVE else None))
                 if self.lock.acquire(blocking=False):
                     try:
                         self._send_outbox()
@@ -224,16 +229,43 @@ class Replies:
                 conn.publish_one(dest, payload, mid, None, None, ttl)
             self._wait(slot, deadline, timeout, dest)
         finally:
-            with self.cond:
-                del self.waiting[mid]
-                if slot.env is not None:  # remembered, to tell a duplicate reply from a late one
-                    self.answered.append(mid)
-                    # the set keeps the last _REMEMBER ids and up to as many older ones: made
-                    # again from the deque once in _REMEMBER requests, not (as the deque is
-                    # full from then on) on every one
-                    if len(self.answered_set) >= 2 * _REMEMBER:
-                        self.answered_set = set(self.answered)
-                    self.answered_set.add(mid)
+            self.leave(mid, slot)
+        return self.reply(slot)
+
+    # the steps of a request, shared with the asyncio twin's (aio/_request.py)
+    def enter(self, mid: str) -> _Slot:
+        """A new caller waits for the reply to request ``mid``."""
+        slot = _Slot()
+        with self.cond:
+            self.waiting[mid] = slot
+        return slot
+
+    def payload(self, path: ReplyPath, mid: str, now: str, body: Any, timeout: float,
+                headers: dict[str, str] | None, type: str | None) -> tuple[bytes, float | None]:
+        """The request's envelope, encoded, and its ttl (``None``: the backend has none)."""
+        conn = self.conn
+        ttl = timeout if conn.capabilities.ttl else None
+        env = make(
+            id=mid, source=conn.source, type=type or DEFAULT_TYPE, body=body, time=now, headers=headers,
+            expires=int(time.time() * 1000 + timeout * 1000) if ttl else None, reply_to=path.address,
+        )
+        return encode(env, max_size=conn.max_message_size), ttl
+
+    def leave(self, mid: str, slot: _Slot) -> None:
+        """The caller of request ``mid`` stops waiting (answered, timed out or failed)."""
+        with self.cond:
+            del self.waiting[mid]
+            if slot.env is not None:  # remembered, to tell a duplicate reply from a late one
+                self.answered.append(mid)
+                # the set keeps the last _REMEMBER ids and up to as many older ones: made
+                # again from the deque once in _REMEMBER requests, not (as the deque is
+                # full from then on) on every one
+                if len(self.answered_set) >= 2 * _REMEMBER:
+                    self.answered_set = set(self.answered)
+                self.answered_set.add(mid)
+
+    def reply(self, slot: _Slot) -> Message:
+        """The reply message of an answered slot (raises RemoteError for an error reply)."""
         assert slot.env is not None and slot.payload is not None
         return self._message(slot.env, slot.payload)
 
@@ -276,14 +308,12 @@ class Replies:
             if slot.env is not None or slot.turn:
                 slot.turn = False
                 return
-            event = slot.event
+            # one per thread, reused: a thread waits for one request at a time, and a stale
+            # set() only ends one wait early (env and turn say what really happened)
+            event: threading.Event | None = getattr(_local, "event", None)
             if event is None:
-                # one per thread, reused: a thread waits for one request at a time, and a stale
-                # set() only ends one wait early (env and turn say what really happened)
-                event = getattr(_local, "event", None)
-                if event is None:
-                    event = _local.event = threading.Event()
-                slot.event = event
+                event = _local.event = threading.Event()
+            slot.event = event
         event.wait(timeout)
         event.clear()  # a set() racing this is not lost: env or turn says it on the next call
 

@@ -355,6 +355,14 @@ class ReplyPath(ABC):
     def receive(self, timeout: float) -> bytes | None:
         """The next reply's payload (already settled), or ``None`` after ``timeout`` seconds."""
 
+    def loop_fd(self) -> int | None:
+        """Optional: a file descriptor an event loop can watch for this path. While it is
+        readable replies may be in, ``receive(0)`` takes one without waiting (``None`` when
+        none is left), and reading until ``None`` re-arms it; the asyncio twin then reads
+        replies on its loop, many requests in flight from one thread. ``None`` (the
+        default): not offered."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Stop and remove the path from the broker (nothing of it may be left behind)."""

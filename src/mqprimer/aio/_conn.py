@@ -23,6 +23,7 @@ from ..retry import RetryPolicy
 from ..url import URL
 from . import _native
 from ._consumer import Consumer, Message
+from ._request import LoopRequests
 from ._runner import Runner, inline_ok
 
 T = TypeVar("T")
@@ -81,6 +82,7 @@ class Connection:
         self._runner = Runner(threads, "mqprimer-aio", inline=self._inline)
         # a request waits for its reply on its thread; a cancelled one keeps it until then
         self._requests = Runner(request_threads, "mqprimer-aio-request")
+        self._loop_requests = LoopRequests(blocking)
         self._consumers: list[Consumer] = []
 
     @property
@@ -120,6 +122,18 @@ class Connection:
     async def request(self, destination: str, body: Any, *, timeout: float, headers: dict[str, str] | None = None,
                       type: str | None = None) -> Message:
         """The twin of :meth:`mqprimer.Connection.request`; the reply comes back settled."""
+        loop_requests = self._loop_requests
+        w = loop_requests.begin(destination, body, timeout, headers, type)
+        if w is not None:  # on the loop: the reply path is made and can be awaited (aio/_request.py)
+            try:
+                if w.publish is not None:  # not sent on the loop (not yet known, or busy): from a thread
+                    await self._requests.call(*w.publish)
+                    loop_requests.learn(w.dest)
+                while (fut := loop_requests.wait(w)) is not None:
+                    await fut
+            finally:
+                loop_requests.leave(w)
+            return Message(loop_requests.reply(w), self._runner)
         call = functools.partial(self.blocking.request, destination, body, timeout=timeout, headers=headers,
                                  type=type)
         reply = await self._requests.call(call)
@@ -138,6 +152,7 @@ class Connection:
         """Close every consumer (their unsettled messages go back to the broker), then the connection."""
         for c in list(self._consumers):
             await c.close()
+        self._loop_requests.close()  # gives the reply path back, which the close removes
         try:
             await self._runner.call(self.blocking.close, inline=False)
         finally:

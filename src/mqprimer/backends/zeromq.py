@@ -640,11 +640,17 @@ class _ReplyPath(ReplyPath):
         self.sock = link.socket(s, zmq.PULL, bind, True)
         self.pollset = [(self.sock, zmq.POLLIN)]
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.fd: int = self.sock.FD
 
     def receive(self, timeout: float) -> bytes | None:
         if not _zmq_poll(self.pollset, int(timeout * 1000)):  # as _Hub.read
             return None
         return self.sock.recv(zmq.NOBLOCK)
+
+    def loop_fd(self) -> int | None:
+        # libzmq's FD: readable when the socket's events may have changed; receive(0)'s
+        # zmq_poll reads them, which re-arms it, so draining until None misses no reply
+        return self.fd
 
     def close(self) -> None:
         link.close_bound(self.sock, self.address)
