@@ -8,7 +8,9 @@ For each backend, in one run: a service thread answers on a queue, and a caller 
 ``--n`` round trips sequentially (one in flight), then ``--n`` with 16 in flight:
 
 - mqprimer: service = ``consumer.receive()`` + ``message.reply()`` + ``ack()``; caller =
-  ``conn.request()``, sequential from one thread, then from 16 threads on one connection.
+  ``conn.request()``, sequential from one thread, then from 16 threads on one connection,
+  then 16 in flight from one thread as the raw rows do it: 16 tasks of the asyncio twin
+  (``mqprimer.aio``) on one connection.
 - raw, same broker, same envelope bytes, the protocol's own request/reply:
   amqp = pika with direct reply-to (``amq.rabbitmq.reply-to``; service publishes to
   ``reply_to`` and acks; 16 in flight = 16 outstanding publishes on one channel);
@@ -23,6 +25,7 @@ For each backend, in one run: a service thread answers on a queue, and a caller 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import statistics
 import sys
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import Result, broker_urls, free_port_pair, report  # noqa: E402
 
 import mqprimer  # noqa: E402
+import mqprimer.aio  # noqa: E402
 from mqprimer.envelope import decode, encode, make  # noqa: E402
 
 BODY = {"path": "photos/a.jpg", "width": 1280, "height": 960}
@@ -90,9 +94,27 @@ def bench_mqprimer(url: str, n: int) -> list[Result]:
         for th in threads:
             th.join()
         out.append(Result(f"mqprimer {INFLIGHT} in flight", per * INFLIGHT, time.perf_counter() - start))
+    out.append(asyncio.run(_aio_inflight(url, dest, n)))
     stop.set()
     server.join(10)
     return out
+
+
+async def _aio_inflight(url: str, dest: str, n: int) -> Result:
+    """16 in flight from one thread, as the raw rows do it: the asyncio twin, 16 tasks on one
+    connection (they wait on the loop itself where the reply path offers a descriptor: zeromq)."""
+    async with mqprimer.aio.connect(url) as conn:
+        for _ in range(20):
+            await conn.request(dest, BODY, timeout=30)
+        per = n // INFLIGHT
+
+        async def caller() -> None:
+            for _ in range(per):
+                await conn.request(dest, BODY, timeout=60)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(INFLIGHT)))
+        return Result(f"mqprimer {INFLIGHT} in flight, asyncio", per * INFLIGHT, time.perf_counter() - start)
 
 
 def _result(name: str, n: int, secs: float, lat: list[float]) -> Result:
@@ -441,7 +463,7 @@ def main() -> None:
         url = urls.get(name)
         if url is None:
             raise SystemExit(f"no {name} URL: run scripts/brokers up first")
-        ratios: list[tuple[float, float]] = []
+        ratios: list[tuple[float, float, float]] = []
         for rnd in range(args.rounds):
             raw_rows = RAW[name](url, args.n) if name in RAW and rnd % 2 == 0 else []
             rows = bench_mqprimer(url, args.n)
@@ -452,16 +474,19 @@ def main() -> None:
             if raw_rows:
                 raw = rows[0].name.rsplit(" ", 1)[0]
                 pairs = [("mqprimer sequential", f"{raw} sequential"),
-                         (f"mqprimer {INFLIGHT} in flight", f"{rows[1].name}")]
-                ratios.append((rows[2].rate / rows[0].rate, rows[3].rate / rows[1].rate))
+                         (f"mqprimer {INFLIGHT} in flight", f"{rows[1].name}"),
+                         (f"mqprimer {INFLIGHT} in flight, asyncio", f"{rows[1].name}")]
+                ratios.append((rows[2].rate / rows[0].rate, rows[3].rate / rows[1].rate,
+                               rows[4].rate / rows[1].rate))
             suffix = f" (round {rnd + 1}/{args.rounds}, {'raw' if rnd % 2 == 0 else 'mqprimer'} first)" \
                 if args.rounds > 1 else ""
             report(f"request/reply round trips, {name}{suffix}", rows, pairs)
         if len(ratios) > 1:
-            seq, many = statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
+            seq, many, aio = (statistics.median(r[i] for r in ratios) for i in range(3))
             print(f"\n{name}: sequential ratios {' / '.join(f'{r[0]:.2f}' for r in ratios)} "
-                  f"(median {seq:.2f}); {INFLIGHT} in flight "
-                  f"{' / '.join(f'{r[1]:.2f}' for r in ratios)} (median {many:.2f})")
+                  f"(median {seq:.2f}); {INFLIGHT} in flight, threads "
+                  f"{' / '.join(f'{r[1]:.2f}' for r in ratios)} (median {many:.2f}); asyncio "
+                  f"{' / '.join(f'{r[2]:.2f}' for r in ratios)} (median {aio:.2f})")
 
 
 if __name__ == "__main__":
