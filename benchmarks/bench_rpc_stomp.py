@@ -1,14 +1,16 @@
 """STOMP request/reply diagnostics beside bench_rpc.py (issue 13): where a round trip's wake-ups go.
 
-Run: .venv/bin/python benchmarks/bench_rpc_stomp.py {stomp-rabbitmq,stomp-activemq} {raw,mq,persistent}
+Run: .venv/bin/python benchmarks/bench_rpc_stomp.py {stomp-rabbitmq,stomp-activemq} {raw,mq,handoff,persistent}
          [--n 1000] [--many]
 (broker URL from .run/brokers/urls)
 
 50 warm-up then ``--n`` round trips, bench_rpc's service and caller in this one process:
 raw = bench_rpc's raw stomp.py row (service answers on stomp.py's receiver thread, caller waits
 on a queue its listener fills); mq = mqprimer (``consumer.receive()`` + ``reply()`` + ``ack()``
-against ``conn.request()``); persistent = mqprimer with requests sent ``persistent:true``, as
-before backends/_stomp_reply.py's TRANSIENT. ``--many``: 16 in flight (raw: 16 outstanding
+against ``conn.request()``); handoff = mqprimer with the waiting threads' reads off (every
+frame read by the link's receiver thread and handed over, as before _stomp_wire.Reader.lead);
+persistent = mqprimer with requests sent ``persistent:true``, as before _stomp_reply.TRANSIENT.
+``--many``: 16 in flight (raw: 16 outstanding
 SENDs on one connection; mqprimer: 16 caller threads), else sequential.
 
 Prints round trips/s, voluntary context switches (``getrusage``: one per thread that blocks
@@ -39,7 +41,7 @@ import bench_rpc  # noqa: E402
 from _common import Result, broker_urls  # noqa: E402
 
 import mqprimer  # noqa: E402
-from mqprimer.backends import _stomp_reply  # noqa: E402
+from mqprimer.backends import _stomp_reply, _stomp_wire  # noqa: E402
 
 Counts = tuple[float, float, float, float, dict[str, float]]
 
@@ -156,13 +158,15 @@ def mq(url: str, n: int, many: bool) -> Counts:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("broker", choices=["stomp-rabbitmq", "stomp-activemq"])
-    ap.add_argument("mode", choices=["raw", "mq", "persistent"])
+    ap.add_argument("mode", choices=["raw", "mq", "handoff", "persistent"])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--many", action="store_true", help="16 in flight instead of one")
     args = ap.parse_args()
     url = broker_urls().get(args.broker)
     if url is None:
         raise SystemExit(f"no {args.broker} URL: run scripts/brokers up first")
+    if args.mode == "handoff":
+        _stomp_wire.LEAD = False
     if args.mode == "persistent":
         _stomp_reply.TRANSIENT = False
     global BROKER_PID

@@ -50,6 +50,7 @@ _silence_stomp_py()
 CONNECT_TIMEOUT = 15.0
 RECEIPT_TIMEOUT = 30.0
 _LOST = object()  # inbox sentinel: the connection is gone
+_LEAD_SLICE = 0.25  # longest a waiting thread reads at a time (then the receiver may, as it turns)
 
 
 class StompBrokerError(Exception):
@@ -132,7 +133,8 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.routes: dict[str, Inbox] = {}  # SUBSCRIBE id -> its subscription's inbox
         self.subscribed: dict[str, str] = {}  # SUBSCRIBE id -> its destination (for errors)
         self._routes_lock = threading.Lock()
-        Reader(self.conn, self.routes, self.inbox).install()
+        self.reader = Reader(self.conn, self.routes, self.inbox)
+        self.reader.install()
 
     # -- listener callbacks (stomp.py's receiver thread) ----------------------------
     def on_connected(self, frame: Any) -> None:
@@ -198,6 +200,7 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         self.routes.get(frame.headers.get("subscription", ""), self.inbox).put([frame])
 
     def on_receiver_loop_completed(self, *_: Any) -> None:
+        self.reader.close()
         with self.cond:
             self.loop_done = True  # its cleanup() closed the socket
             self.cond.notify_all()
@@ -354,10 +357,13 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             except IndexError:  # another thread of this consumer took it
                 pass
         q = box.q
-        if timeout != 0 and self.acks.pending and q.empty():
-            self.flush_acks()  # about to wait: let the broker have every ACK first (a poll never writes)
         try:
-            frame = q.get(timeout=timeout) if timeout != 0 else q.get_nowait()
+            if timeout == 0:
+                frame = q.get_nowait()  # a poll never writes nor reads the socket
+            else:
+                if self.acks.pending and q.empty():
+                    self.flush_acks()  # about to wait: let the broker have every ACK first
+                frame = q.get(timeout=self._lead(q, timeout))
         except queue.Empty:
             return None
         if type(frame) is list:  # one socket read's frames
@@ -374,6 +380,18 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             self.check()
             raise ConnectionLost("the STOMP connection was lost")
         return frame
+
+    def _lead(self, q: queue.SimpleQueue[Any], timeout: float | None) -> float | None:
+        """Wait for ``q`` reading the socket on this thread while the receiver thread is idle
+        (_stomp_wire.Reader.lead: one wake-up per delivery, not two); what is left of
+        ``timeout`` for a wait on ``q`` once that ends (it has something, or no time left), or
+        cannot go on (the receiver reads, the connection ends)."""
+        now = time.monotonic()
+        deadline = now + (timeout if timeout is not None else 1e9)
+        reader = self.reader
+        while q.empty() and now < deadline and reader.lead(q, min(deadline, now + _LEAD_SLICE)):
+            now = time.monotonic()
+        return None if timeout is None else max(0.0, deadline - time.monotonic())
 
     # -- subscriptions sharing the link ---------------------------------------------------
     def subscribe(self, frames: list[dict[str, str]], box: Inbox) -> None:

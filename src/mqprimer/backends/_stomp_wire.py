@@ -7,18 +7,33 @@ twice (``before_message``, ``message``), each call sorting the listener table un
 :class:`Reader` hands a subscription each read's MESSAGEs as one list
 through an :class:`Inbox`: one queue hand-off (and at most one wake-up of the consumer)
 per read instead of one per frame.
+
+A thread waiting for its inbox reads the socket itself while the receiver thread is idle
+(:meth:`Reader.lead`, docs/backend-stomp.md "Reads by the waiting thread"): a delivery then
+wakes one thread, not the receiver and then the consumer.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import re
+import select
+import socket
 import ssl
+import threading
+import time
 from collections import deque
 from typing import Any
 
 from stomp.exception import ConnectionClosedException, InterruptedException
 from stomp.utils import parse_frame
+
+#: waiting threads read the socket themselves while the receiver thread is idle (False: the
+#: receiver thread reads every byte and hands each inbox's frames over, as before)
+LEAD = True
+_RECV = 65536  # bytes asked for per read (stomp.py asks for 16 KiB: a full prefetch took several)
+_IDLE = 1.0  # the receiver's longest wait: it sees a transport stopped without a socket event
 
 _ESCAPED = re.compile(r"\\.")
 _UNESCAPE = {"\\r": "\r", "\\n": "\n", "\\c": ":", "\\\\": "\\"}
@@ -157,7 +172,16 @@ class Reader:
     """Takes the place of stomp.py's ``__read_frames`` (called by its I/O thread for every
     read): reads what the socket has, puts each inbox's MESSAGEs of that read in it as one list
     (``routes``: SUBSCRIBE id -> inbox, ``default`` for any other id) and hands every other
-    frame to stomp.py, in order (a RECEIPT after MESSAGEs finds them in their inboxes)."""
+    frame to stomp.py, in order (a RECEIPT after MESSAGEs finds them in their inboxes).
+
+    On a plain TCP socket the receiver thread waits for bytes in an epoll set of its own and
+    holds :attr:`lock` at all other times; a thread waiting for its inbox (:meth:`lead`) takes
+    the lock only without waiting, so only while the receiver sits in that wait, masks the
+    socket out of the set (the receiver is not woken for the bytes it reads) and reads until
+    its inbox has something, its wait ends, or the connection ends. Whoever reads runs
+    :meth:`take`, so every frame is handled as before, on whichever thread. Unmasking lets
+    epoll check the socket again: bytes that came meanwhile wake the receiver at once.
+    """
 
     def __init__(self, conn: Any, routes: dict[str, Inbox], default: Inbox) -> None:
         self.conn = conn
@@ -167,14 +191,32 @@ class Reader:
         self.unread: list[bytes] = []  # bytes of frames not complete yet
         self.unread_len = 0
         self.need = 0  # bytes the next frame needs at least (its content-length); 0: unknown
+        self.lock = threading.Lock()
+        self.lock.acquire()  # the receiver's until it first waits (the end of its loop keeps it)
+        self._ep: Any = None  # the receiver's epoll set: the socket and _wake
+        self._poll: Any = None  # the leader's poll of the socket
+        self._fd = -1
+        self._wake = -1  # eventfd: a leader that saw the connection end wakes the receiver
+        self.leads = 0  # reads by waiting threads that brought bytes (the tests count them)
+        self.leading = False  # a waiting thread reads now
 
     def install(self) -> None:
         t = self.transport
         if hasattr(t, "_BaseTransport__read_frames"):  # else stomp.py reads (Link.on_message routes)
             t._BaseTransport__read_frames = self.read
 
+    def close(self) -> None:
+        """The receiver's loop has ended (it keeps the lock: nobody leads any more)."""
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            ep.close()
+            os.close(self._wake)
+
     def read(self) -> None:
         t = self.transport
+        if t.blocking and LEAD and hasattr(select, "epoll") and hasattr(os, "eventfd"):
+            self._read_waiting(t)
+            return
         while t.running:
             try:
                 data = t.receive()
@@ -192,6 +234,99 @@ class Reader:
             if t.blocking:
                 return
             # TLS: the socket may hold decrypted bytes that select() does not show
+
+    def _read_waiting(self, t: Any) -> None:
+        """One turn of the receiver (lock held): wait without the lock, then read if nobody did."""
+        sock = t.socket
+        if sock is None:
+            raise ConnectionClosedException()
+        ep = self._ep
+        if ep is None:
+            self._fd = sock.fileno()
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            ep = self._ep = select.epoll(2)
+            ep.register(self._fd, select.EPOLLIN)
+            ep.register(self._wake, select.EPOLLIN)
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLIN)
+        self.lock.release()
+        try:
+            events = ep.poll(_IDLE)
+        finally:
+            self.lock.acquire()
+        if not events or not t.running:
+            return
+        for fd, _ in events:
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)
+                except OSError:
+                    pass
+        try:
+            data = sock.recv(_RECV, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # a leader read them meanwhile, or only the wake-up came
+        except OSError:
+            data = b""
+        if not data:
+            raise ConnectionClosedException()
+        self.take(data)
+
+    def lead(self, q: Any, deadline: float) -> bool:
+        """Read the socket on this thread until ``q`` has something or ``deadline`` (monotonic)
+        passes: ``True``. ``False`` if it could not or must stop (the receiver is reading or
+        gone, the connection ended): then the caller waits on ``q`` for the receiver."""
+        if self._ep is None or not self.lock.acquire(False):
+            return False
+        ep, fd = self._ep, self._fd
+        ended = False
+        try:
+            t = self.transport
+            sock = t.socket
+            if ep is None or not LEAD or not t.running or sock is None or sock.fileno() != fd:
+                return False
+            try:
+                ep.modify(fd, 0)  # masked: the receiver's wait does not end for these bytes
+            except OSError:
+                return False
+            self.leading = True
+            try:
+                poll = self._poll.poll
+                while q.empty():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return True
+                    if not poll(int(left * 1000) + 1):
+                        continue
+                    try:
+                        data = sock.recv(_RECV, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        ended = True  # the receiver sees the end and tells everyone
+                        return False
+                    self.leads += 1
+                    self.take(data)
+                return True
+            except Exception:
+                ended = True  # as the receiver's loop would: a connection that failed mid-read is lost
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return False
+            finally:
+                self.leading = False
+                try:
+                    ep.modify(fd, select.EPOLLIN)
+                except OSError:
+                    ended = True  # the socket is closed: its registration went with it
+                if ended:
+                    os.eventfd_write(self._wake, 1)
+        finally:
+            self.lock.release()
 
     def take(self, data: bytes) -> None:
         self.unread.append(data)
