@@ -82,15 +82,23 @@ def request(conn: Caller, destination: str, body: Any, timeout: float, headers: 
             type: str | None) -> Message:
     """:meth:`mqprimer.Connection.request`: its arguments checked, then the connection's
     :class:`Replies` (made by the first call) sends the request and waits."""
-    dest = checked(conn, destination, timeout, headers, type)
     replies = conn._replies
-    if replies is None:
-        with conn._replies_lock:
-            conn._check()
-            if conn._replies is None:
-                conn._replies = Replies(conn)
-            replies = conn._replies
+    dest = None if replies is None else replies.known(destination, timeout, headers, type)
+    if dest is None or replies is None:
+        dest = checked(conn, destination, timeout, headers, type)
+        if replies is None:
+            replies = _made(conn)
+        replies.learn(destination, dest)
     return replies.request(dest, body, float(timeout), headers, type)
+
+
+def _made(conn: Caller) -> "Replies":
+    """The connection's Replies, made by the first request."""
+    with conn._replies_lock:
+        conn._check()
+        if conn._replies is None:
+            conn._replies = Replies(conn)
+        return conn._replies
 
 
 def checked(conn: Owner, destination: str, timeout: float, headers: dict[str, str] | None,
@@ -170,6 +178,21 @@ class Replies:
         self.generation = 0
         #: replies dropped: a second reply to one request, one after its caller gave up, not an envelope
         self.dropped = {"duplicate": 0, "late": 0, "invalid": 0}
+        self.queues: dict[str, Queue] = {}  # destinations whose requests passed checked()
+        self.ttl = conn.capabilities.ttl  # how requests expire (a connection's capabilities stay)
+
+    def known(self, destination: str, timeout: float, headers: dict[str, str] | None,
+              type: str | None) -> Queue | None:
+        """The queue of a plain request to a destination that passed :func:`checked` before
+        (such a request needs no other check); ``None``: check it."""
+        if (headers is None and type is None and (timeout.__class__ is float or timeout.__class__ is int)
+                and 0 < timeout < 1e9):
+            return self.queues.get(destination)
+        return None
+
+    def learn(self, destination: str, dest: Queue) -> None:
+        if len(self.queues) < 1000:
+            self.queues[destination] = dest
 
     # -- the path ---------------------------------------------------------------------
     def _path(self) -> ReplyPath:
@@ -213,12 +236,12 @@ class Replies:
             payload, ttl = self.payload(path, mid, now, body, timeout, headers, type)
             if path.concurrent_requests:
                 try:
-                    path.request(dest, payload, message_id=mid, ttl=ttl if conn.capabilities.ttl is NATIVE else None)
+                    path.request(dest, payload, message_id=mid, ttl=ttl if self.ttl is NATIVE else None)
                 except Exception as exc:
                     with self.lock:
                         raise self._lost(exc, "request") from None
             elif path.publishes_requests:
-                self.outbox.append((dest, payload, mid, ttl if conn.capabilities.ttl is NATIVE else None))
+                self.outbox.append((dest, payload, mid, ttl if self.ttl is NATIVE else None))
                 if self.lock.acquire(blocking=False):
                     try:
                         self._send_outbox()
@@ -244,7 +267,7 @@ class Replies:
                 headers: dict[str, str] | None, type: str | None) -> tuple[bytes, float | None]:
         """The request's envelope, encoded, and its ttl (``None``: the backend has none)."""
         conn = self.conn
-        ttl = timeout if conn.capabilities.ttl else None
+        ttl = timeout if self.ttl else None
         env = make(
             id=mid, source=conn.source, type=type or DEFAULT_TYPE, body=body, time=now, headers=headers,
             expires=int(time.time() * 1000 + timeout * 1000) if ttl else None, reply_to=path.address,

@@ -86,9 +86,7 @@ class LoopRequests:
         self.idle: asyncio.TimerHandle | None = None  # lets go of the path a slice after the last request
         self.waiting: dict[_Slot, Waiter] = {}
         self.sends: dict[str, _Send] = {}
-        self.queues: dict[str, Queue] = {}  # destinations whose request arguments were checked
         self.closed = False
-        self.native_ttl = conn.capabilities.ttl is NATIVE
         # the earliest deadline of the requests waiting (maybe passed already: one of them
         # left): the reader wakes them when it passes, so a request needs no timer of its own
         self.earliest = float("inf")
@@ -105,12 +103,10 @@ class LoopRequests:
         path = replies.path
         if path is None or path.publishes_requests or (self.reading is not path and watchable(path) is None):
             return None
-        dest = self.queues.get(destination)
-        if (dest is None or headers is not None or type is not None
-                or (timeout.__class__ is not float and timeout.__class__ is not int) or not 0 < timeout < 1e9):
+        dest = replies.known(destination, timeout, headers, type)
+        if dest is None:
             dest = checked(conn, destination, timeout, headers, type)
-            if len(self.queues) < 1000:
-                self.queues[destination] = dest
+            replies.learn(destination, dest)
         if conn._closed:
             conn._check()
         loop = asyncio.get_running_loop()
@@ -129,7 +125,7 @@ class LoopRequests:
             self.leave(w)
             raise
         # a ttl the broker keeps goes with publish; an emulated one is the envelope's expiry
-        if (ttl is not None and self.native_ttl) or not self._send(dest, payload):
+        if (ttl is not None and replies.ttl is NATIVE) or not self._send(dest, payload):
             w.publish = (conn.publish_one, dest, payload, mid, None, None, ttl)
         return w
 
