@@ -87,3 +87,45 @@ def test_a_poll_overtaken_by_a_close_hands_out_nothing_and_loses_nothing() -> No
             assert later.headers == {"k": "v"}
             assert again.receive(timeout=0.2) is None
         c.close()
+
+
+@pytest.mark.parametrize("scheme", ["zmq", "memory"])
+def test_a_fast_path_message_pending_at_close_is_returned_as_a_listed_one_is(scheme: str) -> None:
+    # the receive fast path's messages are not listed in the consumer's _pending (close marks
+    # the listed ones RETURNED): each finds that out itself, whatever it is asked first
+    import mqprimer
+    from mqprimer.errors import StateError
+
+    url = f"zmq+tcp://127.0.0.1:{_port()}" if scheme == "zmq" else "memory://returned"
+    with mqprimer.connect(url) as conn:
+        p = conn.producer()
+        ids = [p.send("jobs", {"n": i}) for i in range(6)]
+        c = conn.consumer("jobs")
+        got = [c.receive(timeout=5) for _ in ids]
+        assert [m.id if m else None for m in got] == ids
+        acked, *pending = [m for m in got if m is not None]
+        # (the first may come the slow way, from the socket read that waits)
+        assert not any(m in c._pending for m in pending), "not the fast path's (unlisted) messages: this proves nothing"
+        acked.ack()
+        assert not pending[0].settled
+        c.close()
+        returned = r"already settled \(returned to the broker\)"
+        # each one's first question after the close
+        with pytest.raises(StateError, match=returned):
+            pending[0].ack()
+        with pytest.raises(StateError, match=returned):
+            pending[1].retry()
+        with pytest.raises(StateError, match=returned):
+            pending[2].dead_letter("x")
+        with pytest.raises(StateError, match=returned):
+            pending[3].touch()
+        assert pending[4].settled and "returned to the broker" in repr(pending[4])
+        assert acked.settled and "acked" in repr(acked)
+        with pytest.raises(StateError, match=r"already settled \(acked\)"):
+            acked.ack()
+        with conn.consumer("jobs") as again:
+            later = [again.receive(timeout=5) for _ in pending]
+            assert [m.id if m else None for m in later] == ids[1:], "a returned message did not come again"
+            for m in later:
+                m.ack()  # type: ignore[union-attr]
+            assert again.receive(timeout=0.2) is None, "an acked message came again"

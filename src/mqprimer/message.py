@@ -137,7 +137,12 @@ class Message:
 
     @property
     def settled(self) -> bool:
-        return self._state is not _State.PENDING
+        return self._current() is not _PENDING
+
+    def _current(self) -> _State:
+        """The state, as every reader but the per-message ack path takes it (a subclass may
+        find it changed since it was stored: the consumer's receive fast path's does)."""
+        return self._state
 
     # -- outcomes -----------------------------------------------------------------
     def ack(self) -> None:
@@ -187,8 +192,9 @@ class Message:
         connection it arrived on was lost, and :class:`BrokerError` if the lease had
         already run out (the message may be with another consumer now).
         """
-        if self._state is not _State.PENDING:
-            raise StateError(f"message {self.id} is already settled ({self._state.value})")
+        state = self._current()
+        if state is not _PENDING:
+            raise StateError(f"message {self.id} is already settled ({state.value})")
         self._consumer._touch(self)
 
     def fail(self, error: BaseException | str) -> None:
@@ -201,12 +207,13 @@ class Message:
             self.dead_letter(f"gave up after {self.attempt} attempt(s): {reason}")
 
     def _begin(self, new: _State) -> None:
-        if self._state is not _State.PENDING:
-            raise StateError(f"message {self.id} is already settled ({self._state.value})")
+        state = self._current()
+        if state is not _PENDING:
+            raise StateError(f"message {self.id} is already settled ({state.value})")
         self._state = new
 
     def _mark(self, state: _State) -> None:
         self._state = state
 
     def __repr__(self) -> str:
-        return f"<Message id={self.id} type={self.type} attempt={self.attempt} {self._state.value}>"
+        return f"<Message id={self.id} type={self.type} attempt={self.attempt} {self._current().value}>"
