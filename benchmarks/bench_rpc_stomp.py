@@ -1,6 +1,6 @@
 """STOMP request/reply diagnostics beside bench_rpc.py (issue 13): where a round trip's wake-ups go.
 
-Run: .venv/bin/python benchmarks/bench_rpc_stomp.py {stomp-rabbitmq,stomp-activemq} {raw,mq,handoff,persistent}
+Run: .venv/bin/python benchmarks/bench_rpc_stomp.py {stomp-rabbitmq,stomp-activemq} {raw,mq,handoff,persistent,ab}
          [--n 1000] [--many]
 (broker URL from .run/brokers/urls)
 
@@ -12,6 +12,9 @@ frame read by the link's receiver thread and handed over, as before _stomp_wire.
 persistent = mqprimer with requests sent ``persistent:true``, as before _stomp_reply.TRANSIENT.
 ``--many``: 16 in flight (raw: 16 outstanding
 SENDs on one connection; mqprimer: 16 caller threads), else sequential.
+
+ab = wall clock: bench_rpc's mqprimer rows with the reads on and off, ``--rounds`` each,
+alternating (on a shared machine only many rounds say anything).
 
 Prints round trips/s, voluntary context switches (``getrusage``: one per thread that blocks
 and is woken) and µs of CPU (every thread of the process) per round trip, the broker's CPU µs
@@ -28,6 +31,7 @@ import argparse
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -155,16 +159,40 @@ def mq(url: str, n: int, many: bool) -> Counts:
         th.join(10)
 
 
+def ab(url: str, n: int, rounds: int) -> None:
+    """bench_rpc's mqprimer rows (sequential, 16 in flight) with the waiting threads' reads on
+    and off, alternating which goes first each round; prints each round and the medians."""
+    got: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    for r in range(rounds):
+        for lead in (True, False) if r % 2 == 0 else (False, True):
+            _stomp_wire.LEAD = lead
+            try:
+                seq, many = bench_rpc.bench_mqprimer(url, n)[:2]
+            finally:
+                _stomp_wire.LEAD = True
+            got[lead].append((seq.rate, seq.p50_us or 0.0, many.rate))
+            print(f"round {r + 1}, reads {'on ' if lead else 'off'}: sequential {seq.rate:.0f}/s "
+                  f"(p50 {seq.p50_us or 0:.0f} µs), 16 in flight {many.rate:.0f}/s", flush=True)
+    for lead, rows in got.items():
+        print(f"reads {'on ' if lead else 'off'}: medians sequential {statistics.median(x[0] for x in rows):.0f}/s "
+              f"(p50 {statistics.median(x[1] for x in rows):.0f} µs), "
+              f"16 in flight {statistics.median(x[2] for x in rows):.0f}/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("broker", choices=["stomp-rabbitmq", "stomp-activemq"])
-    ap.add_argument("mode", choices=["raw", "mq", "handoff", "persistent"])
+    ap.add_argument("mode", choices=["raw", "mq", "handoff", "persistent", "ab"])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--many", action="store_true", help="16 in flight instead of one")
+    ap.add_argument("--rounds", type=int, default=6, help="ab: rounds of each")
     args = ap.parse_args()
     url = broker_urls().get(args.broker)
     if url is None:
         raise SystemExit(f"no {args.broker} URL: run scripts/brokers up first")
+    if args.mode == "ab":
+        ab(url, args.n, args.rounds)
+        return
     if args.mode == "handoff":
         _stomp_wire.LEAD = False
     if args.mode == "persistent":

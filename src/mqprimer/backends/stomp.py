@@ -13,6 +13,7 @@ headers below. What mqprimer does about each difference:
   copies that do not match the exact pattern (they are this subscription's own copies).
 - every SEND carries ``persistent:true`` and a ``receipt``: ``publish`` returns when the
   broker has the message; ``publish_many`` sends the whole batch, then waits for all.
+  Requests and replies go without both: transient, as they live only as long as their caller.
 - retry and dead letters are emulated on both (publish a copy, then ACK): NACK requeues for
   ever on RabbitMQ and goes to ``ActiveMQ.DLQ`` on ActiveMQ.
 - delay: ActiveMQ's scheduler (``AMQ_SCHEDULED_DELAY``); on RabbitMQ a per-delay TTL queue
