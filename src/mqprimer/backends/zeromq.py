@@ -126,23 +126,24 @@ class _Hub:
         pollset = self.pollset
         if not _zmq_poll(pollset, (int(wait * 1000) or 1) if wait > 0 else 0):
             return
-        recv = sock.recv
+        # read once per batch, not per message: with the lock held nothing changes them
+        recv, subs, queues, noblock = sock.recv, self.subs, self.queues, zmq.NOBLOCK
         for i in range(_BATCH):
             if i == 1 and not _zmq_poll(pollset, 0):
                 return  # one message came: no zmq.Again to end the batch (a burst pays one)
             try:
-                raw = recv(zmq.NOBLOCK)
+                raw = recv(noblock)
             except zmq.Again:
                 return
             name, _, payload = raw.partition(b"\0")
-            if self.subs:
-                for sub in self.subs:
+            if subs:
+                for sub in subs:
                     if sub.wants(name):
                         sub.buf.append(payload)
                 continue
-            q = self.queues.get(name)
+            q = queues.get(name)
             if q is None:
-                q = self.queues[name] = deque(maxlen=sock.rcvhwm)  # a queue no local consumer took yet
+                q = queues[name] = deque(maxlen=sock.rcvhwm)  # a queue no local consumer took yet
             q.append(payload)
 
     def wait_for_subscriber(self, join: float) -> None:
