@@ -441,11 +441,13 @@ class _Delivery(Delivery):
     """A plain-mode delivery, made with object's own init and one store: the dataclass
     ``__init__`` (a Python call through ``type.__call__``, six stores) cost a fifth of this
     driver's receive. The fields it never varies are class attributes (read-only on an
-    instance; nothing writes them). Hashed by identity: it is its own tag."""
+    instance; nothing writes them), except ``extra_attempts``, which the consumer reads on
+    every receive: a class attribute over the slot cannot be read by a specialised
+    instruction (Python 3.11), and that generic read cost more than storing the slot.
+    Hashed by identity: it is its own tag."""
 
     __slots__ = ()
     tag = None
-    extra_attempts = 0
     broker_redelivered = False
     reply_to = None
     correlation_id = None
@@ -496,6 +498,7 @@ class _QueueSub(Subscription):
             return None
         d: Delivery = _Delivery()
         d.payload = payload
+        d.extra_attempts = 0
         self.unsettled[d] = None
         if self.closed:
             # a close began meanwhile (lockfree_receive: the consumer polls without its lock):
