@@ -361,8 +361,6 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
             if timeout == 0:
                 frame = q.get_nowait()  # a poll never writes nor reads the socket
             else:
-                if self.acks.pending and q.empty():
-                    self.flush_acks()  # about to wait: let the broker have every ACK first
                 frame = q.get(timeout=self._lead(q, timeout))
         except queue.Empty:
             return None
@@ -389,8 +387,14 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         now = time.monotonic()
         deadline = now + (timeout if timeout is not None else 1e9)
         reader = self.reader
-        while q.empty() and now < deadline and reader.lead(q, min(deadline, now + _LEAD_SLICE)):
+        # about to wait: the broker gets every ACK first (written once the socket is this
+        # thread's, so that an ACK that frees a prefetch slot finds it reading)
+        flush = self.flush_acks if self.acks.pending and q.empty() else None
+        while q.empty() and now < deadline and reader.lead(q, min(deadline, now + _LEAD_SLICE), flush):
+            flush = None
             now = time.monotonic()
+        if self.acks.pending and q.empty():
+            self.flush_acks()  # it could not read: the ACKs go out before the wait all the same
         return None if timeout is None else max(0.0, deadline - time.monotonic())
 
     # -- subscriptions sharing the link ---------------------------------------------------

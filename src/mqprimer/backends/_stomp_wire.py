@@ -15,7 +15,6 @@ wakes one thread, not the receiver and then the consumer.
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import select
@@ -24,6 +23,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from stomp.exception import ConnectionClosedException, InterruptedException
@@ -193,10 +193,9 @@ class Reader:
         self.need = 0  # bytes the next frame needs at least (its content-length); 0: unknown
         self.lock = threading.Lock()
         self.lock.acquire()  # the receiver's until it first waits (the end of its loop keeps it)
-        self._ep: Any = None  # the receiver's epoll set: the socket and _wake
+        self._ep: Any = None  # the receiver's epoll set: the socket alone
         self._poll: Any = None  # the leader's poll of the socket
         self._fd = -1
-        self._wake = -1  # eventfd: a leader that saw the connection end wakes the receiver
         self.leads = 0  # reads by waiting threads that brought bytes (the tests count them)
         self.leading = False  # a waiting thread reads now
 
@@ -210,11 +209,10 @@ class Reader:
         ep, self._ep = self._ep, None
         if ep is not None:
             ep.close()
-            os.close(self._wake)
 
     def read(self) -> None:
         t = self.transport
-        if t.blocking and LEAD and hasattr(select, "epoll") and hasattr(os, "eventfd"):
+        if t.blocking and LEAD and hasattr(select, "epoll"):
             self._read_waiting(t)
             return
         while t.running:
@@ -243,10 +241,8 @@ class Reader:
         ep = self._ep
         if ep is None:
             self._fd = sock.fileno()
-            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            ep = self._ep = select.epoll(2)
+            ep = self._ep = select.epoll(1)
             ep.register(self._fd, select.EPOLLIN)
-            ep.register(self._wake, select.EPOLLIN)
             self._poll = select.poll()
             self._poll.register(self._fd, select.POLLIN)
         self.lock.release()
@@ -256,12 +252,6 @@ class Reader:
             self.lock.acquire()
         if not events or not t.running:
             return
-        for fd, _ in events:
-            if fd == self._wake:
-                try:
-                    os.eventfd_read(self._wake)
-                except OSError:
-                    pass
         try:
             data = sock.recv(_RECV, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -272,14 +262,16 @@ class Reader:
             raise ConnectionClosedException()
         self.take(data)
 
-    def lead(self, q: Any, deadline: float) -> bool:
+    def lead(self, q: Any, deadline: float, first: Callable[[], Any] | None = None) -> bool:
         """Read the socket on this thread until ``q`` has something or ``deadline`` (monotonic)
         passes: ``True``. ``False`` if it could not or must stop (the receiver is reading or
-        gone, the connection ended): then the caller waits on ``q`` for the receiver."""
+        gone, the connection ended): then the caller waits on ``q`` for the receiver.
+        ``first`` (the waiting ACKs' write) runs once the socket is masked, so that what it
+        makes the broker send next finds this thread reading, not the receiver's wait; what
+        it raises, ``lead`` raises (after giving the socket back)."""
         if self._ep is None or not self.lock.acquire(False):
             return False
         ep, fd = self._ep, self._fd
-        ended = False
         try:
             t = self.transport
             sock = t.socket
@@ -290,6 +282,16 @@ class Reader:
             except OSError:
                 return False
             self.leading = True
+            if first is not None:
+                try:
+                    first()
+                except BaseException:
+                    self.leading = False
+                    try:
+                        ep.modify(fd, select.EPOLLIN)
+                    except OSError:
+                        pass  # closed meanwhile: see below
+                    raise
             try:
                 poll = self._poll.poll
                 while q.empty():
@@ -305,13 +307,12 @@ class Reader:
                     except OSError:
                         data = b""
                     if not data:
-                        ended = True  # the receiver sees the end and tells everyone
-                        return False
+                        return False  # the receiver sees the end once unmasked, and tells everyone
                     self.leads += 1
                     self.take(data)
                 return True
             except Exception:
-                ended = True  # as the receiver's loop would: a connection that failed mid-read is lost
+                # as the receiver's loop would: a connection that failed mid-read is lost
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -320,11 +321,11 @@ class Reader:
             finally:
                 self.leading = False
                 try:
-                    ep.modify(fd, select.EPOLLIN)
+                    ep.modify(fd, select.EPOLLIN)  # bytes or an end that came meanwhile wake the receiver
                 except OSError:
-                    ended = True  # the socket is closed: its registration went with it
-                if ended:
-                    os.eventfd_write(self._wake, 1)
+                    # closed meanwhile (stomp.py's disconnect_socket, which told every waiter
+                    # itself), its registration with it: the receiver ends at its next _IDLE
+                    pass
         finally:
             self.lock.release()
 
