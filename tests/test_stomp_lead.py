@@ -80,7 +80,9 @@ def test_a_consumer_writes_its_acks_once_it_reads_the_socket(name: str, monkeypa
     masked for it: the broker's answer to an ACK (the next message, when the prefetch was
     full; the next request, in a service) then finds that thread reading. Written before,
     the next request of a busy request/reply service often came while the socket was still
-    the receiver's (in a test run, 28 to 40 of 100 requests read by the service itself)."""
+    the receiver's (in a test run, 28 to 40 of 100 requests read by the service itself).
+    And they are written without waiting there: a blocking write while this thread holds the
+    socket (nobody else reads it) could wait for a broker that waits for this side to read."""
     monkeypatch.setattr(_stomp_acks, "ACK_LINGER", 2.0)  # the flusher does not write them first
     url = need_broker(name)
     q = f"rpcackl{uuid.uuid4().hex[:8]}"
@@ -90,16 +92,25 @@ def test_a_consumer_writes_its_acks_once_it_reads_the_socket(name: str, monkeypa
         assert m is not None
         link: Link = _sub(c).link
         seen: list[bool] = []
-        flush = Link.flush_acks
+        flush = _stomp_acks.AckWriter.write_nowait
 
-        def spy(self: Link) -> None:
-            seen.append(self.reader.leading)
+        def spy(self: _stomp_acks.AckWriter) -> None:
+            seen.append(link.reader.leading)
             flush(self)
 
-        monkeypatch.setattr(Link, "flush_acks", spy)
+        blocking: list[bool] = []
+        write = _stomp_acks.AckWriter.write
+
+        def spy_write(self: _stomp_acks.AckWriter, *args: Any, **kwargs: Any) -> bool:
+            blocking.append(link.reader.leading)
+            return write(self, *args, **kwargs)
+
+        monkeypatch.setattr(_stomp_acks.AckWriter, "write_nowait", spy)
+        monkeypatch.setattr(_stomp_acks.AckWriter, "write", spy_write)
         m.ack()
         assert link.acks.pending == 1
         assert c.receive(timeout=0.2) is None
+        assert True not in blocking, "a blocking write while this thread held the socket"
         assert seen == [True], f"ACKs written while the socket was read by this thread: {seen}"
         assert link.acks.pending == 0
 

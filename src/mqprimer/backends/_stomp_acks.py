@@ -80,7 +80,7 @@ class AckWriter:
             if n == 1 and self._idle:
                 self._cond.notify()  # the flusher's linger starts
         if n >= ACK_BATCH:
-            self._write_nowait()
+            self.write_nowait()
 
     def write(self, data: bytes, send: Callable[[bytes], None], timeout: float = -1) -> bool:
         """``send`` the waiting ACKs and then ``data`` in one call, under the write lock (blocking);
@@ -165,7 +165,11 @@ class AckWriter:
             raise NotNow("the socket is full")
         return None
 
-    def _write_nowait(self) -> None:
+    def write_nowait(self) -> None:
+        """Write the waiting ACKs without ever waiting: with ``MSG_DONTWAIT`` when both locks
+        are free at once, else (or for what the socket did not take) by the flusher thread.
+        A thread that reads the socket (``_stomp_wire.Reader.lead``) writes its ACKs this way:
+        blocked in a write while nobody reads, it could wait for a broker that waits for it."""
         if not self.lock.acquire(False):
             self._kick()  # another write is under way; the flusher writes these after it
             return

@@ -387,9 +387,10 @@ class Link(stomp.ConnectionListener):  # type: ignore[misc]
         now = time.monotonic()
         deadline = now + (timeout if timeout is not None else 1e9)
         reader = self.reader
-        # about to wait: the broker gets every ACK first (written once the socket is this
-        # thread's, so that an ACK that frees a prefetch slot finds it reading)
-        flush = self.flush_acks if self.acks.pending and q.empty() else None
+        # about to wait: the broker gets every ACK first, written once the socket is this
+        # thread's (an ACK that frees a prefetch slot then finds it reading), and never with a
+        # blocking write there (the flusher takes what cannot go at once: see write_nowait)
+        flush = self.acks.write_nowait if self.acks.pending and q.empty() else None
         while q.empty() and now < deadline and reader.lead(q, min(deadline, now + _LEAD_SLICE), flush):
             flush = None
             now = time.monotonic()
