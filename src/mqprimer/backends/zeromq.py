@@ -65,6 +65,7 @@ log = logging.getLogger("mqprimer")
 _SLICE = 0.05  # longest one reader holds a shared socket while waiting
 _BATCH = 512  # messages moved from a socket to the buffers per read
 _zmq_poll = zmq.zmq_poll
+_send = super(zmq.Socket, zmq.Socket).send  # the compiled send (as fast_publisher's): no Python frame
 _DEAD_KEEP = 10_000
 
 CAPABILITIES = Capabilities(
@@ -274,7 +275,8 @@ class ZmqBackend(Backend):
                 store.put(destination.name.encode(), payload)
                 return
             hub = self._hub(zmq.PUSH, self.s.producer_binds)
-            self.push_lock, self.push_send = (None if hub.private else hub.lock), hub.sock.send
+            # pyzmq's compiled send, past its Python wrapper (~0.5 us a message here)
+            self.push_lock, self.push_send = (None if hub.private else hub.lock), _send.__get__(hub.sock)
             head = destination.name.encode() + b"\0"
             if len(self.heads) < 10_000:
                 self.heads[destination.name] = head
@@ -403,7 +405,7 @@ class ZmqBackend(Backend):
             sock = self.replies[address] = link.socket(self.s, zmq.PUSH, address, False)
             if len(self.replies) > 64:
                 self.replies.pop(next(iter(self.replies))).close()
-        sock.send(payload)
+        _send(sock, payload)
 
     def _no_curve(self) -> None:
         if self.s.curve_secret or self.s.curve_server:
