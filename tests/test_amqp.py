@@ -418,16 +418,23 @@ def test_request_shares_the_connections_one_broker_connection_and_survives_a_cut
             service.join(10)
 
 
-def test_a_socket_reset_while_pika_sets_it_up_is_a_connection_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("how", ["reported", "raised"])
+def test_a_socket_reset_while_pika_sets_it_up_is_a_connection_failure(
+        how: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """pika's own socket checks during the connect workflow raise ValueError when the peer
     resets the socket at once ("Expected connected socket, but getpeername() failed"; seen in
-    a CI failover run): that is a failed connection attempt, retried as one, not a broker fault."""
+    CI failover runs): that is a failed connection attempt, retried as one, not a broker fault.
+    pika reports it to the workflow's on_done, or (io_services_utils re-raising what
+    create_streaming_connection met) raises it out of the ioloop's poll."""
     from pika.adapters.select_connection import SelectConnection
 
     from mqprimer.backends import _amqp_link
 
     def failing(params: object, on_done: object, custom_ioloop: object) -> None:
-        on_done(ValueError("Expected connected socket, but getpeername() failed"))  # type: ignore[operator]
+        error = ValueError("Expected connected socket, but getpeername() failed")
+        if how == "raised":
+            raise error
+        on_done(error)  # type: ignore[operator]
 
     monkeypatch.setattr(SelectConnection, "create_connection", staticmethod(failing))
     with pytest.raises(pika.exceptions.AMQPConnectionError, match="getpeername"):
