@@ -189,11 +189,11 @@ class Link:
             while not done:
                 ioloop.poll()
                 ioloop.process_timeouts()
-        except ValueError as exc:
+        except ValueError as raised:
             # raised out of poll() by pika's socket checks (the same as below, on another path:
             # io_services_utils re-raises what create_streaming_connection met)
             ioloop.close()
-            raise px.AMQPConnectionError(f"{type(exc).__name__}: {exc}") from None
+            raise px.AMQPConnectionError(f"{type(raised).__name__}: {raised}") from None
         except BaseException:
             ioloop.close()
             raise
