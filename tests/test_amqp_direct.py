@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import mqprimer
+import mqprimer._replies
 from conftest import need_broker
 from mqprimer.testing.helpers import wait_until
 from mqprimer.testing.proxy import Proxy
@@ -189,10 +190,15 @@ def test_a_thread_joins_a_pending_hand_off_instead_of_writing(service: tuple[str
 
 
 
-def test_requests_in_flight_and_a_busy_service_s_replies_go_through_the_io_thread() -> None:
+def test_requests_in_flight_and_a_busy_service_s_replies_go_through_the_io_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Direct writes are for the lone round trip. A request made while others are unanswered
     is handed to the I/O thread (16 callers' requests then leave in a few send()s, not one
     each), and so is a reply a service sends while more requests wait in its buffer."""
+    # a whole read slice without a reply writes the unanswered requests off (_amqp_reply's
+    # settled): under a loaded CI run request 1's first 50 ms slice ended before request 2
+    # was made, which then found nothing in flight and tried a direct write
+    monkeypatch.setattr(mqprimer._replies, "_SLICE", 10.0)
     url = need_broker("amqp")
     queue = f"direct{uuid.uuid4().hex[:8]}"
     got: list[Any] = []
