@@ -58,8 +58,27 @@ def _rabbitmq_delete(names: list[str]) -> None:
         conn.close()
 
 
+def _rabbitmq_state(names: list[str]) -> dict[str, str]:
+    """What RabbitMQ says of each queue: messages ready to deliver and consumers attached (a
+    loss with the messages still there and two consumers would be a subscription left behind)."""
+    u = URL.parse(need_broker("amqp"))
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        u.host, u.port, "/", pika.PlainCredentials(u.username or "", u.password or "")))
+    try:
+        ch = conn.channel()
+        out = {}
+        for name in names:
+            ok = ch.queue_declare(name, passive=True).method
+            out[name] = f"{ok.message_count} ready, {ok.consumer_count} consumers"
+        return out
+    finally:
+        conn.close()
+
+
 # how to delete queues behind mqprimer's back, per broker (the public API has no delete)
 DELETE: dict[str, Callable[[list[str]], None]] = {"rabbitmq": _rabbitmq_delete}
+# how to ask the broker about queues, for a failure's message
+STATE: dict[str, Callable[[list[str]], dict[str, str]]] = {"rabbitmq": _rabbitmq_state}
 
 
 def _counts() -> tuple[int, int]:
@@ -160,7 +179,14 @@ def test_broker_sigkill_under_50_consumers_every_one_resubscribes_nothing_confir
         want = [{held[i], held[i + 50], after[i]} for i in range(50)]
         seen = _drain(consumers, want, 60)
         lost = {q: sorted(w - s) for q, w, s in zip(names, want, seen, strict=True) if not w <= s}
-        assert not lost, f"confirmed messages lost or consumers not resubscribed on {len(lost)} queues: {lost}"
+        state = STATE.get(_broker(target))
+        where = ""
+        if lost and state is not None:
+            try:
+                where = f"; the broker says: {state(sorted(lost))}"
+            except Exception as exc:
+                where = f"; the broker could not be asked: {exc!r}"
+        assert not lost, f"confirmed messages lost or consumers not resubscribed on {len(lost)} queues: {lost}{where}"
 
 
 @pytest.mark.parametrize("target", _params())
