@@ -59,8 +59,8 @@ def _rabbitmq_delete(names: list[str]) -> None:
 
 
 def _rabbitmq_state(names: list[str]) -> dict[str, str]:
-    """What RabbitMQ says of each queue: messages ready to deliver and consumers attached (a
-    loss with the messages still there and two consumers would be a subscription left behind)."""
+    """What RabbitMQ says of each queue: messages ready to deliver and consumers attached (two
+    consumers on one queue: a subscription left behind, holding the lost messages unacked)."""
     u = URL.parse(need_broker("amqp"))
     conn = pika.BlockingConnection(pika.ConnectionParameters(
         u.host, u.port, "/", pika.PlainCredentials(u.username or "", u.password or "")))
