@@ -127,6 +127,13 @@ def mq_control(mq_target: tuple[str, str]) -> BrokerControl:
     return control
 
 
+def driver_sub(c: Any) -> Any:
+    """The driver's Subscription under a one-destination consumer (tests that watch a driver)."""
+    s = c._single  # type: ignore[attr-defined]
+    assert s is not None and s.sub is not None
+    return s.sub
+
+
 def need_broker(name: str) -> str:
     """The URL of a started broker; in CI a missing one is a failure, elsewhere a skip."""
     url = broker_urls().get(name)

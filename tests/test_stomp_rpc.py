@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import mqprimer
+from conftest import driver_sub as _sub
 from conftest import need_broker
 from mqprimer.backends import _stomp_acks
 from mqprimer.backends._stomp_link import Link
@@ -21,12 +22,6 @@ from mqprimer.testing.helpers import collect, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 FLAVOURS = ["stomp-rabbitmq", "stomp-activemq"]
-
-
-def _sub(c: mqprimer.Consumer) -> Any:
-    s = c._single  # type: ignore[attr-defined]
-    assert s is not None and s.sub is not None
-    return s.sub
 
 
 def _switches(native_id: int) -> int:
