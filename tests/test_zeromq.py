@@ -502,3 +502,44 @@ def test_messages_already_buffered_are_checked_like_the_first() -> None:
         assert c.receive(timeout=0.3) is None
         dead = conn.dead_letters("jobs").list()
         assert len(dead) == 2 and all("invalid envelope" in (d.reason or "") for d in dead), dead
+
+
+def test_a_live_consumer_loses_nothing_at_a_small_hwm(short_tmp: Path) -> None:
+    # PUSH/PULL blocks at the high-water mark, so a consumer that reads everything must get
+    # everything. This process's buffer took up to 512 frames per read into a deque bounded
+    # at hwm, which dropped the oldest silently (hwm=5: 1,748 of 3,000 arrived).
+    import threading
+
+    import mqprimer
+
+    url = f"zmq+ipc://{short_tmp}/hwm.sock?hwm=5"
+    n = 3000
+    with mqprimer.connect(url) as conn, conn.consumer("q") as c:
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def produce() -> None:
+            try:
+                with mqprimer.connect(url) as other:
+                    p = other.producer()
+                    for i in range(n):
+                        p.send("q", {"i": i})
+                    # open until all arrived: libzmq itself may drop the tail of an ipc PUSH that
+                    # closes while its peer is behind at a small HWM, linger or not (documented)
+                    done.wait(30)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        got: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(got) < n and time.monotonic() < deadline:
+            m = c.receive(timeout=0.5)
+            if m is not None:
+                got.append(m.body["i"])
+                m.ack()
+        done.set()
+        t.join(30)
+        assert not errors, errors
+        assert got == list(range(n)), f"{n - len(got)} of {n} lost"

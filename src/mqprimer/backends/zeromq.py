@@ -117,6 +117,7 @@ class _Hub:
         self.joined = False  # PUB: a subscriber was seen (or join timed out)
         self.private = False  # this backend's own socket, never shared
         self.pollset = [(sock, zmq.POLLIN)]
+        self.piling: set[bytes] = set()  # PULL: queues warned about (read)
 
     def read(self, wait: float) -> None:
         """Move what the socket has into the buffers, waiting up to ``wait`` s. With the lock held."""
@@ -128,7 +129,7 @@ class _Hub:
         if not _zmq_poll(pollset, (int(wait * 1000) or 1) if wait > 0 else 0):
             return
         # read once per batch, not per message: with the lock held nothing changes them
-        recv, subs, queues, noblock = sock.recv, self.subs, self.queues, zmq.NOBLOCK
+        recv, subs, queues, noblock, limit = sock.recv, self.subs, self.queues, zmq.NOBLOCK, sock.rcvhwm
         for i in range(_BATCH):
             if i == 1 and not _zmq_poll(pollset, 0):
                 return  # one message came: no zmq.Again to end the batch (a burst pays one)
@@ -144,8 +145,19 @@ class _Hub:
                 continue
             q = queues.get(name)
             if q is None:
-                q = queues[name] = deque(maxlen=sock.rcvhwm)  # a queue no local consumer took yet
+                q = queues[name] = deque()  # a queue no local consumer took yet
             q.append(payload)
+            if len(q) >= limit:
+                # what is left waits in the socket, where the HWM holds the producer back. The
+                # buffers have no maxlen: a full one dropped its oldest message silently. A queue
+                # whose consumer does not read, on a socket another queue's consumer reads, still
+                # grows here by a message per read (one socket has one HWM): said once
+                if len(q) >= 2 * limit and name not in self.piling:
+                    self.piling.add(name)
+                    log.warning("zeromq: %d messages of queue %r wait in this process and its consumer is not "
+                                "receiving them (another queue's consumer reads the shared socket)",
+                                len(q), name.decode(errors="replace")[:100])
+                return
 
     def wait_for_subscriber(self, join: float) -> None:
         """PUB's slow joiner: a fresh socket waits (once) up to ``join`` s for a first subscription."""
@@ -468,7 +480,7 @@ class _QueueSub(Subscription):
         self.dead_target = Queue(f"{destination.name}.dead")
         self.addr = addr
         with hub.lock:
-            self.buf = hub.queues.setdefault(destination.name.encode(), deque(maxlen=hub.sock.rcvhwm))
+            self.buf = hub.queues.setdefault(destination.name.encode(), deque())  # bounded by Hub.read
         self.unsettled: dict[Delivery, None] = {}  # in delivery order
         # ack is bookkeeping only: the dict's own C method, no Python frame per message; atomic
         # (KeyError once the delivery is gone), so Message.ack skips the consumer's lock
