@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +274,11 @@ def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(Runner, "_put", counting)
     return seen
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: an ipc address must fit in 107 bytes, and pytest's
+    tmp_path plus a reply path's suffix can pass that (seen: .../pytest-388/popen-gw0/...)."""
+    with tempfile.TemporaryDirectory(prefix="mqz-", dir="/tmp") as d:
+        yield Path(d)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,14 +270,6 @@ def echo(message: object) -> dict[str, object]:
     return {"echo": message.body, "pid": os.getpid()}  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A directory with a short path: an ipc address must fit in 107 bytes, and pytest's
-    tmp_path plus a reply path's suffix can pass that (seen: .../pytest-388/popen-gw0/...)."""
-    with tempfile.TemporaryDirectory(prefix="mqz-", dir="/tmp") as d:
-        yield Path(d)
-
-
 @pytest.mark.parametrize("scheme", ["tcp", "ipc"])
 def test_request_reply_between_processes(short_tmp: Path, scheme: str) -> None:
     """A worker process answers; a request with nobody serving times out and the reply path
@@ -532,14 +523,43 @@ def test_a_live_consumer_loses_nothing_at_a_small_hwm(short_tmp: Path) -> None:
 
         t = threading.Thread(target=produce)
         t.start()
+        backend = conn.endpoints[0].backend
+        assert backend is not None
+        buffered = next(h for h in backend.hubs.values() if b"q" in h.queues).queues[b"q"]
         got: list[int] = []
+        most = 0
         deadline = time.monotonic() + 30
         while len(got) < n and time.monotonic() < deadline:
             m = c.receive(timeout=0.5)
             if m is not None:
                 got.append(m.body["i"])
                 m.ack()
+                most = max(most, len(buffered))
         done.set()
         t.join(30)
         assert not errors, errors
         assert got == list(range(n)), f"{n - len(got)} of {n} lost"
+        assert most < 5, f"{most} messages were buffered in this process at hwm=5"
+
+
+def test_a_queue_nobody_reads_on_a_shared_socket_is_warned_about_once(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # one socket has one HWM: queue a's consumer reads b's messages into this process to get at
+    # its own, and b's consumer never reads them, so they pile up here; a warning says so
+    import logging
+
+    import mqprimer
+
+    url = f"zmq+ipc://{short_tmp}/shared.sock?hwm=5"
+    with mqprimer.connect(url) as conn, conn.consumer("a") as a, conn.consumer("b"):
+        p = conn.producer()
+        for i in range(300):
+            p.send("b", {"i": i})
+        p.send("a", {"i": 0})
+        with caplog.at_level(logging.WARNING, logger="mqprimer"):
+            m = a.receive(timeout=10)
+            assert m is not None and m.body == {"i": 0}
+            p.send("a", {"i": 1})
+            assert a.receive(timeout=10) is not None
+        warned = [r.getMessage() for r in caplog.records if "wait in this process" in r.getMessage()]
+        assert len(warned) == 1 and "'b'" in warned[0], warned

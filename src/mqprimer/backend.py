@@ -456,6 +456,16 @@ class Backend(ABC):
         """
         return None
 
+    def batch_publisher(self, destination: Destination) -> Callable[[list[bytes]], object] | None:
+        """Optional: ``send(payloads)``, which does what ``publish(destination, payload,
+        message_id=...)`` without options does for each payload, in order, in fewer library
+        calls than one per message; ``None`` (the default): no such path. The payloads are this
+        library's JSON envelopes (a NUL byte never occurs in one). The portable layer asks only
+        where it would use :meth:`fast_publisher`, calls ``send`` under the endpoint's lock,
+        and maps its errors as :meth:`fast_publisher`'s; a failure part-way leaves the payloads
+        before it sent (as :meth:`publish_many`'s)."""
+        return None
+
     def fast_error(self, exc: Exception) -> Exception:
         """What an error raised by a :meth:`fast_publisher` send means: ``exc`` itself (the
         default), or the error ``publish`` raises for the same failure. Lets a driver hand out

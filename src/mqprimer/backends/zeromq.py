@@ -64,6 +64,7 @@ from . import _zmq_link as link
 log = logging.getLogger("mqprimer")
 _SLICE = 0.05  # longest one reader holds a shared socket while waiting
 _BATCH = 512  # messages moved from a socket to the buffers per read
+_PACK, _PACK_BYTES = 128, 128 * 1024  # at most per batch frame (batch_publisher)
 _zmq_poll = zmq.zmq_poll
 _send = super(zmq.Socket, zmq.Socket).send  # the compiled send (as fast_publisher's): no Python frame
 _DEAD_KEEP = 10_000
@@ -118,6 +119,7 @@ class _Hub:
         self.private = False  # this backend's own socket, never shared
         self.pollset = [(sock, zmq.POLLIN)]
         self.piling: set[bytes] = set()  # PULL: queues warned about (read)
+        self.limit: int = sock.rcvhwm  # read once: a getsockopt per read is a Python call chain
 
     def read(self, wait: float) -> None:
         """Move what the socket has into the buffers, waiting up to ``wait`` s. With the lock held."""
@@ -129,8 +131,13 @@ class _Hub:
         if not _zmq_poll(pollset, (int(wait * 1000) or 1) if wait > 0 else 0):
             return
         # read once per batch, not per message: with the lock held nothing changes them
-        recv, subs, queues, noblock, limit = sock.recv, self.subs, self.queues, zmq.NOBLOCK, sock.rcvhwm
-        for i in range(_BATCH):
+        recv, subs, queues, noblock, limit = sock.recv, self.subs, self.queues, zmq.NOBLOCK, self.limit
+        if len(queues) > 1:
+            self._piling(limit)
+        # at most hwm frames per read: read() runs when the caller's buffer is empty, so a
+        # buffer stays within hwm and the rest waits in the socket, where the HWM holds the
+        # producer back (the buffers have no maxlen: a full one dropped its oldest silently)
+        for i in range(_BATCH if limit > _BATCH else limit):
             if i == 1 and not _zmq_poll(pollset, 0):
                 return  # one message came: no zmq.Again to end the batch (a burst pays one)
             try:
@@ -145,19 +152,26 @@ class _Hub:
                 continue
             q = queues.get(name)
             if q is None:
+                if name[:1] == b"\x01":  # a batch frame (batch_publisher): no queue name starts so
+                    q = queues.get(name[1:])
+                    if q is None:
+                        q = queues[name[1:]] = deque()
+                    q.extend(payload.split(b"\0"))
+                    if len(q) >= limit:
+                        return
+                    continue
                 q = queues[name] = deque()  # a queue no local consumer took yet
             q.append(payload)
-            if len(q) >= limit:
-                # what is left waits in the socket, where the HWM holds the producer back. The
-                # buffers have no maxlen: a full one dropped its oldest message silently. A queue
-                # whose consumer does not read, on a socket another queue's consumer reads, still
-                # grows here by a message per read (one socket has one HWM): said once
-                if len(q) >= 2 * limit and name not in self.piling:
-                    self.piling.add(name)
-                    log.warning("zeromq: %d messages of queue %r wait in this process and its consumer is not "
-                                "receiving them (another queue's consumer reads the shared socket)",
-                                len(q), name.decode(errors="replace")[:100])
-                return
+
+    def _piling(self, limit: int) -> None:
+        """A queue whose consumer does not read, on a socket another queue's consumer reads,
+        grows in this process (one socket has one HWM): said once per queue."""
+        for name, q in self.queues.items():
+            if len(q) >= 2 * limit + _PACK and name not in self.piling:
+                self.piling.add(name)
+                log.warning("zeromq: %d messages of queue %r wait in this process and its consumer is not "
+                            "receiving them (another queue's consumer reads the shared socket)",
+                            len(q), name.decode(errors="replace")[:100])
 
     def wait_for_subscriber(self, join: float) -> None:
         """PUB's slow joiner: a fresh socket waits (once) up to ``join`` s for a first subscription."""
@@ -326,6 +340,47 @@ class ZmqBackend(Backend):
                 return send(frame)
 
         return head, fast
+
+    def batch_publisher(self, destination: Destination) -> Callable[[list[bytes]], object] | None:
+        # batch frames (Hub.read splits them): "\x01 name NUL env NUL env ...", up to _PACK
+        # envelopes or _PACK_BYTES each, so one send and one receive carry many messages, and
+        # PUSH still spreads a long batch over its workers
+        head = self.heads.get(destination.name) if destination.__class__ is Queue else None
+        if head is None:
+            return None
+        bhead = b"\x01" + head
+        sock = self.hubs[(zmq.PUSH, self.s.producer_binds)].sock
+        send = super(zmq.Socket, sock).send
+        lock = self.push_lock
+
+        def send_batch(payloads: list[bytes]) -> None:
+            i, n = 0, len(payloads)
+            while i < n:
+                j, size = i, 0
+                while j < n and j - i < _PACK and size < _PACK_BYTES:
+                    size += len(payloads[j])
+                    j += 1
+                part = payloads[i:j]
+                frame = bhead + b"\0".join(part)
+                if frame.count(b"\0") != len(part):  # a NUL in a payload: one frame each
+                    frame = b""
+                try:
+                    if lock is not None:
+                        lock.acquire()
+                    try:
+                        if frame:
+                            send(frame)
+                        else:
+                            for p in part:
+                                send(head + p)
+                    finally:
+                        if lock is not None:
+                            lock.release()
+                except zmq.Again:
+                    raise zmq.ZMQError(errno.EAGAIN, f"{self._full()} ({i} of this batch's {n} were sent)") from None
+                i = j
+
+        return send_batch
 
     def fast_error(self, exc: Exception) -> Exception:
         if isinstance(exc, zmq.Again):  # a send that timed out says what to do about it
