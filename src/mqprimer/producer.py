@@ -293,7 +293,9 @@ class Producer:
     def send_many(self, messages: Iterable[Outgoing | tuple[Any, Any]]) -> list[str]:
         """Send a batch (``Outgoing`` from :meth:`build`, or ``(destination, body)`` pairs).
 
-        Returns when the broker has confirmed every message of the batch.
+        Returns when the broker has confirmed every message of the batch. A list of plain
+        ``(queue, body)`` pairs to one queue already sent to goes through the driver's batch
+        path where it has one (ZeroMQ: many envelopes per frame; each is still its own message).
         """
         self._check()
         if messages.__class__ is list and len(messages) > 1:  # type: ignore[attr-defined]
