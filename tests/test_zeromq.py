@@ -547,17 +547,24 @@ def test_a_queue_nobody_reads_on_a_shared_socket_is_warned_about_once(
     # one socket has one HWM: queue a's consumer reads b's messages into this process to get at
     # its own, and b's consumer never reads them, so they pile up here; a warning says so
     import logging
+    import threading
 
     import mqprimer
 
     url = f"zmq+ipc://{short_tmp}/shared.sock?hwm=5"
     with mqprimer.connect(url) as conn, conn.consumer("a") as a, conn.consumer("b"):
         p = conn.producer()
-        for i in range(300):
-            p.send("b", {"i": i})
-        p.send("a", {"i": 0})
+
+        def produce() -> None:  # in a thread: at hwm=5 a send waits until a's reads make room
+            for i in range(300):
+                p.send("b", {"i": i})
+            p.send("a", {"i": 0})
+
+        t = threading.Thread(target=produce)
         with caplog.at_level(logging.WARNING, logger="mqprimer"):
-            m = a.receive(timeout=10)
+            t.start()
+            m = a.receive(timeout=20)
+            t.join(20)
             assert m is not None and m.body == {"i": 0}
             p.send("a", {"i": 1})
             assert a.receive(timeout=10) is not None
