@@ -68,22 +68,31 @@ def test_send_many_packs_the_same_envelopes_into_bounded_frames() -> None:
 
 
 def test_a_consumer_gets_every_batched_message_in_order_beside_single_ones(short_tmp: Path) -> None:
+    import threading
+
     import mqprimer
 
     url = f"zmq+ipc://{short_tmp}/batch.sock?hwm=5"  # a batch frame fills a small buffer at once
     with mqprimer.connect(url) as conn, conn.consumer("jobs") as c:
         p = conn.producer()
-        sent = [p.send("jobs", {"n": 0})]
-        sent += p.send_many([("jobs", {"n": i}) for i in range(1, 1001)])
-        sent.append(p.send("jobs", {"n": 1001}))
-        sent += p.send_many([("jobs", {"n": 1002}), ("jobs", {"n": 1003})])
+        sent: list[str] = []
+
+        def produce() -> None:  # in a thread: at hwm=5 a send may wait for the reads below
+            sent.append(p.send("jobs", {"n": 0}))
+            sent.extend(p.send_many([("jobs", {"n": i}) for i in range(1, 1001)]))
+            sent.append(p.send("jobs", {"n": 1001}))
+            sent.extend(p.send_many([("jobs", {"n": 1002}), ("jobs", {"n": 1003})]))
+
+        t = threading.Thread(target=produce)
+        t.start()
         got = []
         deadline = time.monotonic() + 30
-        while len(got) < len(sent) and time.monotonic() < deadline:
+        while len(got) < 1004 and time.monotonic() < deadline:
             m = c.receive(timeout=0.5)
             if m is not None:
                 got.append((m.id, m.body["n"]))
                 m.ack()
+        t.join(30)
         assert [g[0] for g in got] == sent, f"{len(sent) - len(got)} of {len(sent)} lost or out of order"
         assert [g[1] for g in got] == list(range(1004))
         assert c.receive(timeout=0.2) is None
