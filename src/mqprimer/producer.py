@@ -305,6 +305,11 @@ class Producer:
         items = [m if isinstance(m, Outgoing) else self._build_plain(m[0], m[1]) for m in messages]
         if items:
             self._conn.publish(items)
+            first = messages[0] if messages.__class__ is list else None  # type: ignore[index]
+            if first.__class__ is tuple and first[0].__class__ is str and first[0] not in self._fast:  # type: ignore[index]
+                # the checks send() passes before it learns its fast path passed here too: the
+                # next send_many (or send) to this queue takes it
+                self._learn(items[0].destination, None, self._formats.get(None) or self._format(None))
         return [m.message_id for m in items]
 
     def _send_batch(self, messages: list[Any]) -> list[str] | None:
