@@ -5,7 +5,8 @@
 
 Rows: raw pyzmq PUSH/PULL; raw pyzmq + stdlib json (the envelope a user would write by hand);
 raw pyzmq send alone and mqprimer send alone (the send loop timed, a raw PULL drains);
-mqprimer send + receive + ack end to end; the same for PUB/SUB. ``--profile`` prints where the
+mqprimer send_many alone, 100 messages a call (its batch frames: many envelopes a frame);
+mqprimer send + receive + ack end to end, and the same with send_many; PUB/SUB. ``--profile`` prints where the
 per-message time goes (cProfile, in-process).
 
 ``--callgrind`` counts CPU instructions per message instead (valgrind, apt-get install
